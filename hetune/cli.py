@@ -1,0 +1,106 @@
+"""The ``hetune`` command line: one function per command that parses, calls one library
+function, and prints. Errors become one clear message and a non-zero exit code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hetune.errors import HetuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Private LoRA fine-tuning of open LLMs with homomorphic encryption.",
+    pretty_exceptions_enable=False,
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def compile(
+    model: str = typer.Argument(..., help="Hugging Face hub id, local model directory, or built-in name (tiny-llama, llama-3.2-1b-shape)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the worker bundle to."),
+    bits_w: int = typer.Option(8, "--bits-w", help="Signed weight bits, per output channel (2..16)."),
+    bits_a: int = typer.Option(8, "--bits-a", help="Unsigned activation bits, per token (2..16)."),
+    bits_g: int = typer.Option(8, "--bits-g", help="Signed gradient bits, per token (2..16)."),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="Fuse q/k/v and gate/up into one op each (shared input)."),
+    lm_head: bool = typer.Option(False, "--lm-head", help="Also outsource lm_head (kept on the client by default)."),
+    accept_overflow_risk: bool = typer.Option(False, "--accept-overflow-risk", help="Compile even if the worst case can exceed the GLWE accumulator."),
+    calibration_tokens: int = typer.Option(128, "--calibration-tokens", help="Tokens of real text used to measure per-op error."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+    seed: int = typer.Option(0, "--seed", help="Seed for built-in models' random weights."),
+) -> None:
+    """Quantize a Llama-class model's outsourced linears and write a worker bundle."""
+    from hetune.compile.bundle import check_output_dir, write_bundle
+    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.models.loading import load_config, load_model
+    from hetune.quant.config import QuantConfig
+
+    cfg = CompileConfig(
+        quant=QuantConfig(bits_w, bits_a, bits_g, accept_overflow_risk), fuse=fuse,
+        include_lm_head=lm_head, calibration_tokens=calibration_tokens, seed=seed,
+    )
+    check_output_dir(out, overwrite)
+    load_config(model)  # refuse a missing or non-Llama model before loading weights
+    compiled = compile_model(load_model(model, seed=seed), cfg)
+    manifest = write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=overwrite)
+    _print_report(compiled.report)
+    share = manifest.outsourced_params / manifest.model.total_params
+    typer.echo(f"wrote {out} ({len(manifest.ops)} ops, {share:.1%} of the model's parameters outsourced)")
+
+
+@app.command()
+def inspect(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `hetune compile`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summarise a bundle: ops, shapes, bits, bytes, and the share of parameters outsourced."""
+    import json
+
+    from hetune.compile.inspect import bundle_summary, format_summary
+
+    summary = bundle_summary(bundle)
+    typer.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"quantization report (GLWE budget {report['budget_bits']} bits)")
+    for col in ("op", "in x out", "fwd err", "bwd err", "acc bits fwd/bwd (any W)"):
+        table.add_column(col)
+    for row in report["ops"]:
+        table.add_row(
+            row["op"], f"{row['in']}x{row['out']}", f"{row['forward_rel_err']:.2e}", f"{row['backward_rel_err']:.2e}",
+            f"{row['forward_acc_bits']}/{row['backward_acc_bits']} ({row['generic_acc_bits']})",
+        )
+    Console(stderr=True).print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except HetuneError as err:
+        if _state["debug"]:
+            raise
+        typer.secho(f"error: {err.message}", fg="red", err=True)
+        if err.hint:
+            typer.echo(f"hint: {err.hint}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

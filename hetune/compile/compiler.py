@@ -1,0 +1,184 @@
+"""Compile a Llama-class model into a worker bundle.
+
+For every outsourced op (q/k/v, o, gate/up, down of each block; lm_head optional):
+Brevitas quantizes the weight per output channel, the accumulator worst case is
+checked against the GLWE budget of Concrete ML's GLWE linear backend, and the
+integer weight is stored in the layout its encrypted matmul consumes. A calibration
+pass on real text measures each op's forward and backward error versus float.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+import hetune
+from hetune.compile.manifest import Manifest, MemberSpec, ModelInfo, OpSpec
+from hetune.errors import ModelLoadError, OverflowRiskError
+from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
+from hetune.models.loading import LoadedModel
+from hetune.quant.budget import accumulator_bound
+from hetune.quant.config import QuantConfig
+from hetune.quant.integer import IntegerLinear
+from hetune.quant.weights import quantize_weight
+
+CONFIG_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps", "rope_theta",
+)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    fuse: bool = True  # one op for q/k/v and one for gate/up (shared input, summed backward)
+    include_lm_head: bool = False  # lm_head stays with the client by default
+    calibration_tokens: int = 128  # real text pushed through the model to measure error
+    seed: int = 0
+
+
+@dataclass
+class CompiledModel:
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+    report: dict
+
+
+def glwe_parameters() -> dict:
+    """Crypto parameters and result budget of Concrete ML's GLWE linear-layer backend."""
+    from concrete.ml.quantization.linear_op_glwe_backend import GLWELinearLayerExecutor, has_glwe_backend
+
+    if not has_glwe_backend():  # pragma: no cover - concrete-ml-extensions is pinned
+        raise OverflowRiskError("Concrete ML's GLWE backend (concrete-ml-extensions) is missing", "reinstall hetune")
+    executor = GLWELinearLayerExecutor()
+    params = json.loads(executor.glwe_crypto_params.serialize())
+    return {
+        "scheme": "GLWE matmul (concrete-ml-extensions, via concrete.ml GLWELinearLayerExecutor)",
+        "params": params,
+        "result_budget_bits": int(executor.calibrated_max_bits),
+        "packing_polynomial_size": int(executor.poly_size),
+    }
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Hash of the base model's weights (LoRA adapters excluded), independent of wrappers."""
+    digest = hashlib.sha256()
+    seen = set()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        digest.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _group_weight(model: torch.nn.Module, group: OpGroup) -> tuple[torch.Tensor, tuple[MemberSpec, ...]]:
+    if group.name == "lm_head":
+        weight = model.get_output_embeddings().weight
+        return weight.detach(), (MemberSpec("lm_head", 0, weight.shape[0]),)
+    layers = decoder_layers(model)
+    weights, members, offset = [], [], 0
+    for path in group.members:
+        lin = member_linear(layers, path)
+        if lin.bias is not None:
+            raise ModelLoadError(f"{path} has a bias; hetune supports Llama-class linears, which have none")
+        weights.append(lin.weight.detach())
+        members.append(MemberSpec(path, offset, lin.out_features))
+        offset += lin.out_features
+    return torch.cat(weights, dim=0), tuple(members)  # (sum out, in): fused rows stacked
+
+
+def _capture_inputs(model: torch.nn.Module, groups: list[OpGroup], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs of each op on a calibration batch (the first member's input = the shared input)."""
+    captured, hooks = {}, []
+    layers = decoder_layers(model)
+    for group in groups:
+        module = model.get_output_embeddings() if group.name == "lm_head" else member_linear(layers, group.members[0])
+
+        def hook(_mod, args, _name=group.name):
+            captured[_name] = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx - exact).norm() / exact.norm().clamp(min=1e-30))
+
+
+def calibration_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+    from hetune.data.corpus import stdlib_text
+
+    ids = tokenizer(stdlib_text(max_chars=n_tokens * 8), return_tensors="pt")["input_ids"][:, :n_tokens]
+    return ids
+
+
+def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), progress: bool = True) -> CompiledModel:
+    from tqdm.auto import tqdm
+
+    model, qcfg = loaded.model, cfg.quant
+    crypto = glwe_parameters()
+    budget = crypto["result_budget_bits"]
+    config = model.config
+    groups = op_groups(config.num_hidden_layers, fuse=cfg.fuse)
+    if cfg.include_lm_head:
+        groups.append(OpGroup("lm_head", -1, ("lm_head",)))
+
+    inputs = _capture_inputs(model, groups, calibration_ids(loaded.tokenizer, cfg.calibration_tokens))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ops, tensors, rows, risky = [], {}, [], []
+    for group in tqdm(groups, desc="compile", unit="op", disable=not progress):
+        weight, members = _group_weight(model, group)
+        qw = quantize_weight(weight, qcfg.bits_w)
+        bound = accumulator_bound(qw.q, qcfg.bits_w, qcfg.bits_a, qcfg.bits_g)
+        spec = OpSpec(
+            name=group.name, layer=group.layer, in_features=weight.shape[1], out_features=weight.shape[0],
+            members=members, forward_acc_bits=bound.forward_bits, backward_acc_bits=bound.backward_bits,
+            generic_acc_bits=bound.generic_bits,
+        )
+        if bound.worst_bits > budget:
+            risky.append(spec)
+        tensors[spec.weight_key], tensors[spec.scale_key] = qw.q, qw.scale
+        op = IntegerLinear(qw.q, qw.scale, qcfg.bits_a, qcfg.bits_g)
+        w64, x = weight.to(torch.float64), inputs[group.name]
+        g = torch.randn(x.shape[0], spec.out_features, generator=gen, dtype=torch.float64)
+        rows.append({
+            "op": spec.name, "in": spec.in_features, "out": spec.out_features,
+            "weight_rel_err": _rel_err(qw.dequantize().to(torch.float64), w64),
+            "forward_rel_err": _rel_err(op.forward(x), x @ w64.T),
+            "backward_rel_err": _rel_err(op.backward(g), g @ w64),
+            "forward_acc_bits": bound.forward_bits, "backward_acc_bits": bound.backward_bits,
+            "generic_acc_bits": bound.generic_bits,
+        })
+        ops.append(spec)
+
+    if risky and not qcfg.accept_overflow_risk:
+        worst = max(risky, key=lambda s: max(s.forward_acc_bits, s.backward_acc_bits))
+        raise OverflowRiskError(
+            f"{len(risky)} op(s) can overflow the {budget}-bit GLWE accumulator; worst: {worst.name} needs "
+            f"{max(worst.forward_acc_bits, worst.backward_acc_bits)} bits (w{qcfg.bits_w}/a{qcfg.bits_a}/g{qcfg.bits_g})",
+            "lower --bits-w/--bits-a/--bits-g, or pass --accept-overflow-risk if typical values stay far below the worst case",
+        )
+
+    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    info = ModelInfo(
+        id=loaded.model_id, model_type=config.model_type, weights_sha256=weights_sha256(model), total_params=total,
+        config={k: getattr(config, k) for k in CONFIG_FIELDS if getattr(config, k, None) is not None},
+    )
+    manifest = Manifest(hetune_version=hetune.__version__, model=info, quant=qcfg, crypto=crypto, fused=cfg.fuse, ops=tuple(ops))
+    report = {
+        "budget_bits": budget, "calibration_tokens": cfg.calibration_tokens,
+        "calibration_text": "Python standard library sources", "backward_gradients": "standard normal, seed %d" % cfg.seed,
+        "ops": rows, "overflow_risk_ops": [s.name for s in risky],
+    }
+    return CompiledModel(manifest, tensors, report)

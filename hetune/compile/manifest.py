@@ -1,0 +1,105 @@
+"""The bundle manifest: everything a worker and a client need to agree on, nothing secret."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hetune.errors import BundleError
+from hetune.quant.config import QuantConfig
+
+FORMAT = "hetune-bundle"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One original linear inside a (fused) op: rows [out_offset, out_offset + out_features)."""
+
+    module: str
+    out_offset: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    layer: int  # decoder block index, -1 for lm_head
+    in_features: int
+    out_features: int
+    members: tuple[MemberSpec, ...]
+    forward_acc_bits: int
+    backward_acc_bits: int
+    generic_acc_bits: int
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def scale_key(self) -> str:
+        return f"{self.name}.scale"
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    model_type: str
+    weights_sha256: str  # of the source model's base weights, so a client can check it matches
+    total_params: int
+    config: dict  # the architecture fields a client needs (hidden size, heads, ...)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    hetune_version: str
+    model: ModelInfo
+    quant: QuantConfig
+    crypto: dict  # {"scheme", "params", "result_budget_bits", "source"}
+    fused: bool
+    ops: tuple[OpSpec, ...]
+    files: dict = field(default_factory=dict)  # filename -> {"sha256", "bytes"}
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def outsourced_params(self) -> int:
+        return sum(op.params for op in self.ops)
+
+    def op(self, name: str) -> OpSpec:
+        for op in self.ops:
+            if op.name == name:
+                return op
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        try:
+            if data.get("format") != FORMAT:
+                raise BundleError(f"not a hetune bundle manifest (format={data.get('format')!r})")
+            if data.get("format_version") != FORMAT_VERSION:
+                raise BundleError(
+                    f"bundle format version {data.get('format_version')} is not supported "
+                    f"(this hetune reads version {FORMAT_VERSION})",
+                    "recompile the bundle with this hetune version: hetune compile MODEL --out DIR",
+                )
+            ops = tuple(
+                OpSpec(**{**op, "members": tuple(MemberSpec(**m) for m in op["members"])}) for op in data["ops"]
+            )
+            return cls(
+                hetune_version=data["hetune_version"],
+                model=ModelInfo(**data["model"]),
+                quant=QuantConfig(**data["quant"]),
+                crypto=data["crypto"],
+                fused=bool(data["fused"]),
+                ops=ops,
+                files=data["files"],
+            )
+        except (KeyError, TypeError) as err:
+            raise BundleError(f"bundle manifest is malformed: missing or bad field {err}") from err

@@ -1,0 +1,1 @@
+"""Homomorphic-encryption primitives. Heavy extension imports happen inside functions."""

@@ -1,0 +1,92 @@
+"""Built-in Llama-class models that need no download.
+
+``tiny-llama`` is small enough for tests and the demo yet keeps what matters for the
+protocol: grouped-query attention (fewer KV heads than query heads), SwiGLU MLP,
+RMSNorm, rotary embeddings, tied embeddings, like Llama-3.2. ``llama-3.2-1b-shape``
+is the real Llama-3.2-1B configuration with random weights, for benchmarks.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+BYTE_VOCAB = 256
+
+BUILTIN_CONFIGS: dict[str, dict] = {
+    "tiny-llama": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=BYTE_VOCAB + 3,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=BYTE_VOCAB,
+        eos_token_id=BYTE_VOCAB + 1,
+        pad_token_id=BYTE_VOCAB + 2,
+    ),
+    "llama-3.2-1b-shape": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+}
+
+
+def builtin_config(name: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**BUILTIN_CONFIGS[name])
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, as ByteLevel pre-tokenizers use."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+@lru_cache(maxsize=1)
+def byte_tokenizer():
+    """A byte-level tokenizer (one token per byte, ids 0..255, then <s> </s> <pad>).
+
+    Built with the ``tokenizers`` library so it behaves like any HF fast tokenizer, and
+    it can encode any text without training data or downloads.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_map = _bytes_to_unicode()
+    vocab = {byte_map[b]: b for b in range(BYTE_VOCAB)}
+    for i, tok in enumerate((BOS, EOS, PAD)):
+        vocab[tok] = BYTE_VOCAB + i
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD)

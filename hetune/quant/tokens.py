@@ -1,0 +1,44 @@
+"""Per-token dynamic quantization of activations and gradients (client side).
+
+Scales and zero points never leave the data owner: only the integer matrix is
+encrypted and sent. Each row (token) gets its own range, which is what keeps the
+backward pass stable at 8 bits (static per-tensor scales diverge; see the spec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenQuant:
+    """Integers (float64 holding exact integers), per-row scale and zero point."""
+
+    q: torch.Tensor  # (T, k), exact integers
+    scale: torch.Tensor  # (T, 1) float64
+    zero_point: torch.Tensor  # (T, 1) float64, 0 for signed
+
+
+def quantize_activations(x: torch.Tensor, bits: int) -> TokenQuant:
+    """Unsigned asymmetric per-row quantization; the range always contains 0 so 0 is exact."""
+    x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])  # (T, k)
+    qmax = 2**bits - 1
+    rmin = x.amin(dim=1, keepdim=True).clamp(max=0.0)
+    rmax = x.amax(dim=1, keepdim=True).clamp(min=0.0)
+    scale = (rmax - rmin) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(-rmin / scale)
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, qmax)
+    return TokenQuant(q, scale, zero_point)
+
+
+def quantize_gradients(g: torch.Tensor, bits: int) -> TokenQuant:
+    """Signed symmetric per-row quantization (narrow range, zero point 0)."""
+    g = g.detach().to(torch.float64).reshape(-1, g.shape[-1])  # (T, n)
+    qmax = 2 ** (bits - 1) - 1
+    amax = g.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    q = torch.clamp(torch.round(g / scale), -qmax, qmax)
+    return TokenQuant(q, scale, torch.zeros_like(scale))

@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny Llama built from its config and one bundle compiled from it."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.models.loading import load_model
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_model("tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def compiled(tiny):
+    return compile_model(tiny, CompileConfig(calibration_tokens=64), progress=False)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, compiled):
+    from hetune.compile.bundle import write_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
+    return out
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run the hetune CLI in-process: returns (exit code, stdout, stderr)."""
+    from hetune import cli
+
+    def run(*args: str):
+        monkeypatch.setattr(sys, "argv", ["hetune", *map(str, args)])
+        cli._state["debug"] = False
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)

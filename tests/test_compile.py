@@ -1,0 +1,152 @@
+"""Bundles: end-to-end compile, round trip, fusion, overflow refusal, corruption detection."""
+
+import json
+
+import pytest
+import torch
+
+from hetune.compile.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle, write_bundle
+from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.compile.manifest import Manifest
+from hetune.errors import BundleError, OverflowRiskError
+from hetune.models.layers import decoder_layers, member_linear
+from hetune.quant.config import QuantConfig
+from hetune.quant.integer import IntegerLinear
+from hetune.quant.weights import quantize_weight
+
+
+def test_manifest_round_trips(compiled):
+    data = json.loads(json.dumps(compiled.manifest.to_dict()))
+    assert Manifest.from_dict(data) == compiled.manifest
+
+
+def test_bundle_round_trips_and_holds_only_integers(bundle_dir, compiled):
+    bundle = load_bundle(bundle_dir)
+    assert bundle.manifest.ops == compiled.manifest.ops
+    assert set(bundle.tensors) == set(compiled.tensors)
+    for spec in bundle.manifest.ops:
+        assert bundle.tensors[spec.weight_key].dtype == torch.int8
+        assert torch.equal(bundle.tensors[spec.weight_key], compiled.tensors[spec.weight_key])
+    floats = [k for k, t in bundle.tensors.items() if t.is_floating_point()]
+    assert floats and all(k.endswith(".scale") for k in floats)  # scales only, no float weights
+
+
+def test_bundle_covers_every_outsourced_linear(bundle_dir, tiny):
+    m = load_bundle(bundle_dir).manifest
+    cfg = tiny.model.config
+    assert len(m.ops) == 4 * cfg.num_hidden_layers
+    members = [mm.module for op in m.ops for mm in op.members]
+    assert len(members) == 7 * cfg.num_hidden_layers
+    qkv = m.op("layers.0.qkv")
+    kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    assert [mm.out_features for mm in qkv.members] == [cfg.hidden_size, kv, kv]
+    assert 0.9 < m.outsourced_params / m.model.total_params < 1.0
+
+
+def test_bundle_op_matches_the_model_weights(bundle_dir, tiny):
+    bundle = load_bundle(bundle_dir)
+    lin = member_linear(decoder_layers(tiny.model), "layers.2.mlp.down_proj")
+    x = torch.randn(5, lin.in_features, dtype=torch.float64)
+    y = bundle.op("layers.2.down").forward(x)
+    ref = x @ lin.weight.to(torch.float64).T
+    assert float((y - ref).norm() / ref.norm()) < 0.03
+
+
+def test_fused_op_equals_its_unfused_parts_bit_for_bit(tiny, compiled):
+    """Per-channel weights and a shared per-token input make fusion exact."""
+    unfused = compile_model(tiny, CompileConfig(fuse=False, calibration_tokens=16), progress=False)
+    x = torch.randn(4, tiny.model.config.hidden_size, dtype=torch.float64)
+    q = compiled.manifest.quant
+
+    def op(c, name):
+        s = c.manifest.op(name)
+        return IntegerLinear(c.tensors[s.weight_key], c.tensors[s.scale_key], q.bits_a, q.bits_g)
+
+    fused = op(compiled, "layers.1.qkv").forward(x)
+    parts = torch.cat([op(unfused, f"layers.1.{n}").forward(x) for n in ("q", "k", "v")], dim=1)
+    assert torch.equal(fused, parts)
+
+
+def test_compile_of_peft_model_equals_plain(tiny, compiled):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(tiny.model), LoraConfig(r=4, target_modules="all-linear"))
+    wrapped = compile_model(type(tiny)(peft_model, tiny.tokenizer, tiny.model_id), CompileConfig(calibration_tokens=16), progress=False)
+    assert wrapped.manifest.model.weights_sha256 == compiled.manifest.model.weights_sha256
+    assert wrapped.manifest.model.total_params == compiled.manifest.model.total_params
+    for key, tensor in compiled.tensors.items():
+        assert torch.equal(wrapped.tensors[key], tensor)
+
+
+def test_overflowing_config_is_refused_unless_accepted(tiny, tmp_path):
+    cfg = CompileConfig(quant=QuantConfig(bits_w=12, bits_a=12, bits_g=12), calibration_tokens=16)
+    with pytest.raises(OverflowRiskError, match="can overflow the 27-bit GLWE accumulator") as info:
+        compile_model(tiny, cfg, progress=False)
+    assert "--accept-overflow-risk" in info.value.hint
+    risky = CompileConfig(quant=QuantConfig(12, 12, 12, accept_overflow_risk=True), calibration_tokens=16)
+    result = compile_model(tiny, risky, progress=False)
+    assert result.report["overflow_risk_ops"]
+    assert all(max(s.forward_acc_bits, s.backward_acc_bits) > 27 for s in result.manifest.ops if s.name in result.report["overflow_risk_ops"])
+
+
+def test_report_has_per_layer_error_and_bits(compiled):
+    rows = compiled.report["ops"]
+    assert len(rows) == len(compiled.manifest.ops)
+    for row in rows:
+        assert 0 < row["forward_rel_err"] < 0.05 and 0 < row["backward_rel_err"] < 0.05
+        assert row["forward_acc_bits"] <= row["generic_acc_bits"] <= 27
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest_json", "manifest_field", "no_weights", "no_manifest"])
+def test_damaged_bundle_is_detected(bundle_dir, tmp_path, damage):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    weights, manifest = bad / WEIGHTS_FILE, bad / MANIFEST_FILE
+    if damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "manifest_json":
+        manifest.write_text(manifest.read_text()[:50])
+    elif damage == "manifest_field":
+        data = json.loads(manifest.read_text())
+        del data["ops"][0]["in_features"]
+        manifest.write_text(json.dumps(data))
+    elif damage == "no_weights":
+        weights.unlink()
+    else:
+        manifest.unlink()
+    with pytest.raises(BundleError):
+        load_bundle(bad)
+
+
+def test_write_refuses_existing_and_leaves_nothing_on_failure(compiled, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(BundleError, match="disk full"):
+        write_bundle(tmp_path / "c", compiled.manifest, compiled.tensors, compiled.report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no partial or temp directory
+    with pytest.raises(BundleError):
+        write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=True)
+    assert load_bundle(out).manifest.ops == compiled.manifest.ops  # old bundle intact
+
+
+def test_weights_quantization_matches_brevitas_in_bundle(compiled, tiny):
+    lin = member_linear(decoder_layers(tiny.model), "layers.3.self_attn.o_proj")
+    spec = compiled.manifest.op("layers.3.o")
+    qw = quantize_weight(lin.weight, 8)
+    assert torch.equal(compiled.tensors[spec.weight_key], qw.q)
+    assert torch.equal(compiled.tensors[spec.scale_key], qw.scale)

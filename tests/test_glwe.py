@@ -1,0 +1,75 @@
+"""One real encrypted op: the GLWE matmul of concrete-ml-extensions against the integer reference.
+
+512 output values in all (about 10 s on 2 cores at ~14 ms each, plus a 3 s keygen).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from hetune.crypto.glwe import RESULT_NOISE_BOUND, GlweKeys, encrypted_matmul, result_budget_bits
+
+pytestmark = pytest.mark.he
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return GlweKeys.generate()
+
+
+def test_budget_is_27_bits():
+    assert result_budget_bits() == 27
+
+
+def test_forward_and_backward_match_integer_reference(keys, compiled):
+    spec = compiled.manifest.op("layers.0.o")
+    op = compiled.tensors[spec.weight_key]
+    from hetune.quant.integer import IntegerLinear
+
+    lin = IntegerLinear(op, compiled.tensors[spec.scale_key], 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, lin.in_features, generator=gen)
+    g = torch.randn(2, lin.out_features, generator=gen)
+
+    # forward: Enc(X_q) @ W_q^T on the "worker", correction and rescale on the client
+    tq = lin.encode_input(x)
+    ct = keys.encrypt(tq.q.numpy())
+    raw = keys.decrypt(encrypted_matmul(ct, lin.q.T.numpy(), keys.compression), lin.out_features)
+    ref = lin.raw_forward(tq.q).numpy().astype(np.int64)
+    err = np.abs(raw - ref)
+    assert err.max() <= RESULT_NOISE_BOUND
+    assert (err > 0).any()  # it really went through (noisy) encryption
+    y_he = lin.decode_output(torch.from_numpy(raw).to(torch.float64), tq)
+    y_q = lin.forward(x)
+    # noise in raw maps to at most bound * x_scale * w_scale in the float output
+    assert ((y_he - y_q).abs() <= RESULT_NOISE_BOUND * tq.scale * lin.scale.double()[None, :] + 1e-12).all()
+    assert float((y_he - y_q).norm() / y_q.norm()) < 1e-2
+
+    # backward: signed per-token gradients, Enc(G_q) @ W_q
+    gq = lin.encode_grad(g)
+    raw_b = keys.decrypt(encrypted_matmul(keys.encrypt(gq.q.numpy()), lin.q.numpy(), keys.compression), lin.in_features)
+    ref_b = lin.raw_backward(gq.q).numpy().astype(np.int64)
+    assert np.abs(raw_b - ref_b).max() <= RESULT_NOISE_BOUND
+    dx_he = lin.decode_grad(torch.from_numpy(raw_b).to(torch.float64), gq)
+    dx_q = lin.backward(g)
+    assert ((dx_he - dx_q).abs() <= RESULT_NOISE_BOUND * gq.scale + 1e-12).all()
+    assert float((dx_he - dx_q).norm() / dx_q.norm()) < 1e-2
+
+
+def test_results_beyond_the_budget_wrap(keys):
+    """Why the compile-time budget check exists: 2^26 and beyond decrypt to garbage."""
+    x = np.full((1, 16), 255)
+    w = np.zeros((16, 2), dtype=np.int64)
+    w[:, 0] = (2**25) // (255 * 16)  # |raw| < 2^25: fine
+    w[:, 1] = (2**27) // (255 * 16)  # |raw| ~ 2^27: wraps
+    out = keys.decrypt(encrypted_matmul(keys.encrypt(x), w, keys.compression), 2)[0]
+    ref = (x @ w)[0]
+    assert abs(out[0] - ref[0]) <= RESULT_NOISE_BOUND
+    assert abs(out[1] - ref[1]) > 2**20
+
+
+def test_secret_key_is_not_in_the_compression_key(keys):
+    secret = bytes(keys.secret.serialize())
+    assert len(secret) > 1000
+    public = keys.compression_key_bytes()
+    assert secret[-256:] not in public

@@ -1,0 +1,109 @@
+"""HE-compatible quantization: Brevitas weights, per-token inputs, the integer op, the budget."""
+
+import numpy as np
+import pytest
+import torch
+
+from hetune.errors import ConfigError
+from hetune.quant.budget import accumulator_bound, signed_bits
+from hetune.quant.config import QuantConfig
+from hetune.quant.integer import IntegerLinear
+from hetune.quant.tokens import quantize_activations, quantize_gradients
+from hetune.quant.weights import brevitas_quant_linear, quantize_weight
+
+
+@pytest.mark.parametrize("field,value", [("bits_w", 1), ("bits_a", 17), ("bits_g", 0), ("bits_w", 8.0), ("bits_a", True)])
+def test_config_rejects_bad_bits(field, value):
+    with pytest.raises(ConfigError, match=field):
+        QuantConfig(**{field: value})
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12, 16])
+def test_weight_integers_are_brevitas_per_channel(bits, rng):
+    w = torch.randn(24, 40, generator=rng) * torch.linspace(0.1, 3.0, 24)[:, None]
+    qw = quantize_weight(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert qw.q.dtype == (torch.int8 if bits <= 8 else torch.int16)
+    assert int(qw.q.abs().max()) == qmax  # narrow range, each channel's max hits it
+    assert (qw.q.abs().amax(dim=1) == qmax).all()
+    assert qw.scale.shape == (24,)
+    reference = brevitas_quant_linear(w, bits).quant_weight().value  # Brevitas' fake-quantized weight
+    torch.testing.assert_close(qw.dequantize(), reference, rtol=0, atol=0)
+
+
+def test_token_quantization_ranges(rng):
+    x = torch.randn(6, 33, generator=rng, dtype=torch.float64) * 4
+    x[2] = 0.0  # all-zero row
+    x[3] = 2.5  # constant positive row
+    tq = quantize_activations(x, 8)
+    assert tq.q.min() >= 0 and tq.q.max() <= 255 and torch.equal(tq.q, tq.q.round())
+    recon = (tq.q - tq.zero_point) * tq.scale
+    assert ((recon - x).abs() <= tq.scale / 2 + 1e-12).all()
+    assert torch.equal(recon[2], x[2]) and torch.allclose(recon[3], x[3])
+    gq = quantize_gradients(x, 8)
+    assert gq.q.abs().max() <= 127 and torch.equal(gq.zero_point, torch.zeros_like(gq.zero_point))
+    assert ((gq.q * gq.scale - x).abs() <= gq.scale / 2 + 1e-12).all()
+
+
+def _numpy_reference(x, qw, bits_a, bits_g, g):
+    """Independent int64 implementation of the spec's formulas."""
+    tq = quantize_activations(x, bits_a)
+    xq = tq.q.numpy().astype(np.int64)
+    W = qw.q.numpy().astype(np.int64)
+    raw = xq @ W.T  # what the worker computes
+    acc = raw - tq.zero_point.numpy().astype(np.int64) * W.sum(axis=1)[None, :]
+    y = acc.astype(np.float64) * tq.scale.numpy() * qw.scale.numpy().astype(np.float64)[None, :]
+    gq = quantize_gradients(g * qw.scale.to(torch.float64), bits_g)
+    raw_b = gq.q.numpy().astype(np.int64) @ W
+    dx = raw_b.astype(np.float64) * gq.scale.numpy()
+    return raw, y, raw_b, dx
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 8), (4, 6, 5), (12, 8, 10)])
+def test_quantized_op_is_bit_exact_integer_arithmetic(bits, rng):
+    bits_w, bits_a, bits_g = bits
+    w = torch.randn(48, 80, generator=rng)
+    x = torch.randn(7, 80, generator=rng)
+    g = torch.randn(7, 48, generator=rng, dtype=torch.float64)
+    qw = quantize_weight(w, bits_w)
+    op = IntegerLinear(qw.q, qw.scale, bits_a, bits_g)
+    raw, y, raw_b, dx = _numpy_reference(x, qw, bits_a, bits_g, g)
+    assert np.array_equal(op.raw_forward(op.encode_input(x).q).numpy().astype(np.int64), raw)
+    assert np.array_equal(op.forward(x).numpy(), y)  # bit for bit, not allclose
+    assert np.array_equal(op.backward(g).numpy(), dx)
+    assert np.array_equal(op.raw_backward(op.encode_grad(g).q).numpy().astype(np.int64), raw_b)
+
+
+def test_error_shrinks_with_bits(rng):
+    w = torch.randn(64, 128, generator=rng, dtype=torch.float64)
+    x = torch.randn(16, 128, generator=rng, dtype=torch.float64)
+    errs = []
+    for b in (4, 6, 8):
+        qw = quantize_weight(w, b)
+        y = IntegerLinear(qw.q, qw.scale, b, b).forward(x)
+        errs.append(float((y - x @ w.T).norm() / (x @ w.T).norm()))
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 0.02
+
+
+def test_signed_bits():
+    assert signed_bits(0) == 1
+    assert signed_bits(1) == 2
+    assert signed_bits(2**26 - 1) == 27  # fits the 27-bit GLWE budget
+    assert signed_bits(2**26) == 28
+
+
+def test_accumulator_bound_is_the_exact_worst_case(rng):
+    q = torch.randint(-7, 8, (5, 9), generator=rng).to(torch.int8)
+    b = accumulator_bound(q, bits_w=4, bits_a=3, bits_g=3)
+    W = q.to(torch.int64)
+    # forward worst case is reached by x = 7 where W > 0 (or W < 0), 0 elsewhere
+    worst_fwd = max(int(max((W.clamp(min=0) * 7).sum(1).max(), (W.clamp(max=0) * 7).sum(1).abs().max())), 0)
+    # backward worst case is reached by g = 3 * sign(W[:, i])
+    worst_bwd = int((W.abs() * 3).sum(0).max())
+    assert b.forward_bits == signed_bits(worst_fwd)
+    assert b.backward_bits == signed_bits(worst_bwd)
+    # brute force on random inputs never exceeds the bound
+    x = torch.randint(0, 8, (2000, 9), generator=rng)
+    assert signed_bits(int((x @ W.T).abs().max())) <= b.forward_bits
+    assert b.generic_bits >= b.worst_bits
