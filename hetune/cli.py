@@ -72,6 +72,24 @@ def inspect(
     typer.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `hetune compile`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8765, "--port", help="Port to listen on."),
+    max_sessions: int = typer.Option(8, "--max-sessions", help="Concurrent data-owner sessions (128 MiB key each)."),
+    session_ttl: float = typer.Option(3600.0, "--session-ttl", help="Seconds of inactivity before a session expires."),
+    max_rows: int = typer.Option(4096, "--max-rows", help="Largest number of tokens in one request."),
+) -> None:
+    """Run a remote worker on a bundle: encrypted products only, no float model."""
+    from hetune.compile.bundle import load_bundle
+    from hetune.protocols.hybrid_lora.server import ServeConfig, serve as run_server
+
+    loaded = load_bundle(bundle)
+    typer.echo(f"serving {bundle} ({len(loaded.manifest.ops)} ops of {loaded.manifest.model.id}) on http://{host}:{port}", err=True)
+    run_server(loaded, ServeConfig(host=host, port=port, max_sessions=max_sessions, session_ttl_s=session_ttl, max_rows=max_rows))
+
+
 def _print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -43,3 +43,9 @@ class BundleError(HetuneError):
     """A worker bundle is missing, corrupted, truncated, or cannot be written."""
 
     exit_code = 5
+
+
+class WorkerError(HetuneError):
+    """A remote worker is unreachable, or refused a request (its address and answer are in the message)."""
+
+    exit_code = 6

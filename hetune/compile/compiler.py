@@ -76,7 +76,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _group_weight(model: torch.nn.Module, group: OpGroup) -> tuple[torch.Tensor, tuple[MemberSpec, ...]]:
+def group_weight(model: torch.nn.Module, group: OpGroup) -> tuple[torch.Tensor, tuple[MemberSpec, ...]]:
     if group.name == "lm_head":
         weight = model.get_output_embeddings().weight
         return weight.detach(), (MemberSpec("lm_head", 0, weight.shape[0]),)
@@ -138,7 +138,7 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
     gen = torch.Generator().manual_seed(cfg.seed)
     ops, tensors, rows, risky = [], {}, [], []
     for group in tqdm(groups, desc="compile", unit="op", disable=not progress):
-        weight, members = _group_weight(model, group)
+        weight, members = group_weight(model, group)
         qw = quantize_weight(weight, qcfg.bits_w)
         bound = accumulator_bound(qw.q, qcfg.bits_w, qcfg.bits_a, qcfg.bits_g)
         spec = OpSpec(

@@ -66,6 +66,10 @@ class GlweKeys:
         data = np.ascontiguousarray(np.asarray(q, dtype=np.int64).astype(np.uint64))
         return _fhext().encrypt_matrix(pkey=self.secret, crypto_params=self.params, data=data)
 
+    @staticmethod
+    def result_from_bytes(data: bytes) -> object:
+        return _fhext().CompressedResultEncryptedMatrix.deserialize(data)
+
     def decrypt(self, result: object, n_cols: int) -> np.ndarray:
         valid_in_last = n_cols % self.poly_size or self.poly_size
         return _fhext().decrypt_matrix(result, self.secret, self.params, valid_in_last).astype(np.int64)
@@ -73,6 +77,10 @@ class GlweKeys:
 
 def load_compression_key(data: bytes) -> object:
     return _fhext().CpuCompressionKey.deserialize(data)
+
+
+def ciphertext_from_bytes(data: bytes) -> object:
+    return _fhext().EncryptedMatrix.deserialize(data)
 
 
 def encrypted_matmul(ciphertext: object, weight: np.ndarray, compression_key: object) -> object:

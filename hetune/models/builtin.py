@@ -13,21 +13,35 @@ from functools import lru_cache
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 BYTE_VOCAB = 256
 
+_BYTE_VOCAB_IDS = dict(
+    vocab_size=BYTE_VOCAB + 3, bos_token_id=BYTE_VOCAB, eos_token_id=BYTE_VOCAB + 1, pad_token_id=BYTE_VOCAB + 2
+)
+
 BUILTIN_CONFIGS: dict[str, dict] = {
+    # Small enough for real encryption in tests and the demo (~800 encrypted values per token).
+    "micro-llama": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        **_BYTE_VOCAB_IDS,
+    ),
     "tiny-llama": dict(
         hidden_size=128,
         intermediate_size=352,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=BYTE_VOCAB + 3,
         max_position_embeddings=512,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-        bos_token_id=BYTE_VOCAB,
-        eos_token_id=BYTE_VOCAB + 1,
-        pad_token_id=BYTE_VOCAB + 2,
+        **_BYTE_VOCAB_IDS,
     ),
     "llama-3.2-1b-shape": dict(
         hidden_size=2048,

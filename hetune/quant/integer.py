@@ -1,14 +1,15 @@
-"""The integer arithmetic of one outsourced linear op, split where the network splits it.
+"""The integer arithmetic of one outsourced op, split where the network splits it.
 
-client:  quantize per token   ->  [worker: raw = X_q W_q^T  (or G_q W_q)]  ->  correct, rescale
-This module is the single definition of both halves. The ``quantized`` backend runs the
-middle in the clear with :func:`integer_matmul`; the encrypted backends replace only that
-middle step, so a clear run is bit-for-bit the computation the worker performs.
+client:  encode (quantize per token)  ->  [worker: raw = X_q W_q^T  or  G_q W_q]  ->  decode
+:class:`OpCodec` is the client half: it needs only public per-channel data (scales and
+row sums of W_q), never the weights. :class:`IntegerLinear` adds the worker's integer
+product. The ``quantized`` backend runs that product in the clear; the encrypted
+backends replace only that step, so a clear run is bit-for-bit the worker's computation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,37 +22,28 @@ def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class IntegerLinear:
-    """Public quantization data of one op: integer weight, per-channel scales, row sums."""
+class OpCodec:
+    """Client half of one op: per-token encoding and decoding around the worker's product."""
 
-    q: torch.Tensor  # (out, in) int8/int16, signed, zero point 0
-    scale: torch.Tensor  # (out,) float32
+    scale: torch.Tensor  # (out,) float32, per-output-channel weight scale
+    rowsum: torch.Tensor  # (out,) float64, sum_k W_q[j, k] (for the input zero point)
     bits_a: int
     bits_g: int
 
-    def __post_init__(self) -> None:
-        self.colsum = self.q.to(torch.float64).sum(dim=1)  # (out,) sum_k W_q[j, k]
-
     @property
     def out_features(self) -> int:
-        return self.q.shape[0]
+        return self.scale.shape[0]
 
-    @property
-    def in_features(self) -> int:
-        return self.q.shape[1]
-
-    # --- client, forward -------------------------------------------------------------
     def encode_input(self, x: torch.Tensor) -> TokenQuant:
-        return quantize_activations(x, self.bits_a)
+        return quantize_activations(x, self.bits_a)  # uint per token, zero point on client
 
     def decode_output(self, raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
         """raw (T, out) -> float (T, out): remove the input zero point, apply both scales."""
-        acc = raw - tq.zero_point * self.colsum[None, :]  # w_zp = 0, so one correction term
+        acc = raw - tq.zero_point * self.rowsum[None, :]  # w_zp = 0: one correction term
         return acc * tq.scale * self.scale.to(torch.float64)[None, :]
 
-    # --- client, backward ------------------------------------------------------------
     def encode_grad(self, g: torch.Tensor) -> TokenQuant:
-        """Fold the per-output-channel weight scale into g, then quantize per token.
+        """Fold the weight scale into g, then quantize per token (signed).
 
         dL/dx = g diag(s) W_q, so the worker only ever needs the integer W_q.
         """
@@ -62,14 +54,48 @@ class IntegerLinear:
     def decode_grad(raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
         return raw * tq.scale
 
-    # --- worker: the only step that sees the weights ---------------------------------
+
+@dataclass
+class IntegerLinear:
+    """One op with its integer weight: the worker's product plus the client's codec."""
+
+    q: torch.Tensor  # (out, in) int8/int16, signed, zero point 0
+    scale: torch.Tensor  # (out,) float32
+    bits_a: int
+    bits_g: int
+    codec: OpCodec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.codec = OpCodec(self.scale, self.q.to(torch.float64).sum(dim=1), self.bits_a, self.bits_g)
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    def encode_input(self, x: torch.Tensor) -> TokenQuant:
+        return self.codec.encode_input(x)
+
+    def decode_output(self, raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
+        return self.codec.decode_output(raw, tq)
+
+    def encode_grad(self, g: torch.Tensor) -> TokenQuant:
+        return self.codec.encode_grad(g)
+
+    def decode_grad(self, raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
+        return self.codec.decode_grad(raw, tq)
+
+    # --- worker: the only step that touches the weights -------------------------------
     def raw_forward(self, xq: torch.Tensor) -> torch.Tensor:
         return integer_matmul(xq, self.q.T)  # (T, in) @ (in, out)
 
     def raw_backward(self, gq: torch.Tensor) -> torch.Tensor:
         return integer_matmul(gq, self.q)  # (T, out) @ (out, in)
 
-    # --- whole op in the clear (the `quantized` execution) ---------------------------
+    # --- whole op in the clear (the `quantized` execution) ----------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tq = self.encode_input(x)
         y = self.decode_output(self.raw_forward(tq.q), tq)

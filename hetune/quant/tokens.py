@@ -1,7 +1,9 @@
 """Per-token dynamic quantization of activations and gradients (client side).
 
 Scales and zero points never leave the data owner: only the integer matrix is
-encrypted and sent. Each row (token) gets its own range, which is what keeps the
+encrypted and sent. An all-zero row gets scale 0, so it decodes to exact zeros: the
+GLWE noise on its (zero) product must not come back scaled by an arbitrary 1 (rows
+with no loss, such as the last position, have all-zero gradients). Each row (token) gets its own range, which is what keeps the
 backward pass stable at 8 bits (static per-tensor scales diverge; see the spec).
 """
 
@@ -27,10 +29,10 @@ def quantize_activations(x: torch.Tensor, bits: int) -> TokenQuant:
     qmax = 2**bits - 1
     rmin = x.amin(dim=1, keepdim=True).clamp(max=0.0)
     rmax = x.amax(dim=1, keepdim=True).clamp(min=0.0)
-    scale = (rmax - rmin) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.round(-rmin / scale)
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, qmax)
+    scale = (rmax - rmin) / qmax  # 0 only for an all-zero row
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(-rmin / safe)
+    q = torch.clamp(torch.round(x / safe) + zero_point, 0, qmax)
     return TokenQuant(q, scale, zero_point)
 
 
@@ -38,7 +40,6 @@ def quantize_gradients(g: torch.Tensor, bits: int) -> TokenQuant:
     """Signed symmetric per-row quantization (narrow range, zero point 0)."""
     g = g.detach().to(torch.float64).reshape(-1, g.shape[-1])  # (T, n)
     qmax = 2 ** (bits - 1) - 1
-    amax = g.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    q = torch.clamp(torch.round(g / scale), -qmax, qmax)
+    scale = g.abs().amax(dim=1, keepdim=True) / qmax  # 0 only for an all-zero row
+    q = torch.clamp(torch.round(g / torch.where(scale > 0, scale, torch.ones_like(scale))), -qmax, qmax)
     return TokenQuant(q, scale, torch.zeros_like(scale))

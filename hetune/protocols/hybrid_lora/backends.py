@@ -1,0 +1,136 @@
+"""One interface for every way of computing the frozen products: plain, quantized, encrypted, remote.
+
+A backend maps ``(op, x) -> x W^T`` and ``(op, g) -> g W`` for the outsourced ops. The
+training code never knows which one it talks to. Each declares what it supports and
+how far it may be from ``plain`` (relative error of one op, measured in the tests), so
+a missing capability fails when the backend is built, not mid-epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hetune.errors import ConfigError
+from hetune.quant.integer import OpCodec
+from hetune.quant.tokens import TokenQuant
+
+BACKENDS = ("plain", "quantized", "encrypted", "remote")
+
+
+@dataclass
+class TransferStats:
+    round_trips: int = 0
+    values_out: int = 0  # output values computed by the worker (the GLWE cost driver)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def snapshot(self) -> dict:
+        return dict(self.__dict__)
+
+
+class FrozenBackend:
+    """Frozen linear products of the outsourced ops; float in, float64 out."""
+
+    name = "abstract"
+    encrypted = False
+    tolerance = 0.0  # expected relative error of one op versus plain at 8 bits
+
+    def __init__(self) -> None:
+        self.stats = TransferStats()
+
+    def forward(self, op: str, x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out)
+        raise NotImplementedError
+
+    def backward(self, op: str, g: torch.Tensor) -> torch.Tensor:  # (T, out) -> (T, in)
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release sessions and keys."""
+
+
+class PlainBackend(FrozenBackend):
+    """Float reference: the model's own weights (fused rows stacked like the bundle's ops)."""
+
+    name = "plain"
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.weights = {k: w.detach().to(torch.float64) for k, w in weights.items()}
+
+    def forward(self, op, x):
+        return x.to(torch.float64) @ self.weights[op].T
+
+    def backward(self, op, g):
+        return g.to(torch.float64) @ self.weights[op]
+
+
+class QuantizedBackend(FrozenBackend):
+    """The worker's integer arithmetic in the clear: bit-exact, fast, for long runs."""
+
+    name = "quantized"
+    tolerance = 0.03
+
+    def __init__(self, ops: dict):  # op name -> IntegerLinear
+        super().__init__()
+        self.ops = ops
+
+    def forward(self, op, x):
+        self.stats.round_trips += 1
+        return self.ops[op].forward(x)
+
+    def backward(self, op, g):
+        self.stats.round_trips += 1
+        return self.ops[op].backward(g)
+
+
+class GlweBackend(FrozenBackend):
+    """Quantize per token, encrypt, let a worker multiply, decrypt, decode.
+
+    ``transport`` runs the worker's product: in this process (``encrypted``) or over
+    HTTP (``remote``). The secret key never leaves this object.
+    """
+
+    encrypted = True
+    tolerance = 0.03
+
+    def __init__(self, codecs: dict[str, OpCodec], transport, keys=None):
+        from hetune.crypto.glwe import GlweKeys
+
+        super().__init__()
+        self.codecs = codecs
+        self.keys = keys or GlweKeys.generate()
+        self.transport = transport
+        self.name = transport.name
+        transport.open(self.keys.compression_key_bytes())
+
+    def _round_trip(self, op: str, direction: str, tq: TokenQuant, out_cols: int) -> torch.Tensor:
+        payload = bytes(self.keys.encrypt(tq.q.numpy()).serialize())
+        result = self.transport.run(op, direction, payload, rows=tq.q.shape[0], cols=tq.q.shape[1])
+        self.stats.round_trips += 1
+        self.stats.values_out += tq.q.shape[0] * out_cols
+        self.stats.bytes_sent += len(payload)
+        self.stats.bytes_received += len(result)
+        raw = self.keys.decrypt(self.keys.result_from_bytes(result), out_cols)
+        return torch.from_numpy(raw).to(torch.float64)
+
+    def forward(self, op, x):
+        codec = self.codecs[op]
+        tq = codec.encode_input(x)
+        return codec.decode_output(self._round_trip(op, "forward", tq, codec.out_features), tq)
+
+    def backward(self, op, g):
+        codec = self.codecs[op]
+        tq = codec.encode_grad(g)
+        in_features = self.transport.in_features(op)
+        return codec.decode_grad(self._round_trip(op, "backward", tq, in_features), tq)
+
+    def close(self):
+        self.transport.close()
+
+
+def check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError(f"backend={name!r} is unknown", f"choose one of {', '.join(BACKENDS)}")
+    return name

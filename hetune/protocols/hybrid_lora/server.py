@@ -1,0 +1,219 @@
+"""``hetune serve``: the remote worker, a FastAPI app over one bundle.
+
+It loads only the bundle (integer weights; no float model, no transformers or peft),
+keeps one session per data owner (the uploaded compression key, a bearer token, an
+idle TTL), checks op, direction, shape and body size against the manifest before any
+heavy work, and answers every bad request with a 4xx JSON error. Logs carry method,
+path, status, op, rows and timing: never a key, a token or a payload.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from hetune.compile.bundle import Bundle
+from hetune.crypto import glwe
+from hetune.protocols.hybrid_lora import wire
+from hetune.protocols.hybrid_lora.worker import GlweWorker
+
+log = logging.getLogger("hetune.worker")
+
+COMPRESSION_KEY_MAX_BYTES = 160 << 20  # the default-parameter key is 128 MiB
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_sessions: int = 8  # each holds a 128 MiB compression key
+    session_ttl_s: float = 3600.0  # idle time before a session is dropped
+    max_rows: int = 4096  # tokens per request
+
+
+@dataclass
+class Session:
+    token: str
+    compression_key: object
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SessionStore:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for sid in [s for s, v in self._sessions.items() if now - v.last_used > self.cfg.session_ttl_s]:
+                del self._sessions[sid]
+                log.info("session %s expired", sid[:8])
+
+    def create(self, compression_key: object) -> tuple[str, str]:
+        self.expire()
+        with self._lock:
+            if len(self._sessions) >= self.cfg.max_sessions:
+                raise OverflowError
+            sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
+            self._sessions[sid] = Session(token, compression_key)
+        return sid, token
+
+    def get(self, sid: str, token: str | None) -> Session | None | bool:
+        """The session; None if unknown; False if the token is wrong."""
+        self.expire()
+        session = self._sessions.get(sid)
+        if session is None:
+            return None
+        if token is None or not hmac.compare_digest(session.token, token):
+            return False
+        session.last_used = time.monotonic()
+        return session
+
+    def close(self, sid: str) -> None:
+        with self._lock:
+            self._sessions.pop(sid, None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
+    worker = GlweWorker(bundle)
+    sessions = SessionStore(cfg)
+    manifest = bundle.manifest
+    app = FastAPI(title="hetune worker", version=manifest.hetune_version)
+    prefix = f"/{wire.API_VERSION}"
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def read_body(request: Request, limit: int) -> bytes | JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return error(413, f"request body too large (limit {limit} bytes)")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                return error(413, f"request body too large (limit {limit} bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def bearer(request: Request) -> str | None:
+        auth = request.headers.get("authorization", "")
+        return auth[7:] if auth.lower().startswith("bearer ") else None
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path.split("/sessions/")[0] + ("/sessions/..." if "/sessions/" in request.url.path else "")
+        log.info("%s %s -> %d in %.3fs", request.method, path, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.get(f"{prefix}/health")
+    def health():
+        return {"status": "ok", "sessions": len(sessions)}
+
+    @app.get(f"{prefix}/info")
+    def info():
+        return {
+            "api_version": wire.API_VERSION,
+            "hetune_version": manifest.hetune_version,
+            "manifest": manifest.to_dict(),
+            "limits": {"max_rows": cfg.max_rows, "max_sessions": cfg.max_sessions, "session_ttl_s": cfg.session_ttl_s},
+        }
+
+    @app.get(f"{prefix}/codec")
+    def codec():
+        """Public per-channel data the client needs to decode: scales and row sums of W_q."""
+        from safetensors.torch import save
+
+        tensors = {}
+        for spec in manifest.ops:
+            op = bundle.op(spec.name)
+            tensors[f"{spec.name}.scale"], tensors[f"{spec.name}.rowsum"] = op.codec.scale, op.codec.rowsum
+        return Response(save(tensors), media_type="application/octet-stream")
+
+    @app.post(f"{prefix}/sessions", status_code=201)
+    async def create_session(request: Request):
+        body = await read_body(request, COMPRESSION_KEY_MAX_BYTES)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            key = glwe.load_compression_key(body)
+        except BaseException as err:  # pyo3 panics derive from BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            return error(400, "body is not a valid serialized compression key")
+        try:
+            sid, token = sessions.create(key)
+        except OverflowError:
+            return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later")
+        log.info("session %s created", sid[:8])
+        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s}
+
+    @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
+    def close_session(sid: str, request: Request):
+        got = sessions.get(sid, bearer(request))
+        if got is None:
+            return error(404, "unknown or expired session")
+        if got is False:
+            return error(401, "missing or wrong bearer token")
+        sessions.close(sid)
+        return Response(status_code=204)
+
+    @app.post(f"{prefix}/sessions/{{sid}}/ops/{{op}}/{{direction}}")
+    async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0):
+        got = sessions.get(sid, bearer(request))
+        if got is None:
+            return error(404, "unknown or expired session")
+        if got is False:
+            return error(401, "missing or wrong bearer token")
+        if op not in worker.weights:
+            return error(404, f"unknown op {op!r}")
+        if direction not in wire.DIRECTIONS:
+            return error(404, f"unknown direction {direction!r}; use forward or backward")
+        shape = worker.shape(op, direction)
+        if cols != shape.cols:
+            return error(422, f"{op} {direction} takes {shape.cols} columns, request says {cols}")
+        if not 1 <= rows <= cfg.max_rows:
+            return error(422, f"rows must be between 1 and {cfg.max_rows}, got {rows}")
+        expected = wire.ciphertext_bytes(rows, cols)
+        body = await read_body(request, expected)
+        if isinstance(body, JSONResponse):
+            return body
+        if len(body) != expected:
+            return error(422, f"ciphertext of {rows}x{cols} must be {expected} bytes, got {len(body)} (truncated?)")
+        from starlette.concurrency import run_in_threadpool
+
+        def compute() -> bytes:
+            with got.lock:  # one product at a time per session
+                return worker.run(op, direction, body, got.compression_key)
+
+        try:
+            result = await run_in_threadpool(compute)
+        except BaseException as err:  # a corrupt ciphertext makes the extension panic
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            return error(400, "ciphertext could not be deserialized or multiplied (corrupt payload?)")
+        return Response(result, media_type="application/octet-stream")
+
+    return app
+
+
+def serve(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    uvicorn.run(create_app(bundle, cfg), host=cfg.host, port=cfg.port, log_level="warning")
