@@ -90,6 +90,45 @@ def serve(
     run_server(loaded, ServeConfig(host=host, port=port, max_sessions=max_sessions, session_ttl_s=session_ttl, max_rows=max_rows))
 
 
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", help="Model the bundle was compiled from (hub id, directory or built-in)."),
+    data: list[str] = typer.Option(..., "--data", help="Training text: json/jsonl/txt files (repeatable) or a hub dataset name."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: adapter, checkpoints, metrics.jsonl."),
+    backend: str = typer.Option("remote", "--backend", help="plain, quantized, encrypted or remote."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle for the quantized and encrypted backends."),
+    worker: list[str] = typer.Option([], "--worker", help="Worker URL for the remote backend (repeatable)."),
+    text_field: str = typer.Option("text", "--text-field", help="Field holding the text in json/jsonl data."),
+    steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per packed block."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Blocks per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
+    warmup_steps: int = typer.Option(10, "--warmup-steps", help="Linear warm-up steps, then cosine decay."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    clip_norm: float = typer.Option(1.0, "--clip-norm", help="Gradient clipping norm."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Steps between eval-loss measurements."),
+    save_every: int = typer.Option(50, "--save-every", help="Steps between checkpoints."),
+    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, "--lora-alpha", help="LoRA alpha."),
+    seed: int = typer.Option(0, "--seed", help="Seed for LoRA init, data order and built-in weights."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+) -> None:
+    """Fine-tune LoRA adapters privately: frozen products on a backend, everything else here."""
+    from hetune.protocols.hybrid_lora.client import LoraSettings
+    from hetune.protocols.hybrid_lora.train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(
+        model=model, data=tuple(data), out=out, backend=backend, bundle=bundle, workers=tuple(worker),
+        text_field=text_field, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm, eval_every=eval_every,
+        save_every=save_every, lora=LoraSettings(r=lora_r, alpha=lora_alpha), seed=seed,
+    )
+    summary = run_training(cfg, resume=resume)
+    typer.echo(f"final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
+    typer.echo(f"adapter: {summary['adapter']}  metrics: {summary['metrics']}")
+
+
 def _print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -52,3 +52,55 @@ def run_cli(monkeypatch, capsys):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def micro_bundle(tmp_path_factory):
+    """A bundle of the 2-block micro-llama: small enough for real encryption in tests."""
+    from hetune.compile.bundle import write_bundle
+
+    compiled = compile_model(load_model("micro-llama", seed=0), CompileConfig(calibration_tokens=32), progress=False)
+    out = tmp_path_factory.mktemp("micro") / "bundle"
+    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
+    return out
+
+
+class LoopbackWorker:
+    """`hetune serve`'s app on 127.0.0.1 in a thread, with a port chosen by the OS."""
+
+    def __init__(self, bundle_path, **cfg):
+        import threading
+
+        import uvicorn
+
+        from hetune.compile.bundle import load_bundle
+        from hetune.protocols.hybrid_lora.server import ServeConfig, create_app
+
+        self.app = create_app(load_bundle(bundle_path), ServeConfig(**cfg))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def loopback_worker(micro_bundle):
+    workers = []
+
+    def start(**cfg):
+        workers.append(LoopbackWorker(micro_bundle, **cfg))
+        return workers[-1]
+
+    yield start
+    for w in workers:
+        w.stop()

@@ -8,6 +8,7 @@ that stays away raises :class:`WorkerError` naming it.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -17,13 +18,23 @@ from hetune.protocols.hybrid_lora import wire
 from hetune.quant.integer import OpCodec
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 4  # after the first try; waits backoff_s * 2^attempt between tries
+    backoff_s: float = 0.5
+    timeout_s: float = 600.0  # one request; a big encrypted product takes minutes on CPU
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
 class WorkerClient:
-    def __init__(self, url: str, retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 600.0):
+    def __init__(self, url: str, retry: RetryPolicy | None = None):
         import httpx
 
         self.url = url.rstrip("/")
-        self.retries, self.backoff_s = retries, backoff_s
-        self.http = httpx.Client(base_url=f"{self.url}/{wire.API_VERSION}", timeout=timeout_s)
+        self.retry = retry or DEFAULT_RETRY
+        self.http = httpx.Client(base_url=f"{self.url}/{wire.API_VERSION}", timeout=self.retry.timeout_s)
         self.session_id: str | None = None
         self._token: str | None = None
         self._key: bytes | None = None
@@ -31,7 +42,7 @@ class WorkerClient:
     def _request(self, method: str, path: str, **kwargs):
         import httpx
 
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.retry.retries + 1):
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as err:
@@ -40,8 +51,8 @@ class WorkerClient:
                 if response.status_code < 500:
                     return response
                 problem = f"worker {self.url} answered {response.status_code}"
-            if attempt < self.retries:
-                time.sleep(self.backoff_s * 2**attempt)
+            if attempt < self.retry.retries:
+                time.sleep(self.retry.backoff_s * 2**attempt)
         raise WorkerError(problem, "check that `hetune serve` is running there, then resume from the last checkpoint")
 
     def _checked(self, response, what: str):

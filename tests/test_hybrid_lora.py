@@ -1,0 +1,133 @@
+"""One training step on every backend: same code, gradients within each backend's tolerance.
+
+The encrypted and remote steps are real GLWE (about 2,400 encrypted output values each).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from hetune.compile.bundle import load_bundle
+from hetune.crypto.glwe import RESULT_NOISE_BOUND, GlweKeys
+from hetune.protocols.hybrid_lora import backends
+from hetune.protocols.hybrid_lora.client import build_private_model
+from hetune.protocols.hybrid_lora.remote import WorkerClient
+
+IDS = torch.tensor([[72, 101, 108]])  # "Hel": 3 tokens, 2 loss positions
+
+
+def lora_grads(pm) -> dict[str, torch.Tensor]:
+    """Loss and LoRA gradients of one step, with LoRA B set non-zero so A gets gradients too."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in pm.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    loss = pm.model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    return {n: p.grad.clone() for n, p in pm.model.named_parameters() if p.requires_grad}
+
+
+def flat(grads):
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def rel(a, b):
+    return float((flat(a) - flat(b)).norm() / flat(b).norm())
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return GlweKeys.generate()
+
+
+@pytest.fixture(scope="module")
+def reference(micro_bundle):
+    plain = lora_grads(build_private_model("micro-llama", "plain"))
+    quantized = lora_grads(build_private_model("micro-llama", "quantized", bundle=micro_bundle))
+    return plain, quantized
+
+
+@pytest.fixture
+def noise_audit(monkeypatch, micro_bundle):
+    """Check every decrypted product of a step against the bundle's integer reference."""
+    bundle = load_bundle(micro_bundle)
+    errors = []
+    original = backends.GlweBackend._round_trip
+
+    def audited(self, op, direction, tq, out_cols):
+        raw = original(self, op, direction, tq, out_cols)
+        lin = bundle.op(op)
+        exact = lin.raw_forward(tq.q) if direction == "forward" else lin.raw_backward(tq.q)
+        errors.append(float((raw - exact).abs().max()))
+        return raw
+
+    monkeypatch.setattr(backends.GlweBackend, "_round_trip", audited)
+    return errors
+
+
+def test_plain_and_quantized_agree(reference):
+    plain, quantized = reference
+    assert set(plain) == set(quantized) and len(plain) == 2 * 7 * 2  # A and B of 7 linears x 2 blocks
+    assert 0 < rel(quantized, plain) < 0.05
+
+
+def test_encrypted_step_matches_quantized(reference, micro_bundle, keys, noise_audit):
+    _, quantized = reference
+    pm = build_private_model("micro-llama", "encrypted", bundle=micro_bundle, keys=keys)
+    grads = lora_grads(pm)
+    assert pm.backend.stats.round_trips == len(noise_audit) > 0
+    # 8 forward ops; backward skips layers.0.qkv, whose input needs no gradient
+    assert len(noise_audit) == 8 + 7
+    assert max(noise_audit) <= RESULT_NOISE_BOUND and max(noise_audit) > 0
+    assert 0 < rel(grads, quantized) < 0.03
+
+
+def test_remote_step_matches_quantized_and_leaks_nothing(reference, loopback_worker, keys, noise_audit, monkeypatch):
+    _, quantized = reference
+    sent = []
+    original = WorkerClient._request
+
+    def recording(self, method, path, **kwargs):
+        sent.append(kwargs.get("content") or b"")
+        return original(self, method, path, **kwargs)
+
+    monkeypatch.setattr(WorkerClient, "_request", recording)
+    plaintexts = []
+    original_encrypt = GlweKeys.encrypt
+
+    def spy_encrypt(self, q):
+        plaintexts.append(np.asarray(q, dtype=np.int64))
+        return original_encrypt(self, q)
+
+    monkeypatch.setattr(GlweKeys, "encrypt", spy_encrypt)
+    worker = loopback_worker()
+    pm = build_private_model("micro-llama", "remote", workers=(worker.url,), keys=keys)
+    grads = lora_grads(pm)
+    assert max(noise_audit) <= RESULT_NOISE_BOUND
+    assert 0 < rel(grads, quantized) < 0.03
+    assert pm.backend.stats.bytes_sent > 0 and pm.backend.stats.bytes_received > 0
+
+    bodies = [b for b in sent if b]
+    assert len(bodies) == 1 + len(noise_audit)  # compression key + one ciphertext per round trip
+    secret = bytes(keys.secret.serialize())
+    windows = [secret[i : i + 32] for i in range(0, len(secret) - 32, 4096)]
+    for body in bodies:
+        assert not any(w in body for w in windows)
+        for q in plaintexts:
+            for row in q:
+                for dtype in (np.uint8, np.int8, np.int64, np.float64):
+                    if len(row) >= 16:
+                        assert row.astype(dtype).tobytes() not in body
+    pm.close()
+
+
+def test_backend_without_bundle_fails_at_build():
+    from hetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a bundle"):
+        build_private_model("micro-llama", "quantized")
+    with pytest.raises(ConfigError, match="needs at least one worker"):
+        build_private_model("micro-llama", "remote")
+    with pytest.raises(ConfigError, match="unknown"):
+        build_private_model("micro-llama", "gpu")
