@@ -25,22 +25,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import environment, write_json  # noqa: E402
+from common import environment, write_json
 
-from hetune.compile.bundle import write_bundle  # noqa: E402
-from hetune.compile.compiler import CompileConfig, compile_model  # noqa: E402
-from hetune.crypto.glwe import GlweKeys  # noqa: E402
-from hetune.models.builtin import BUILTIN_CONFIGS, byte_tokenizer  # noqa: E402
-from hetune.models.loading import load_model  # noqa: E402
-from hetune.protocols.hybrid_lora.client import LORA_TARGETS, build_private_model  # noqa: E402
+from hetune.compile.bundle import load_bundle, write_bundle
+from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.crypto.glwe import GlweKeys
+from hetune.models.builtin import BUILTIN_CONFIGS, byte_tokenizer
+from hetune.models.loading import load_model
+from hetune.protocols.hybrid_lora.client import LORA_TARGETS, build_private_model
+from hetune.protocols.hybrid_lora.server import LoopbackWorker
 
 GLWE_BLOCK = dict(BUILTIN_CONFIGS["tiny-llama"], hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
                   num_attention_heads=8, num_key_value_heads=4)
@@ -59,6 +58,7 @@ def save_model(config: dict, root: Path) -> str:
 
 def make_bundle(model_id: str, root: Path) -> Path:
     compiled = compile_model(load_model(model_id), CompileConfig(calibration_tokens=32), progress=False)
+    root.mkdir(parents=True, exist_ok=True)
     out = root / "bundle"
     write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
     return out
@@ -117,16 +117,10 @@ def concrete_ml_step(model_id: str, ids: torch.Tensor) -> dict:
             "compile_s": compile_s, "glwe_backend": uses_glwe}
 
 
-def loopback(bundle: Path):
-    from conftest import LoopbackWorker
-
-    return LoopbackWorker(bundle)
-
-
 def encrypted_workload(name, model_id, ids, bundle, keys, with_cml=True) -> dict:
     rows = [measure(model_id, "plain", ids), measure(model_id, "quantized", ids, bundle=bundle)]
     rows.append(measure(model_id, "encrypted", ids, bundle=bundle, keys=keys))
-    worker = loopback(bundle)
+    worker = LoopbackWorker(load_bundle(bundle))
     try:
         rows.append(measure(model_id, "remote", ids, workers=(worker.url,), keys=keys))
     finally:
@@ -163,7 +157,6 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "micro").mkdir()
         results.append(encrypted_workload("micro-llama", "micro-llama", torch.tensor([[72, 101, 108]]),
                                           make_bundle("micro-llama", root / "micro"), keys))
         if not args.quick:
@@ -172,7 +165,6 @@ def main() -> None:
             results.append(glwe)
             spv = glwe["seconds_per_output_value"]
             ids64 = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
-            (root / "tiny").mkdir()
             results.append(clear_workload("tiny-llama", "tiny-llama", ids64, make_bundle("tiny-llama", root / "tiny"), spv))
             one_b = save_model(ONE_B_BLOCK, root / "1b-block")
             results.append(clear_workload("1b-block", one_b, ids64, make_bundle(one_b, root / "1b"), spv))

@@ -65,40 +65,15 @@ def micro_bundle(tmp_path_factory):
     return out
 
 
-class LoopbackWorker:
-    """`hetune serve`'s app on 127.0.0.1 in a thread, with a port chosen by the OS."""
-
-    def __init__(self, bundle_path, **cfg):
-        import threading
-
-        import uvicorn
-
-        from hetune.compile.bundle import load_bundle
-        from hetune.protocols.hybrid_lora.server import ServeConfig, create_app
-
-        self.app = create_app(load_bundle(bundle_path), ServeConfig(**cfg))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        import time
-
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture
 def loopback_worker(micro_bundle):
+    from hetune.compile.bundle import load_bundle
+    from hetune.protocols.hybrid_lora.server import LoopbackWorker, ServeConfig
+
     workers = []
 
     def start(**cfg):
-        workers.append(LoopbackWorker(micro_bundle, **cfg))
+        workers.append(LoopbackWorker(load_bundle(micro_bundle), ServeConfig(**cfg)))
         return workers[-1]
 
     yield start

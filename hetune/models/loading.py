@@ -77,7 +77,7 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except OSError as err:
             raise ModelLoadError(

@@ -212,6 +212,27 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     return app
 
 
+class LoopbackWorker:
+    """The worker app in a background thread on 127.0.0.1 (port chosen by the OS), for tests and the demo."""
+
+    def __init__(self, bundle: Bundle, cfg: ServeConfig = ServeConfig(), start_timeout_s: float = 30.0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(create_app(bundle, cfg), host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="hetune-worker", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the loopback worker did not start")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
 def serve(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> None:
     import uvicorn
 
