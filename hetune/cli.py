@@ -113,6 +113,7 @@ def train(
     lora_alpha: int = typer.Option(16, "--lora-alpha", help="LoRA alpha."),
     seed: int = typer.Option(0, "--seed", help="Seed for LoRA init, data order and built-in weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    save_key: Optional[Path] = typer.Option(None, "--save-key", help="Also write the GLWE secret key to this file (mode 0600). Never written otherwise."),
 ) -> None:
     """Fine-tune LoRA adapters privately: frozen products on a backend, everything else here."""
     from hetune.protocols.hybrid_lora.client import LoraSettings
@@ -122,11 +123,24 @@ def train(
         model=model, data=tuple(data), out=out, backend=backend, bundle=bundle, workers=tuple(worker),
         text_field=text_field, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm, eval_every=eval_every,
-        save_every=save_every, lora=LoraSettings(r=lora_r, alpha=lora_alpha), seed=seed,
+        save_every=save_every, lora=LoraSettings(r=lora_r, alpha=lora_alpha), seed=seed, save_key=save_key,
     )
     summary = run_training(cfg, resume=resume)
     typer.echo(f"final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
     typer.echo(f"adapter: {summary['adapter']}  metrics: {summary['metrics']}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the bundle, runs, plot and adapter go."),
+    steps: int = typer.Option(4, "--steps", help="Private LoRA steps (each about a minute of encryption)."),
+    seq_len: int = typer.Option(12, "--seq-len", help="Tokens per step."),
+    seed: int = typer.Option(0, "--seed", help="Seed shared by the encrypted and plaintext runs."),
+) -> None:
+    """The whole protocol offline: compile, worker on loopback, encrypted vs plaintext LoRA steps."""
+    from hetune.protocols.hybrid_lora.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, steps=steps, seq_len=seq_len, seed=seed), echo=typer.echo)
 
 
 def _print_report(report: dict) -> None:

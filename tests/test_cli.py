@@ -15,6 +15,8 @@ def test_help_lists_commands_with_real_text():
     out = subprocess.run([HETUNE, "--help"], capture_output=True, text=True, check=True).stdout
     assert "compile" in out and "worker bundle" in out
     assert "inspect" in out and "share of" in out
+    assert "serve" in out and "remote worker" in out
+    assert "train" in out and "LoRA" in out
 
 
 def test_compile_then_inspect(run_cli, tmp_path):
@@ -90,3 +92,33 @@ def test_inspect_damaged_bundle(run_cli, bundle_dir, tmp_path):
 def test_error_exit_code_through_the_installed_entry_point(tmp_path):
     proc = subprocess.run([HETUNE, "compile", "tiny-llama", "--out", tmp_path / "o", "--bits-g", "40"], capture_output=True, text=True)
     assert proc.returncode == 2 and "bits_g=40" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_runs_a_worker_and_refuses_a_damaged_bundle(micro_bundle, tmp_path):
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([HETUNE, "serve", str(micro_bundle), "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                info = httpx.get(f"http://127.0.0.1:{port}/v1/info", timeout=1).json()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "worker did not come up"
+                time.sleep(0.2)
+        assert info["manifest"]["model"]["id"] == "micro-llama"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{}")
+    result = subprocess.run([HETUNE, "serve", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 5 and "not a hetune bundle" in result.stderr

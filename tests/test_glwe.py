@@ -73,3 +73,15 @@ def test_secret_key_is_not_in_the_compression_key(keys):
     assert len(secret) > 1000
     public = keys.compression_key_bytes()
     assert secret[-256:] not in public
+
+
+def test_secret_key_file_is_0600(keys, tmp_path):
+    import stat
+
+    path = tmp_path / "glwe.key"
+    keys.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert data[8 : 8 + n] == bytes(keys.secret.serialize())
+    assert not list(tmp_path.glob(".*.tmp"))

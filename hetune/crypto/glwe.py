@@ -9,7 +9,9 @@ Results are approximate (absolute noise of a few tens); callers assert a bound.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -57,6 +59,21 @@ class GlweKeys:
         p = fhext.MatmulCryptoParameters.deserialize(json.dumps(params))
         secret, compression = fhext.create_private_key(p)
         return cls(p, secret, compression, int(params["packing_ks_polynomial_size"]))
+
+    def save(self, path: Path) -> None:
+        """Write the secret key and its compression key, only when the user asks (``--save-key``).
+
+        Layout: 8-byte little-endian secret length, secret key, compression key. The file is
+        created with mode 0600 before anything is written, then renamed into place.
+        """
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        secret, compression = bytes(self.secret.serialize()), self.compression_key_bytes()
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(len(secret).to_bytes(8, "little") + secret + compression)
+        os.replace(tmp, path)
 
     def compression_key_bytes(self) -> bytes:
         return bytes(self.compression.serialize())

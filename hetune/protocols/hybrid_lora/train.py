@@ -48,6 +48,7 @@ class TrainConfig:
     save_every: int = 50
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
+    save_key: Path | None = None  # write the GLWE secret key here (0600); never written otherwise
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -127,6 +128,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     np.random.seed(cfg.seed)
     pm = build_private_model(cfg.model, cfg.backend, bundle=cfg.bundle, workers=cfg.workers, lora=cfg.lora, seed=cfg.seed)
     try:
+        if cfg.save_key is not None:
+            if not pm.backend.encrypted:
+                raise ConfigError(f"--save-key needs an encrypted backend, not {cfg.backend!r}", "drop --save-key")
+            pm.backend.keys.save(cfg.save_key)
         blocks = pack(load_text_dataset(cfg.data, cfg.text_field)["text"], pm.tokenizer, cfg.seq_len)
         n_eval = max(1, int(len(blocks) * cfg.eval_fraction))
         train_blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
