@@ -6,7 +6,9 @@ save on a Llama-3.2-1B-shaped checkpoint?
 Saves ``llama-3.2-1b-shape`` (real config, random weights) with ``save_pretrained``,
 then, each in a fresh process, measures peak RSS of (a) ``from_pretrained`` of the whole
 model and (b) hetune's client load (``load_client_model``: embeddings, norms, lm_head,
-outsourced linears as placeholders) plus LoRA r=8 on all linears.
+outsourced linears as placeholders) plus LoRA r=8 on all linears. Both then read every
+parameter once, as a forward pass would (safetensors maps files lazily, so RSS right
+after loading undercounts).
 
     .venv/bin/python benchmarks/client_memory.py      # about 4 minutes, 5 GB of temp disk
 """
@@ -26,8 +28,9 @@ FULL = """
 import resource, json, torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32)
+touched = sum(float(p.detach().sum()) for p in m.parameters())  # read every page (safetensors maps lazily)
 print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "params": sum(p.numel() for p in m.parameters())}))
+                  "param_bytes_held": sum(p.untyped_storage().nbytes() for p in m.parameters())}))
 """
 
 CLIENT = """
@@ -38,6 +41,7 @@ from hetune.protocols.hybrid_lora.client import LoraSettings, _wrap_lora
 members = [m for g in op_groups(16) for m in g.members]
 loaded = load_client_model(DIR, members)
 model = _wrap_lora(loaded.model, LoraSettings(), seed=0)
+touched = sum(float(p.detach().sum()) for p in model.parameters())  # read every page, as a forward pass would
 held = sum(p.untyped_storage().nbytes() for p in model.parameters())
 print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "param_bytes_held": held}))
 """

@@ -43,8 +43,9 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"plain": "plaintext", "quantized": "quantized (clear integers)", "remote": "encrypted (remote worker)"}
     for (name, rows), style in zip(runs.items(), ("-o", "--s", ":^")):
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, label=name)
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, label=labels.get(name, name))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("private LoRA fine-tuning: encrypted vs plaintext")
