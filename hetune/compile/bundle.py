@@ -86,7 +86,8 @@ class Bundle:
     def op(self, name: str) -> IntegerLinear:
         spec = self.manifest.op(name)
         q = self.manifest.quant
-        return IntegerLinear(self.tensors[spec.weight_key], self.tensors[spec.scale_key], q.bits_a, q.bits_g)
+        return IntegerLinear(self.tensors[spec.weight_key], self.tensors[spec.scale_key], q.bits_a, q.bits_g,
+                             self.tensors.get(f"{name}.static_input"), self.tensors.get(f"{name}.static_grad"))
 
     def report(self) -> dict:
         return json.loads((self.path / REPORT_FILE).read_text())

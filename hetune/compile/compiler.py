@@ -112,6 +112,44 @@ def _capture_inputs(model: torch.nn.Module, groups: list[OpGroup], input_ids: to
     return captured
 
 
+def _capture_grads(model: torch.nn.Module, groups: list[OpGroup], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output gradients of each op under the LM loss on the calibration text (members concatenated).
+
+    Gradients flow through activations only (inputs_embeds requires grad, weights do not),
+    so no parameter gradient is ever allocated.
+    """
+    layers = decoder_layers(model)
+    per_member, hooks = {}, []
+    for group in groups:
+        for path in group.members:
+            module = model.get_output_embeddings() if group.name == "lm_head" else member_linear(layers, path)
+
+            def hook(_mod, _gin, gout, _path=path):
+                per_member[_path] = gout[0].detach().reshape(-1, gout[0].shape[-1]).to(torch.float64)
+
+            hooks.append(module.register_full_backward_hook(hook))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=input_ids).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {g.name: torch.cat([per_member[m] for m in g.members], dim=1) for g in groups}
+
+
+def _static_ranges(x: torch.Tensor, g_scaled: torch.Tensor, qcfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed input (scale, zero point) and gradient scale for the static ablation, from calibration data."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / (2**qcfg.bits_a - 1) or 1.0
+    gscale = float(g_scaled.abs().max()) / (2 ** (qcfg.bits_g - 1) - 1) or 1.0
+    return torch.tensor([scale, round(-lo / scale)], dtype=torch.float64), torch.tensor([gscale], dtype=torch.float64)
+
+
 def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float((approx - exact).norm() / exact.norm().clamp(min=1e-30))
 
@@ -134,12 +172,12 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
     if cfg.include_lm_head:
         groups.append(OpGroup("lm_head", -1, ("lm_head",)))
 
-    inputs = _capture_inputs(model, groups, calibration_ids(loaded.tokenizer, cfg.calibration_tokens))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = calibration_ids(loaded.tokenizer, cfg.calibration_tokens)
+    inputs, grads = _capture_inputs(model, groups, ids), _capture_grads(model, groups, ids)
     ops, tensors, rows, risky = [], {}, [], []
     for group in tqdm(groups, desc="compile", unit="op", disable=not progress):
         weight, members = group_weight(model, group)
-        qw = quantize_weight(weight, qcfg.bits_w)
+        qw = quantize_weight(weight, qcfg.bits_w, per_channel=qcfg.scheme == "dynamic")
         bound = accumulator_bound(qw.q, qcfg.bits_w, qcfg.bits_a, qcfg.bits_g)
         spec = OpSpec(
             name=group.name, layer=group.layer, in_features=weight.shape[1], out_features=weight.shape[0],
@@ -149,9 +187,12 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         if bound.worst_bits > budget:
             risky.append(spec)
         tensors[spec.weight_key], tensors[spec.scale_key] = qw.q, qw.scale
-        op = IntegerLinear(qw.q, qw.scale, qcfg.bits_a, qcfg.bits_g)
-        w64, x = weight.to(torch.float64), inputs[group.name]
-        g = torch.randn(x.shape[0], spec.out_features, generator=gen, dtype=torch.float64)
+        w64, x, g = weight.to(torch.float64), inputs[group.name], grads[group.name]
+        static = (None, None)
+        if qcfg.scheme == "static":
+            static = _static_ranges(x, g * qw.scale.to(torch.float64), qcfg)
+            tensors[f"{spec.name}.static_input"], tensors[f"{spec.name}.static_grad"] = static
+        op = IntegerLinear(qw.q, qw.scale, qcfg.bits_a, qcfg.bits_g, *static)
         rows.append({
             "op": spec.name, "in": spec.in_features, "out": spec.out_features,
             "weight_rel_err": _rel_err(qw.dequantize().to(torch.float64), w64),
@@ -178,7 +219,7 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
     manifest = Manifest(hetune_version=hetune.__version__, model=info, quant=qcfg, crypto=crypto, fused=cfg.fuse, ops=tuple(ops))
     report = {
         "budget_bits": budget, "calibration_tokens": cfg.calibration_tokens,
-        "calibration_text": "Python standard library sources", "backward_gradients": "standard normal, seed %d" % cfg.seed,
+        "calibration_text": "Python standard library sources", "backward_gradients": "LM-loss output gradients on the calibration text",
         "ops": rows, "overflow_risk_ops": [s.name for s in risky],
     }
     return CompiledModel(manifest, tensors, report)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hetune.quant.tokens import TokenQuant, quantize_activations, quantize_gradients
+from hetune.quant.tokens import TokenQuant, quantize_activations, quantize_gradients, quantize_static
 
 
 def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -29,12 +29,17 @@ class OpCodec:
     rowsum: torch.Tensor  # (out,) float64, sum_k W_q[j, k] (for the input zero point)
     bits_a: int
     bits_g: int
+    static_input: torch.Tensor | None = None  # (2,) scale, zero point: the "static" ablation only
+    static_grad: torch.Tensor | None = None  # (1,) scale: the "static" ablation only
 
     @property
     def out_features(self) -> int:
         return self.scale.shape[0]
 
     def encode_input(self, x: torch.Tensor) -> TokenQuant:
+        if self.static_input is not None:
+            scale, zero_point = self.static_input.tolist()
+            return quantize_static(x, scale, zero_point, 0, 2**self.bits_a - 1)
         return quantize_activations(x, self.bits_a)  # uint per token, zero point on client
 
     def decode_output(self, raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
@@ -48,6 +53,9 @@ class OpCodec:
         dL/dx = g diag(s) W_q, so the worker only ever needs the integer W_q.
         """
         g = g.detach().to(torch.float64).reshape(-1, g.shape[-1]) * self.scale.to(torch.float64)
+        if self.static_grad is not None:
+            qmax = 2 ** (self.bits_g - 1) - 1
+            return quantize_static(g, float(self.static_grad), 0.0, -qmax, qmax)
         return quantize_gradients(g, self.bits_g)
 
     @staticmethod
@@ -63,10 +71,13 @@ class IntegerLinear:
     scale: torch.Tensor  # (out,) float32
     bits_a: int
     bits_g: int
+    static_input: torch.Tensor | None = None
+    static_grad: torch.Tensor | None = None
     codec: OpCodec = field(init=False)
 
     def __post_init__(self) -> None:
-        self.codec = OpCodec(self.scale, self.q.to(torch.float64).sum(dim=1), self.bits_a, self.bits_g)
+        rowsum = self.q.to(torch.float64).sum(dim=1)
+        self.codec = OpCodec(self.scale, rowsum, self.bits_a, self.bits_g, self.static_input, self.static_grad)
 
     @property
     def out_features(self) -> int:

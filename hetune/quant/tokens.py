@@ -43,3 +43,11 @@ def quantize_gradients(g: torch.Tensor, bits: int) -> TokenQuant:
     scale = g.abs().amax(dim=1, keepdim=True) / qmax  # 0 only for an all-zero row
     q = torch.clamp(torch.round(g / torch.where(scale > 0, scale, torch.ones_like(scale))), -qmax, qmax)
     return TokenQuant(q, scale, torch.zeros_like(scale))
+
+
+def quantize_static(x: torch.Tensor, scale: float, zero_point: float, qmin: int, qmax: int) -> TokenQuant:
+    """One fixed scale and zero point for every row (the static per-tensor ablation)."""
+    x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    rows = torch.ones(x.shape[0], 1, dtype=torch.float64)
+    return TokenQuant(q, rows * scale, rows * zero_point)

@@ -29,17 +29,17 @@ def int_dtype(bits: int) -> torch.dtype:
     return torch.int8 if bits <= 8 else torch.int16
 
 
-def brevitas_quant_linear(weight: torch.Tensor, bits: int):
-    """A Brevitas QuantLinear carrying ``weight`` with per-channel signed quantization."""
+def brevitas_quant_linear(weight: torch.Tensor, bits: int, per_channel: bool = True):
+    """A Brevitas QuantLinear carrying ``weight`` with signed per-channel (or per-tensor) quantization."""
     import brevitas.nn as qnn  # heavy import: only at compile time
-    from brevitas.quant.scaled_int import Int8WeightPerChannelFloat
+    from brevitas.quant.scaled_int import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
 
     out_features, in_features = weight.shape
     layer = qnn.QuantLinear(
         in_features,
         out_features,
         bias=False,
-        weight_quant=Int8WeightPerChannelFloat,
+        weight_quant=Int8WeightPerChannelFloat if per_channel else Int8WeightPerTensorFloat,
         weight_bit_width=bits,
     )
     with torch.no_grad():
@@ -47,12 +47,12 @@ def brevitas_quant_linear(weight: torch.Tensor, bits: int):
     return layer
 
 
-def quantize_weight(weight: torch.Tensor, bits: int) -> QuantizedWeight:
-    """Quantize a (out, in) float weight with Brevitas and return its integers and scales."""
-    layer = brevitas_quant_linear(weight, bits)
+def quantize_weight(weight: torch.Tensor, bits: int, per_channel: bool = True) -> QuantizedWeight:
+    """Quantize a (out, in) float weight with Brevitas; scales always come as one per channel."""
+    layer = brevitas_quant_linear(weight, bits, per_channel)
     with torch.no_grad():
         qt = layer.quant_weight()
-        scale = qt.scale.reshape(-1).to(torch.float32)  # (out,)
+        scale = qt.scale.reshape(-1).expand(weight.shape[0]).to(torch.float32).contiguous()  # (out,)
         # Brevitas' own integer view; computed in float then rounded so 16-bit widths stay exact.
         q = torch.round(qt.value / qt.scale).to(int_dtype(bits))
     return QuantizedWeight(q=q, scale=scale, bits=bits)

@@ -116,7 +116,11 @@ class HttpTransport:
     def codecs(self) -> dict[str, OpCodec]:
         tensors = self.clients[0].codec_tensors()
         q = self.manifest.quant
-        return {op.name: OpCodec(tensors[f"{op.name}.scale"], tensors[f"{op.name}.rowsum"], q.bits_a, q.bits_g) for op in self.manifest.ops}
+        return {
+            op.name: OpCodec(tensors[f"{op.name}.scale"], tensors[f"{op.name}.rowsum"], q.bits_a, q.bits_g,
+                             tensors.get(f"{op.name}.static_input"), tensors.get(f"{op.name}.static_grad"))
+            for op in self.manifest.ops
+        }
 
     def check_model(self, model: torch.nn.Module) -> None:
         """The client's model must have the architecture the bundle was compiled from."""

@@ -141,8 +141,10 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 
         tensors = {}
         for spec in manifest.ops:
-            op = bundle.op(spec.name)
-            tensors[f"{spec.name}.scale"], tensors[f"{spec.name}.rowsum"] = op.codec.scale, op.codec.rowsum
+            codec = bundle.op(spec.name).codec
+            tensors[f"{spec.name}.scale"], tensors[f"{spec.name}.rowsum"] = codec.scale, codec.rowsum
+            if codec.static_input is not None:  # the static ablation's fixed ranges
+                tensors[f"{spec.name}.static_input"], tensors[f"{spec.name}.static_grad"] = codec.static_input, codec.static_grad
         return Response(save(tensors), media_type="application/octet-stream")
 
     @app.post(f"{prefix}/sessions", status_code=201)

@@ -1,0 +1,82 @@
+"""Offline fine-tuning workload: arithmetic task, small pretraining, and `hetune converge`."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from hetune.data.arithmetic import exact_match, make_problems
+from hetune.errors import ConfigError
+from hetune.models.builtin import byte_tokenizer
+
+
+def test_problems_are_deterministic_and_correct():
+    a, b = make_problems(50, seed=3), make_problems(50, seed=3)
+    assert a == b and a != make_problems(50, seed=4)
+    for p in a:
+        x, y = map(int, re.findall(r"\d+", p.question))
+        assert p.answer == (x + y if "gets" in p.question else x - y) and p.answer >= 0
+        assert p.text.startswith(p.prompt) and p.text.endswith(f" {p.answer}\n")
+
+
+class Oracle(torch.nn.Module):
+    """Emits the answer of the problem whose prompt it is given (or a wrong one): tests the scorer."""
+
+    def __init__(self, problems, tokenizer, wrong=False):
+        super().__init__()
+        self.answers = {p.prompt: f" {p.answer + wrong}\n" for p in problems}
+        self.tok = tokenizer
+
+    def forward(self, input_ids):
+        text = self.tok.decode(input_ids[0])
+        prompt = text[: text.index("A:") + 2]
+        produced = text[len(prompt):]
+        nxt = self.answers[prompt][len(produced)] if len(produced) < len(self.answers[prompt]) else "\n"
+        logits = torch.zeros(1, input_ids.shape[1], 259)
+        logits[0, -1, self.tok(nxt, add_special_tokens=False)["input_ids"][0]] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_exact_match_scores_right_and_wrong_answers():
+    problems, tok = make_problems(10, seed=0), byte_tokenizer()
+    assert exact_match(Oracle(problems, tok), tok, problems) == 1.0
+    assert exact_match(Oracle(problems, tok, wrong=True), tok, problems) == 0.0
+
+
+def test_pretrain_small_setting(tmp_path):
+    from hetune.models.loading import load_model
+    from hetune.models.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path / "base"
+    summary = pretrain(PretrainConfig(out=out, model="micro-llama", steps=40, seq_len=32, batch_size=4,
+                                      warmup_steps=5, text_chars=60_000, progress=False))
+    assert summary["final_loss"] < summary["first_loss"] - 1.0
+    loaded = load_model(str(out))
+    assert loaded.model.config.hidden_size == 32 and loaded.tokenizer.decode(loaded.tokenizer("x = 1")["input_ids"]) == "x = 1"
+    with pytest.raises(ConfigError, match="not empty"):
+        pretrain(PretrainConfig(out=out, model="micro-llama", steps=1, progress=False))
+
+
+def test_converge_with_ablation(tmp_path):
+    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge
+
+    lines = []
+    converge(ConvergeConfig(model="micro-llama", out=tmp_path, steps=8, eval_every=4, seq_len=32, batch_size=4,
+                            ablation=True, train_problems=300, eval_problems=10, progress=False), echo=lines.append)
+    stdout = "\n".join(lines)
+    report = json.loads((tmp_path / "converge.json").read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names == ["plain", "quantized w8a8g8", "quantized static per-tensor w8a8g8", "quantized w6a6g6", "quantized w4a4g4"]
+    plain, q8 = report["results"][0], report["results"][1]
+    assert plain["eval_gap_vs_plain"] == 0.0 and abs(q8["eval_gap_vs_plain"]) < 0.02
+    assert all(0.0 <= r["exact_match"] <= 1.0 for r in report["results"])
+    assert len(report["curves"]["plain"]) == 8 and len(plain["eval_curve"]) == 2
+    assert (tmp_path / "converge.png").read_bytes()[:4] == b"\x89PNG"
+    assert "exact match" in stdout and "static per-tensor" in stdout
+
+
+@pytest.mark.parametrize("backends,message", [("quantized,plain", "must start with plain"), ("plain,remote", "'remote' is not one")])
+def test_converge_refuses_bad_backends(run_cli, tmp_path, backends, message):
+    code, _, stderr = run_cli("converge", "--model", "micro-llama", "--out", tmp_path, "--backends", backends)
+    assert code == 2 and message in stderr
