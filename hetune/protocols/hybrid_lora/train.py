@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
         pm.model.train()
         last = {}
-        bar = tqdm(range(start, cfg.steps), desc=f"train [{cfg.backend}]", unit="step", disable=not cfg.progress,
+        bar = tqdm(range(start, cfg.steps), desc=f"train [{cfg.backend}]", unit="step", disable=not cfg.progress, mininterval=1.0,
                    initial=start, total=cfg.steps)
         for step in bar:
             t0, sent0, recv0 = time.perf_counter(), pm.backend.stats.bytes_sent, pm.backend.stats.bytes_received
