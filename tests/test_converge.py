@@ -80,3 +80,18 @@ def test_converge_with_ablation(tmp_path):
 def test_converge_refuses_bad_backends(run_cli, tmp_path, backends, message):
     code, _, stderr = run_cli("converge", "--model", "micro-llama", "--out", tmp_path, "--backends", backends)
     assert code == 2 and message in stderr
+
+
+@pytest.mark.slow
+def test_eight_bit_converges_like_plaintext_and_static_does_not(tmp_path):
+    """The convergence target on a pretrained base: 8/8 within 1% of plain; static per-tensor worse."""
+    from hetune.models.pretrain import PretrainConfig, pretrain
+    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge
+
+    base = tmp_path / "base"
+    pretrain(PretrainConfig(out=base, steps=600, progress=False))
+    report = converge(ConvergeConfig(model=str(base), out=tmp_path / "conv", steps=200, ablation=True,
+                                     eval_problems=50, progress=False), echo=lambda *_: None)
+    by_name = {r["name"]: r for r in report["results"]}
+    assert abs(by_name["quantized w8a8g8"]["eval_gap_vs_plain"]) < 0.01
+    assert by_name["quantized static per-tensor w8a8g8"]["eval_gap_vs_plain"] > abs(by_name["quantized w8a8g8"]["eval_gap_vs_plain"])

@@ -131,3 +131,15 @@ def test_backend_without_bundle_fails_at_build():
         build_private_model("micro-llama", "remote")
     with pytest.raises(ConfigError, match="unknown"):
         build_private_model("micro-llama", "gpu")
+
+
+def test_bundle_with_lm_head_is_refused_by_the_client(tmp_path):
+    from hetune.compile.bundle import write_bundle
+    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.errors import ConfigError
+    from hetune.models.loading import load_model
+
+    compiled = compile_model(load_model("micro-llama"), CompileConfig(include_lm_head=True, calibration_tokens=16), progress=False)
+    write_bundle(tmp_path / "b", compiled.manifest, compiled.tensors, compiled.report)
+    with pytest.raises(ConfigError, match="without --lm-head"):
+        build_private_model("micro-llama", "quantized", bundle=tmp_path / "b")

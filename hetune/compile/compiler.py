@@ -17,7 +17,7 @@ import torch
 
 import hetune
 from hetune.compile.manifest import Manifest, MemberSpec, ModelInfo, OpSpec
-from hetune.errors import ModelLoadError, OverflowRiskError
+from hetune.errors import ConfigError, ModelLoadError, OverflowRiskError
 from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
 from hetune.models.loading import LoadedModel
 from hetune.quant.budget import accumulator_bound
@@ -52,7 +52,7 @@ def glwe_parameters() -> dict:
     from concrete.ml.quantization.linear_op_glwe_backend import GLWELinearLayerExecutor, has_glwe_backend
 
     if not has_glwe_backend():  # pragma: no cover - concrete-ml-extensions is pinned
-        raise OverflowRiskError("Concrete ML's GLWE backend (concrete-ml-extensions) is missing", "reinstall hetune")
+        raise ConfigError("Concrete ML's GLWE backend (concrete-ml-extensions) is missing", "reinstall hetune")
     executor = GLWELinearLayerExecutor()
     params = json.loads(executor.glwe_crypto_params.serialize())
     return {

@@ -1,7 +1,8 @@
 """Built-in Llama-class models that need no download.
 
-``tiny-llama`` is small enough for tests and the demo yet keeps what matters for the
-protocol: grouped-query attention (fewer KV heads than query heads), SwiGLU MLP,
+``micro-llama`` (hidden 32) is small enough for real encryption in tests and the demo.
+``tiny-llama`` is small enough for fast clear runs and pretraining yet keeps what matters
+for the protocol: grouped-query attention (fewer KV heads than query heads), SwiGLU MLP,
 RMSNorm, rotary embeddings, tied embeddings, like Llama-3.2. ``llama-3.2-1b-shape``
 is the real Llama-3.2-1B configuration with random weights, for benchmarks.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from hetune.errors import ConfigError
 from hetune.models.layers import decoder_layers
 
 
@@ -91,7 +92,8 @@ def attach_backend(model: torch.nn.Module, ops, backend) -> dict[str, Outsourced
     handles = {}
     for spec in ops:
         if spec.name == "lm_head":
-            raise NotImplementedError("running lm_head on the worker is not supported by the client yet")
+            raise ConfigError("this bundle outsources lm_head, which the training client keeps locally",
+                              "recompile the bundle without --lm-head")
         handle = OutsourcedOp(spec.name, spec.in_features, spec.out_features, len(spec.members), backend)
         for member in spec.members:
             _set_base_linear(layers, member.module, OutsourcedLinear(handle, member.out_offset, member.out_features))
