@@ -1,4 +1,4 @@
-"""One training step on every backend: same code, gradients within each backend's tolerance.
+"""One training step on every backend: same code, gradients within each backend's bound.
 
 The encrypted and remote steps are real GLWE (about 2,400 encrypted output values each).
 """

@@ -1,9 +1,8 @@
 """One interface for every way of computing the frozen products: plain, quantized, encrypted, remote.
 
 A backend maps ``(op, x) -> x W^T`` and ``(op, g) -> g W`` for the outsourced ops. The
-training code never knows which one it talks to. Each declares what it supports and
-how far it may be from ``plain`` (relative error of one op, measured in the tests), so
-a missing capability fails when the backend is built, not mid-epoch.
+training code never knows which one it talks to. What a backend needs (a bundle, a
+worker) is checked when it is built, so a missing piece fails before the first step.
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ class FrozenBackend:
     """Frozen linear products of the outsourced ops; float in, float64 out."""
 
     name = "abstract"
-    encrypted = False
-    tolerance = 0.0  # expected relative error of one op versus plain at 8 bits
+    encrypted = False  # whether products go through GLWE (and a secret key exists)
 
     def __init__(self) -> None:
         self.stats = TransferStats()
@@ -70,7 +68,6 @@ class QuantizedBackend(FrozenBackend):
     """The worker's integer arithmetic in the clear: bit-exact, fast, for long runs."""
 
     name = "quantized"
-    tolerance = 0.03
 
     def __init__(self, ops: dict):  # op name -> IntegerLinear
         super().__init__()
@@ -98,7 +95,6 @@ class GlweBackend(FrozenBackend):
     """
 
     encrypted = True
-    tolerance = 0.03
 
     def __init__(self, codecs: dict[str, OpCodec], transport, keys=None):
         from hetune.crypto.glwe import GlweKeys

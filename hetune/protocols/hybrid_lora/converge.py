@@ -108,28 +108,8 @@ def _exact_match(cfg: ConvergeConfig, adapter: str, problems) -> float:
     return exact_match(PeftModel.from_pretrained(base.model, adapter), base.tokenizer, problems)
 
 
-def plot(curves: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in curves.items():
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("convergence: private backends vs plaintext")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def converge(cfg: ConvergeConfig, echo=print) -> dict:
+    from hetune.protocols.hybrid_lora.plots import plot_losses
     from hetune.protocols.hybrid_lora.train import TrainConfig, train
 
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +141,7 @@ def converge(cfg: ConvergeConfig, echo=print) -> dict:
     tmp = cfg.out / ".converge.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(cfg.out / "converge.json")
-    plot(curves, cfg.out / "converge.png")
+    plot_losses(curves, cfg.out / "converge.png", "convergence: private backends vs plaintext", log_scale=True)
     metric = "exact match" if problems is not None else ""
     echo(f"\n{'run':<40} {'train loss':>10} {'eval loss':>10} {'gap':>8} {metric:>12}")
     for r in results:

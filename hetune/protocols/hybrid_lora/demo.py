@@ -36,31 +36,11 @@ def _losses(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def plot(runs: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = {"plain": "plaintext", "quantized": "quantized (clear integers)", "remote": "encrypted (remote worker)"}
-    for (name, rows), style in zip(runs.items(), ("-o", "--s", ":^")):
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, label=labels.get(name, name))
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("private LoRA fine-tuning: encrypted vs plaintext")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     from hetune.compile.bundle import load_bundle, write_bundle
     from hetune.compile.compiler import CompileConfig, compile_model
     from hetune.models.loading import load_model
+    from hetune.protocols.hybrid_lora.plots import plot_losses
     from hetune.protocols.hybrid_lora.server import LoopbackWorker
     from hetune.protocols.hybrid_lora.train import TrainConfig, train
 
@@ -94,6 +74,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     stats = remote["backend_stats"]
     echo(f"the worker computed {stats['values_out']:,} encrypted output values; "
          f"{stats['bytes_sent'] / 1e6:.1f} MB sent, {stats['bytes_received'] / 1e6:.1f} MB received")
-    plot(runs, out / "loss.png")
+    labels = {"plain": "plaintext", "quantized": "quantized (clear integers)", "remote": "encrypted (remote worker)"}
+    plot_losses({labels[k]: v for k, v in runs.items()}, out / "loss.png",
+                "private LoRA fine-tuning: encrypted vs plaintext", markers=True)
     echo(f"loss plot: {out / 'loss.png'}\nadapter:   {remote['adapter']}  (PeftModel.from_pretrained(base, path))")
     return {"runs": runs, "eval_gap": gap, "plot": str(out / "loss.png"), "adapter": remote["adapter"]}
