@@ -23,12 +23,10 @@ def test_directory_load_skips_outsourced_weights(tmp_path):
     assert kept and all(torch.equal(t, original[n]) for n, t in kept.items())
     held = sum(p.untyped_storage().nbytes() for p in client.model.parameters())
     assert held < 0.1 * sum(p.numel() * 4 for p in full.model.parameters())
-    ids = torch.tensor([[1, 2, 3]])
     rotary = client.model.get_decoder().rotary_emb
     assert not rotary.inv_freq.is_meta
     torch.testing.assert_close(rotary.inv_freq, full.model.get_decoder().rotary_emb.inv_freq)
     assert client.tokenizer("abc")["input_ids"] == full.tokenizer("abc")["input_ids"]
-    del ids
 
 
 def test_quantized_private_model_from_directory_matches_builtin(tmp_path, bundle_dir):

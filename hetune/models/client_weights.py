@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from hetune.errors import ModelLoadError
-from hetune.models.builtin import BUILTIN_CONFIGS, byte_tokenizer
+from hetune.models.builtin import BUILTIN_CONFIGS
 from hetune.models.layers import decoder_layers, member_linear
 from hetune.models.loading import LoadedModel, load_config, load_model
 

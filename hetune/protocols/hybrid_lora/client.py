@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from hetune.compile.manifest import MemberSpec, OpSpec
+from hetune.compile.manifest import OpSpec
 from hetune.errors import ConfigError
 from hetune.models.layers import decoder_layers, op_groups
 from hetune.protocols.hybrid_lora.backends import FrozenBackend, GlweBackend, PlainBackend, QuantizedBackend, check_backend_name

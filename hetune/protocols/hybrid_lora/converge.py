@@ -12,7 +12,7 @@ per-tensor scales, and 8 versus fewer bits.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hetune.errors import ConfigError
