@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hetune.errors import WorkerError
-from hetune.protocols.hybrid_lora.train import TrainConfig, latest_checkpoint, train
+from hetune.protocols.hybrid_lora.train import TrainConfig, latest_checkpoint, read_metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,6 @@ def config(out, data_file, micro_bundle, **kw):
     base = dict(model="micro-llama", data=(str(data_file),), out=out, backend="quantized", bundle=micro_bundle,
                 seq_len=32, batch_size=2, steps=6, warmup_steps=2, save_every=3, eval_every=3, lr=5e-3, progress=False)
     return TrainConfig(**{**base, **kw})
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, data_file, micro_bundle, monkeypatch):

@@ -110,7 +110,7 @@ def _exact_match(cfg: ConvergeConfig, adapter: str, problems) -> float:
 
 def converge(cfg: ConvergeConfig, echo=print) -> dict:
     from hetune.protocols.hybrid_lora.plots import plot_losses
-    from hetune.protocols.hybrid_lora.train import TrainConfig, train
+    from hetune.protocols.hybrid_lora.train import TrainConfig, read_metrics, train
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     data, problems = _task_data(cfg)
@@ -124,7 +124,7 @@ def converge(cfg: ConvergeConfig, echo=print) -> dict:
             batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
             eval_every=cfg.eval_every, save_every=cfg.steps, seed=cfg.seed, progress=cfg.progress,
         ))
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(run_dir)
         tail = rows[-min(10, len(rows)):]
         result = {"name": v.name, "backend": v.backend, "quant": None if v.quant is None else asdict(v.quant),
                   "final_train_loss": sum(r["loss"] for r in tail) / len(tail), "final_eval_loss": summary["final_eval_loss"],

@@ -32,17 +32,13 @@ def _write_data(path: Path) -> None:
     path.write_text("".join(json.dumps({"text": text[i : i + 500]}) + "\n" for i in range(0, len(text), 500)))
 
 
-def _losses(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     from hetune.compile.bundle import load_bundle, write_bundle
     from hetune.compile.compiler import CompileConfig, compile_model
     from hetune.models.loading import load_model
     from hetune.protocols.hybrid_lora.plots import plot_losses
     from hetune.protocols.hybrid_lora.server import LoopbackWorker
-    from hetune.protocols.hybrid_lora.train import TrainConfig, train
+    from hetune.protocols.hybrid_lora.train import TrainConfig, read_metrics, train
 
     out = cfg.out
     data = out / "data" / "train.jsonl"
@@ -65,7 +61,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     plain = train(TrainConfig(out=out / "plain", backend="plain", progress=False, **common))
     train(TrainConfig(out=out / "quantized", backend="quantized", bundle=bundle_dir, progress=False, **common))
 
-    runs = {name: _losses(out / name) for name in ("plain", "quantized", "remote")}
+    runs = {name: read_metrics(out / name) for name in ("plain", "quantized", "remote")}
     echo(f"\n{'step':>4} {'plain':>10} {'quantized':>10} {'encrypted':>10} {'gap':>8}")
     for p, q, r in zip(runs["plain"], runs["quantized"], runs["remote"]):
         echo(f"{p['step']:>4} {p['loss']:>10.4f} {q['loss']:>10.4f} {r['loss']:>10.4f} {(r['loss'] - p['loss']) / p['loss']:>+8.2%}")

@@ -9,7 +9,6 @@ goes away mid-step leaves the last checkpoint intact.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -22,6 +21,7 @@ import torch
 
 from hetune.errors import ConfigError, WorkerError
 from hetune.protocols.hybrid_lora.client import LoraSettings, PrivateModel, build_private_model
+from hetune.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,6 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr} must be > 0", "use e.g. 1e-3 for LoRA")
 
 
-def lr_lambda(cfg: TrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -101,6 +91,12 @@ def save_checkpoint(out: Path, step: int, pm: PrivateModel, optimizer, scheduler
 def latest_checkpoint(out: Path) -> Path | None:
     pointer = out / "checkpoints" / "latest"
     return out / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one per optimizer step."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
@@ -137,7 +133,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         train_blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
         params = [p for p in pm.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         start, data_state = 0, {"epoch": 0, "index": 0}
         cfg.out.mkdir(parents=True, exist_ok=True)
         metrics_path = cfg.out / "metrics.jsonl"
@@ -151,8 +147,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             start, data_state = state["step"], state["data"]
-            kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= start] if metrics_path.exists() else []
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [row for row in read_metrics(cfg.out) if row["step"] <= start]
+            metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         elif metrics_path.exists():
             metrics_path.unlink()
         sampler = BlockSampler(train_blocks, cfg.batch_size, cfg.seed, **data_state)
