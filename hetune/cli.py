@@ -17,6 +17,10 @@ app = typer.Typer(
     help="Private LoRA fine-tuning of open LLMs with homomorphic encryption.",
     pretty_exceptions_enable=False,
 )
+federate_app = typer.Typer(no_args_is_help=True, help="Federated relatives of the core protocol, run on Flower's simulation engine.")
+plan_app = typer.Typer(no_args_is_help=True, help="Resource planning for encrypted fine-tuning.")
+app.add_typer(federate_app, name="federate")
+app.add_typer(plan_app, name="plan")
 _state = {"debug": False}
 
 
@@ -186,6 +190,13 @@ def converge(
         eval_every=eval_every, seed=seed,
     )
     run_converge(cfg, echo=typer.echo)
+
+
+# ---- federate she-lora (issue 5) ----
+
+# ---- federate sfprompt (issue 6) ----
+
+# ---- plan privtuner (issue 7) ----
 
 
 def _print_report(report: dict) -> None:
