@@ -1,0 +1,114 @@
+"""``hetune federate she-lora``: keys, strategy, Flower simulation, metrics.json and metrics.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hetune.errors import ConfigError
+from hetune.protocols.she_lora.config import SheLoraConfig
+
+
+def check_budgets(cfg: SheLoraConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    n_min = min(n for _, n in shapes.values())
+    if max(cfg.budgets) > n_min:
+        raise ConfigError(f"budgets={cfg.budgets}: a client cannot encrypt more than the {n_min} input columns of a layer",
+                          f"use budgets <= {n_min} for {cfg.model}")
+
+
+def run_federation(cfg: SheLoraConfig, echo: Callable[[str], None] = print) -> dict:
+    """Run the federation on Flower's simulation engine; write ``out/metrics.json`` and ``out/metrics.png``."""
+    from hetune.protocols.flower_sim import run_flower_simulation
+    from hetune.protocols.she_lora import task
+    from hetune.protocols.she_lora.apps import build_client_app, build_server_app, strategy_for
+    from hetune.protocols.she_lora.keys import setup_keys
+
+    shapes = task.layer_shapes(cfg.model, cfg.seed, cfg.targets)  # also refuses a bad model early
+    check_budgets(cfg, shapes)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="she-lora-keys-") as key_dir:  # 0700; removed after the run
+        keys = setup_keys(Path(key_dir), cfg.ckks) if cfg.encrypts else None
+        strategy = strategy_for(cfg, str(keys.public) if keys else None)
+        run_flower_simulation(
+            build_server_app(cfg, strategy), build_client_app(cfg, str(keys.secret) if keys else None),
+            num_clients=cfg.clients, cpus_per_client=cfg.cpus_per_client, verbose=cfg.verbose,
+        )
+    if not strategy.history or "accuracy" not in strategy.history[-1]:
+        from hetune.protocols.she_lora.wire import PayloadError
+
+        raise PayloadError("the federation ended without a final evaluation", "rerun with --verbose to see Flower's log")
+    result = {
+        "config": _jsonable(cfg),
+        "wall_time_s": time.perf_counter() - started,
+        "layers": {name: list(s) for name, s in shapes.items()},
+        "subsets": strategy.subsets,
+        "clients": [{"node": node, **vars(info)} for node, info in sorted(strategy.clients.items(), key=lambda kv: kv[1].client)],
+        "rejections": strategy.rejections,
+        "rounds": strategy.history,
+    }
+    _write_json(cfg.out / "metrics.json", result)
+    plot_metrics(strategy.history, cfg.out / "metrics.png", f"{cfg.method} on {cfg.model}, {cfg.clients} clients")
+    first, last = strategy.history[0], strategy.history[-1]
+    echo(f"{cfg.method}: accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f} over {cfg.rounds} rounds; "
+         f"{sum(r.get('bytes_up', 0) for r in strategy.history) / 1e6:.2f} MB up, "
+         f"{sum(r.get('bytes_down', 0) for r in strategy.history) / 1e6:.2f} MB down")
+    return result
+
+
+def _jsonable(cfg: SheLoraConfig) -> dict:
+    from dataclasses import asdict
+
+    out = asdict(cfg)
+    out["out"] = str(cfg.out)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_metrics(history: list[dict], path: Path, title: str) -> None:
+    """Accuracy, training loss, bytes and times per round, one PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    acc = [(r["round"], r["accuracy"]) for r in history if "accuracy" in r]
+    axes[0].plot(*zip(*acc), "-o", label="test accuracy")
+    loss = [(r["round"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
+    if loss:
+        axes[0].plot(*zip(*loss), "--s", label="train loss")
+    axes[0].set_xlabel("round")
+    axes[0].legend(fontsize=8)
+    rows = [r for r in history if "bytes_up" in r]
+    axes[1].bar([r["round"] - 0.2 for r in rows], [r["bytes_up"] / 1e6 for r in rows], 0.4, label="up")
+    axes[1].bar([r["round"] + 0.2 for r in rows], [r["bytes_down"] / 1e6 for r in rows], 0.4, label="down")
+    axes[1].set_ylabel("MB per round")
+    axes[1].set_xlabel("round")
+    axes[1].legend(fontsize=8)
+    axes[2].plot([r["round"] for r in rows], [r["enc_time_s"] for r in rows], "-o", label="encryption (all clients)")
+    axes[2].plot([r["round"] for r in rows], [r["agg_time_s"] for r in rows], "-s", label="aggregation (server)")
+    axes[2].set_ylabel("seconds per round")
+    axes[2].set_xlabel("round")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
