@@ -1,11 +1,16 @@
-"""SHE-LoRA: per-round upload bytes and encryption time versus full HE; accuracy versus plaintext FlexLoRA.
+"""SHE-LoRA: per-round upload bytes, encryption and server time versus full HE; accuracy versus FlexLoRA.
 
 Part 1 (cost): one rank-8 client's upload on the LoRA shapes of tiny-llama and of the
 real Llama-3.2-1B configuration (q_proj and v_proj of every block), real CKKS
-(N=8192, TenSEAL), warm-up then the median of 3 timed builds. Full HE is measured
-with dense packing (every LoRA parameter, N/2 per ciphertext: the strongest baseline)
-and, for the reference's one-ciphertext-per-column convention, by timing 200 column
-encryptions and scaling to the column count (marked ``extrapolated``).
+(N=8192, TenSEAL), warm-up then the median of 3 timed builds; then the server's
+aggregation of that one upload (SHE-LoRA: one encrypted vector-matrix product per
+layer and output chunk, with rotations; full HE: a weighted sum), warm-up then the
+median of 2 (1 on the 1B shapes, where one takes tens of seconds). Full HE is
+measured with dense packing (every LoRA parameter, N/2 per ciphertext: the strongest
+baseline); the reference's one-ciphertext-per-column convention is a secondary row,
+timed on 200 column encryptions and scaled to the column count (``extrapolated``).
+The one-time set-up (public context the server receives, with and without Galois
+keys) is reported separately, not per round.
 
 Part 2 (accuracy): the four methods federated on Flower's simulation engine, same
 seed, same clients (micro-llama, digits, Dirichlet alpha 0.3).
@@ -50,7 +55,7 @@ def upload_cost(model: str, budget: int, rank: int = 8, repeats: int = 3) -> dic
 
     from hetune.protocols.she_lora import client, wire
     from hetune.protocols.she_lora.config import SheLoraConfig
-    from hetune.protocols.she_lora.keys import load_secret_context, setup_keys
+    from hetune.protocols.she_lora.keys import load_public_context, load_secret_context, setup_keys
 
     shapes = lora_shapes(model)
     rng = np.random.default_rng(0)
@@ -60,7 +65,12 @@ def upload_cost(model: str, budget: int, rank: int = 8, repeats: int = 3) -> dic
     lora_params = sum(rank * (m + n) for m, n in shapes.values())
     out = {"model_shapes": model, "layers": len(shapes), "rank": rank, "budget_columns": budget, "lora_params": lora_params}
     with tempfile.TemporaryDirectory() as tmp:
-        secret = load_secret_context(setup_keys(Path(tmp), SheLoraConfig(out=Path(tmp)).ckks).secret)
+        ckks = SheLoraConfig(out=Path(tmp)).ckks
+        keys = setup_keys(Path(tmp) / "rot", ckks)
+        plain_keys = setup_keys(Path(tmp) / "norot", ckks, galois=False)
+        secret, public = load_secret_context(keys.secret), load_public_context(keys.public)
+        out["setup_bytes"] = {"public_ctx_with_galois": keys.public.stat().st_size,
+                              "public_ctx_without_galois": plain_keys.public.stat().st_size}
         for method in ("she-lora", "full-he", "flexlora"):
             cfg = SheLoraConfig(out=Path(tmp), method=method, ranks=(rank,), budgets=(budget,))
             build = lambda: client.build_upload(cfg, 0, 1, meta_in, factors, head, secret, 100)  # noqa: E731
@@ -73,6 +83,7 @@ def upload_cost(model: str, budget: int, rank: int = 8, repeats: int = 3) -> dic
             blobs = wire.unpack(data)[2]
             out[method] = {"bytes_up": len(data), "ciphertexts": sum(len(v) for v in blobs.values()),
                            "enc_time_s": statistics.median(times)}
+            out[method].update(server_cost(cfg, shapes, rank, budget, data, public, 1 if len(shapes) > 8 else 2))
         out["she-lora"]["encrypted_share"] = rank * budget * len(shapes) / lora_params
         # reference convention: each column of A (r values) and of B (m values) its own ciphertext
         columns = sum(n + rank for _, n in shapes.values())
@@ -87,7 +98,30 @@ def upload_cost(model: str, budget: int, rank: int = 8, repeats: int = 3) -> dic
             "bytes_change": out["she-lora"]["bytes_up"] / out[base]["bytes_up"] - 1,
             "enc_time_change": out["she-lora"]["enc_time_s"] / out[base]["enc_time_s"] - 1,
         }
+    out["she_vs_full-he"]["server_time_ratio"] = out["she-lora"]["server_time_s"] / out["full-he"]["server_time_s"]
+    out["she_vs_full-he"]["bytes_down_change"] = out["she-lora"]["bytes_down"] / out["full-he"]["bytes_down"] - 1
     return out
+
+
+def server_cost(cfg, shapes, rank: int, budget: int, data: bytes, public, repeats: int) -> dict:
+    """Aggregate one client's upload (the server's work per client and round), warm-up then median."""
+    from hetune.protocols.she_lora import wire
+    from hetune.protocols.she_lora.strategy import SheLoraStrategy
+
+    def once():
+        strategy = SheLoraStrategy(cfg, shapes, (10, 8), public if cfg.encrypts else None)
+        meta = {"client": 0, "rank": rank, "budget": budget, "n_samples": 100,
+                "top": {name: list(range(budget)) for name in shapes}}
+        strategy.register([(1, wire.pack(meta), None)])
+        row = strategy.aggregate(1, [(1, data, {"n_samples": 100, "train_loss": 0.0, "enc_time_s": 0.0, "dec_time_s": 0.0})], 0)
+        assert row["clients_accepted"] == 1, strategy.rejections
+        return row["agg_time_s"], strategy.round_payload(2)
+
+    once()  # warm-up
+    runs = [once() for _ in range(repeats)]
+    down = runs[-1][1]
+    return {"server_time_s": statistics.median(t for t, _ in runs), "server_repeats": repeats, "bytes_down": len(down),
+            "ciphertexts_down": sum(len(v) for v in wire.unpack(down)[2].values())}
 
 
 def accuracy_runs(rounds: int, clients: int) -> dict:
@@ -109,6 +143,9 @@ def accuracy_runs(rounds: int, clients: int) -> dict:
                 "enc_time_s_per_round": statistics.mean(r["enc_time_s"] for r in rows[1:]),
                 "agg_time_s_per_round": statistics.mean(r["agg_time_s"] for r in rows[1:]),
                 "ciphertexts_up_per_round": statistics.mean(r["ciphertexts_up"] for r in rows[1:]),
+                "ciphertexts_down_per_round": statistics.mean(r["ciphertexts_down"] for r in rows[1:]),
+                "cipher_columns_down": rows[-1]["cipher_columns_down"],
+                "setup_bytes": res["setup_bytes"],
                 "config": res["config"],
             }
     return runs

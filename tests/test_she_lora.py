@@ -106,22 +106,22 @@ def _cfg(method: str, **kw) -> SheLoraConfig:
     return SheLoraConfig(out=Path("unused"), clients=3, method=method, ranks=(2, 4, 8), budgets=(1, 2, 4), **kw)
 
 
-def _federation(method: str, keys, seed: int = 0):
+def _federation(method: str, keys, seed: int = 0, shapes=SHAPES):
     """A strategy with 3 registered clients (ranks 2/4/8, budgets 1/2/4) and each client's factors."""
     from hetune.protocols.she_lora.keys import load_public_context, load_secret_context
     from hetune.protocols.she_lora.strategy import SheLoraStrategy
 
     cfg = _cfg(method)
-    strategy = SheLoraStrategy(cfg, SHAPES, HEAD, load_public_context(keys.public) if cfg.encrypts else None)
+    strategy = SheLoraStrategy(cfg, shapes, HEAD, load_public_context(keys.public) if cfg.encrypts else None)
     rng = np.random.default_rng(seed)
     regs, factors = [], {}
     for c in range(3):
         r, k = cfg.rank_of(c), cfg.budget_of(c)
         meta = {"client": c, "rank": r, "budget": k, "n_samples": 10 * (c + 1)}
         if method == "she-lora":
-            meta["top"] = {name: [int(j) for j in rng.choice(n, size=k, replace=False)] for name, (m, n) in SHAPES.items()}
+            meta["top"] = {name: [int(j) for j in rng.choice(n, size=k, replace=False)] for name, (m, n) in shapes.items()}
         regs.append((100 + c, wire.pack(meta), None))
-        factors[c] = {name: (rng.normal(size=(m, r)), rng.normal(size=(r, n)) * 0.1) for name, (m, n) in SHAPES.items()}
+        factors[c] = {name: (rng.normal(size=(m, r)), rng.normal(size=(r, n)) * 0.1) for name, (m, n) in shapes.items()}
     strategy.register(regs)
     secret = load_secret_context(keys.secret) if cfg.encrypts else None
     return cfg, strategy, factors, secret
@@ -146,15 +146,23 @@ def _decrypted_aggregate(strategy, secret):
 
 def _exact(factors, clients):
     total = sum(10 * (c + 1) for c in clients)
-    return {name: sum(10 * (c + 1) / total * factors[c][name][0] @ factors[c][name][1] for c in clients) for name in SHAPES}
+    names = factors[clients[0]]
+    return {name: sum(10 * (c + 1) / total * factors[c][name][0] @ factors[c][name][1] for c in clients) for name in names}
 
 
 def _bound(factors, clients):
-    # Fresh CKKS noise at scale 2^40 is ~2^-20 per slot (N=8192, public-key encryption); a
-    # product slot sums r terms w_i B[row, t] (A[t, j] + e). 2^-14 leaves 64x headroom over
-    # that and is still far below the error of any wrong aggregate (see the test).
+    # Aggregate slot (row, j) = sum_i sum_t w_i B_i[row, t] (A_i[t, j] + e_it) + d: e is the
+    # fresh encryption noise, ~2^-20 per slot at scale 2^40 (N=8192, public-key
+    # encryption); d gathers what each client's vector-matrix product adds (encoding of
+    # the plaintext diagonals at 2^40, key switching in the k r rotations, the rescale),
+    # of the same order. Hence |err| <~ 2^-20 (1 + sum_i max_row sum_t |w_i B_i[row, t]|);
+    # 2^-14 leaves 64x headroom over that (the largest error measured on these tests was
+    # ~1e-7, about 2^-23) and is still far below the error of any wrong aggregate (see the
+    # test). The float32 transport of clear B and A adds ~2^-24 relative, inside.
     total = sum(10 * (c + 1) for c in clients)
-    return 2.0**-14 * (1 + max(np.abs(10 * (c + 1) / total * factors[c][name][0]).sum(1).max() for c in clients for name in SHAPES))
+    names = factors[clients[0]]
+    return 2.0**-14 * (1 + max(sum(np.abs(10 * (c + 1) / total * factors[c][name][0]).sum(1).max() for c in clients)
+                               for name in names))
 
 
 @pytest.mark.he
@@ -170,10 +178,10 @@ def test_aggregate_equals_plaintext_sum_within_ckks_error(keys, method):
         # falsifiable: leaving any one client out moves some entry far beyond the bound
         for c in range(3):
             assert np.abs(_exact(factors, [x for x in range(3) if x != c])[name] - got[name]).max() > 100 * bound
-    if method == "she-lora":  # the cipher part is exactly the agreed prefix of length max k_i
+    if method == "she-lora":  # the cipher part is exactly the agreed prefix of length max k_i, in its order
         layers = wire.unpack(strategy.round_payload(2))[0]["layers"]
         for name in SHAPES:
-            assert layers[name]["cipher_cols"] == sorted(strategy.subsets[name][:4])
+            assert layers[name]["cipher_cols"] == strategy.subsets[name][:4]
             assert [layers[name]["encrypted_by"][str(j)] for j in strategy.subsets[name][:4]] == [3, 2, 1, 1]
 
 
@@ -182,8 +190,8 @@ def test_flexlora_and_full_he_aggregates(keys):
     cfg, strategy, factors, _ = _federation("flexlora", keys)
     strategy.aggregate(1, _uploads(cfg, strategy, factors, None), bytes_down=0)
     got = _decrypted_aggregate(strategy, None)
-    for name, dw in _exact(factors, [0, 1, 2]).items():
-        assert np.allclose(got[name], dw, atol=1e-10)
+    for name, dw in _exact(factors, [0, 1, 2]).items():  # clear arrays travel as float32 (2^-24 relative)
+        assert np.abs(got[name] - dw).max() <= 1e-6 * (1 + np.abs(dw).max())
     cfg, strategy, factors, secret = _federation("full-he", keys)
     up = _uploads(cfg, strategy, factors, secret)
     for _, data, _ in up:  # every LoRA parameter encrypted: only the head travels in the clear
@@ -196,24 +204,86 @@ def test_flexlora_and_full_he_aggregates(keys):
         assert np.abs(got[name] - b @ a).max() < 1e-3
 
 
+def test_packing_sizes_and_output_width():
+    from hetune.protocols.she_lora import cipher
+
+    assert cipher.input_sizes(40, 4096) == [40]
+    assert cipher.input_sizes(80, 64) == [64, 16]
+    assert cipher.input_sizes(100, 64) == [64, 64]  # a remainder above slots/2 that does not divide is padded
+    assert cipher.output_width([32, 4096, 8], 4096) == 4096  # periods dividing the slot count wrap exactly
+    assert cipher.output_width([40, 8], 4096) == 4057  # width + L - 1 <= slots
+    assert cipher.output_chunks(5, 2048, 4057) == [(0, 4057), (4057, 8114), (8114, 10240)]
+
+
+@pytest.mark.he
+def test_dense_column_product_matches_float64_across_chunks(keys):
+    """Enc(a_sel) x block-diagonal w B^T against float64, for input split over several
+    ciphertexts (a small ``slots`` argument forces the splitting; exactness only needs
+    the real slot count to be a multiple) and for several output chunks."""
+    import tenseal as ts
+
+    from hetune.protocols.she_lora import cipher
+    from hetune.protocols.she_lora.keys import load_public_context, load_secret_context
+
+    secret, public = load_secret_context(keys.secret), load_public_context(keys.public)
+    rng = np.random.default_rng(5)
+    for r, k, m, blocks, slots in [(5, 3, 40, 5, 64), (8, 10, 24, 12, 64), (3, 4, 600, 7, 4096)]:
+        positions = [int(p) for p in rng.permutation(blocks)[:k]]
+        a_sel, b, w = rng.normal(size=(r, k)) * 0.1, rng.normal(size=(m, r)), 0.3
+        sizes = cipher.input_sizes(k * r, slots)
+        blobs = cipher.encrypt_columns(secret, a_sel, slots)
+        cts = cipher.load_ciphertexts(public, blobs, sizes, "test")
+        want = np.zeros((m, blocks))
+        want[:, positions] = w * b @ a_sel
+        bound = 2.0**-14 * (1 + w * np.abs(b).sum(1).max())
+
+        def product(chunks):
+            prod = cipher.weighted_products(cts, sizes, b, w, positions, chunks, blocks, "test")
+            out = [prod[o] if o in prod else ts.ckks_vector(public, [0.0] * (hi - lo)) for o, (lo, hi) in enumerate(chunks)]
+            return cipher.decrypt_blocks(secret, [v.serialize() for v in out], chunks, m)
+
+        chunks = cipher.output_chunks(blocks, m, cipher.output_width(sizes, slots))
+        assert len(chunks) > 1
+        assert np.abs(product(chunks) - want).max() <= bound, (r, k, m)
+        if slots == 4096:  # falsifiable: a chunk wider than slots - L + 1 wraps and is wrong
+            assert np.abs(product(cipher.output_chunks(blocks, m, slots)) - want).max() > 100 * bound
+
+
 @pytest.mark.he
 def test_budgets_respected_and_ciphertexts_scale_with_max_budget(keys):
-    counts = {}
+    """A 1024-row layer, so one output ciphertext holds 4 columns: SHE-LoRA's aggregate
+    (the prefix of length max k_i = 4) fits in ceil(4 * 1024 / 4096) = 1 ciphertext per
+    layer, MaskCrypt's (the union of random masks) needs more."""
+    import tenseal as ts
+
+    from hetune.protocols.she_lora.keys import load_public_context
+
+    wide = {"wide.q_proj": (1024, 32), **SHAPES}
+    public = load_public_context(keys.public)
+    counts, cts_down = {}, {}
     for method in ("she-lora", "maskcrypt"):
-        cfg, strategy, factors, secret = _federation(method, keys, seed=3)
+        cfg, strategy, factors, secret = _federation(method, keys, seed=3, shapes=wide)
         ups = _uploads(cfg, strategy, factors, secret)
         for (_, data, _), c in zip(ups, range(3)):
             meta, arrays, blobs = wire.unpack(data)
-            for name, (m, n) in SHAPES.items():
-                k = cfg.budget_of(c)
-                assert len(meta["selected"][name]) == k and arrays[f"Aplain/{name}"].shape == (cfg.rank_of(c), n - k)
-                assert len([b for key in blobs if key.startswith(f"ct/{name}/") for b in blobs[key]]) == k * -(-cfg.rank_of(c) * m // 4096)
+            for name, (m, n) in wide.items():
+                k, r = cfg.budget_of(c), cfg.rank_of(c)
+                assert len(meta["selected"][name]) == k and arrays[f"Aplain/{name}"].shape == (r, n - k)
+                assert arrays[f"B/{name}"].dtype == np.float32
+                # dense: the k selected columns (k r values) in one ciphertext, whatever m is
+                assert [ts.ckks_vector_from(public, x).size() for x in blobs[f"ct/{name}"]] == [k * r]
                 if method == "she-lora":
                     assert meta["selected"][name] == strategy.subsets[name][:k]
-        strategy.aggregate(1, ups, bytes_down=0)
-        counts[method] = {name: len(layer["cipher_cols"]) for name, layer in wire.unpack(strategy.round_payload(2))[0]["layers"].items()}
+        row = strategy.aggregate(1, ups, bytes_down=0)
+        assert row["ciphertexts_up"] == 3 * len(wide)
+        meta, _, blobs = wire.unpack(strategy.round_payload(2))
+        counts[method] = {name: len(layer["cipher_cols"]) for name, layer in meta["layers"].items()}
+        cts_down[method] = len(blobs["ct/wide.q_proj"])
+        got, want = _decrypted_aggregate(strategy, secret), _exact(factors, [0, 1, 2])
+        assert np.abs(got["wide.q_proj"] - want["wide.q_proj"]).max() <= _bound(factors, [0, 1, 2])
     assert all(v == 4 for v in counts["she-lora"].values())  # max k_i
     assert all(v > 4 for v in counts["maskcrypt"].values())  # random masks: the union (7 columns at most)
+    assert cts_down["she-lora"] == 1 and cts_down["maskcrypt"] == -(-counts["maskcrypt"]["wide.q_proj"] * 1024 // 4096) > 1
 
 
 @pytest.mark.he
@@ -223,11 +293,18 @@ def test_server_holds_only_a_public_context(keys):
 
     assert os.stat(keys.secret).st_mode & 0o777 == 0o600
     public = load_public_context(keys.public)
-    assert not public.is_private()
+    assert not public.is_private() and public.has_galois_keys()  # rotations yes, decryption no
+    assert not load_secret_context(keys.secret).has_galois_keys()  # clients never rotate
     with pytest.raises(KeySetupError):
         load_public_context(keys.secret)
     with pytest.raises(KeySetupError):
         SheLoraStrategy(_cfg("she-lora"), SHAPES, HEAD, load_secret_context(keys.secret))
+    from hetune.protocols.she_lora.keys import make_context
+
+    no_rotations = make_context(CkksParams())
+    no_rotations.make_context_public()
+    with pytest.raises(KeySetupError, match="Galois"):
+        SheLoraStrategy(_cfg("she-lora"), SHAPES, HEAD, no_rotations)
     import tenseal as ts
 
     sent = ts.ckks_vector(load_secret_context(keys.secret), [1.0]).serialize()
@@ -239,7 +316,8 @@ def test_server_holds_only_a_public_context(keys):
 def test_malformed_clients_are_rejected_and_the_round_continues(keys, tmp_path):
     from hetune.protocols.she_lora.keys import load_secret_context, setup_keys
 
-    foreign = load_secret_context(setup_keys(tmp_path / "other", CkksParams(scale_bits=30, coeff_mod_bit_sizes=(60, 30, 60))).secret)
+    foreign = load_secret_context(setup_keys(tmp_path / "other", CkksParams(scale_bits=30, coeff_mod_bit_sizes=(60, 30, 60)),
+                                             galois=False).secret)
     cfg, strategy, factors, secret = _federation("she-lora", keys)
     good = _uploads(cfg, strategy, factors, secret)
     name = next(iter(SHAPES))
@@ -250,16 +328,18 @@ def test_malformed_clients_are_rejected_and_the_round_continues(keys, tmp_path):
         return wire.pack(meta, arrays, blobs)
 
     bad_cases = {
-        "garbage ciphertext": lambda m, a, b: b.__setitem__(f"ct/{name}/0", [b"\x00" * 100]),
+        "garbage ciphertext": lambda m, a, b: b.__setitem__(f"ct/{name}", [b"\x00" * 100]),
         "wrong shape": lambda m, a, b: a.__setitem__(f"B/{name}", a[f"B/{name}"][:, :1]),
-        "foreign ciphertext": lambda m, a, b: b.__setitem__(f"ct/{name}/0", [ct_from(foreign)]),
+        "foreign ciphertext": lambda m, a, b: b.__setitem__(f"ct/{name}", [ct_from(foreign)]),
+        "wrong ciphertext size": lambda m, a, b: b.__setitem__(f"ct/{name}", [ct_from(secret, 5)]),
+        "extra ciphertext": lambda m, a, b: b[f"ct/{name}"].append(b[f"ct/{name}"][0]),
         "budget not the agreed prefix": lambda m, a, b: m["selected"].__setitem__(name, list(reversed(m["selected"][name]))),
     }
 
-    def ct_from(ctx):
+    def ct_from(ctx, size=4096):
         import tenseal as ts
 
-        return ts.ckks_vector(ctx, [0.5] * 4096).serialize()
+        return ts.ckks_vector(ctx, [0.5] * size).serialize()
 
     want = _exact(factors, [0, 1])
     for label, fn in bad_cases.items():

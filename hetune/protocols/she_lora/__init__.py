@@ -4,8 +4,9 @@ Spec: shared/specs/she_lora.md; design and limits: docs/she_lora.md. Clients wit
 different LoRA ranks r_i and HE budgets k_i agree (round 0) on one ordered subset of
 input columns per layer; each round they upload B_i and the other columns of A_i in the
 clear and the first k_i agreed columns of A_i as CKKS ciphertexts. The server computes
-``sum_i w_i B_i A_i`` column by column (ciphertext x plaintext for the encrypted
-columns) holding only a public TenSEAL context; clients decrypt and re-factor the
+``sum_i w_i B_i A_i`` column by column (for the encrypted columns, packed densely one
+ciphertext per layer, an encrypted vector-matrix product with rotations) holding only a
+public TenSEAL context (public and Galois keys); clients decrypt and re-factor the
 aggregate to their own rank by truncated SVD.
 
 Modules: ``config`` (settings), ``keys`` (CKKS context setup: secret file for clients,

@@ -1,13 +1,27 @@
 """CKKS packing of LoRA columns and the server's encrypted products (TenSEAL).
 
-Column packing (SHE-LoRA, MaskCrypt): one encrypted column j of A (r values) is laid
-out rank-major over r*m slots, A[t, j] repeated m times in block t (slot t*m + row),
-split into ciphertexts of ``slots`` = N/2 values (zero-padded). The server multiplies
-it slot-wise by the plaintext w * B[row, t] (same layout), so slot (t, row) holds
-w * B[row, t] * A[t, j]; summing over clients is slot-wise addition. The client sums
-the r blocks after decryption, giving the aggregate column sum_i w_i B_i A_i[:, j].
-No rotation is ever needed, so the server's context carries no Galois or
-relinearization keys: only the public key. One multiplication uses the one 40-bit level.
+Column packing (SHE-LoRA, MaskCrypt), dense per layer: a client's k selected columns
+of A (r x n) travel as ONE vector ``v = A[:, sel].T.reshape(-1)`` of k*r values,
+column-major (a_1 (r values), a_2, ...), in ceil(k r / slots) ciphertexts (usually
+one). The server multiplies it by a block-diagonal plaintext matrix with TenSEAL's
+vector-matrix product (Halevi-Shoup diagonal method: one rotation and one plaintext
+product per input slot, so the server's context needs Galois keys, never the secret):
+
+    M[c r + t, pos_c m + row] = w * B[row, t]     (k r  x  K m)
+    v M = concat over output blocks p of  w * B a_c   for the column c placed at p
+
+where ``pos_c`` is the output block of the client's c-th column among the K encrypted
+columns of the aggregate (SHE-LoRA: pos_c = c, the agreed prefix; MaskCrypt: the
+column's position in the union). Every client's product has the same layout, so the
+aggregate is a slot-wise sum of ciphertexts; the output (K m values) is cut into
+chunks of at most ``width`` values (``output_width``), one product per chunk.
+
+Exactness of TenSEAL's diagonal method: an input of L values is stored replicated with
+period L over the slots, and output slot s reads input slots s .. s+L-1; when L does
+not divide the slot count the wrap-around breaks the period, so output chunks must
+satisfy width + L - 1 <= slots (measured: L=40 is exact at width 4057, wrong at 4058).
+``input_sizes`` pads a last chunk longer than slots/2 to a full ciphertext, so the
+width never drops below slots/2 + 1.
 
 Dense packing (full HE baseline): every LoRA parameter in one flat vector, N/2 per
 ciphertext; the server forms the weighted sum of ciphertexts.
@@ -16,88 +30,117 @@ ciphertext; the server forms the weighted sum of ciphertexts.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from hetune.protocols.she_lora.wire import PayloadError
 
 
-def chunks_for(rank: int, m: int, slots: int) -> int:
-    """Ciphertexts per encrypted column of a rank-r layer with m outputs."""
-    return math.ceil(rank * m / slots)
+def input_sizes(length: int, slots: int) -> list[int]:
+    """Sizes of the ciphertexts holding a vector of ``length`` values (zero-padded to their sum)."""
+    sizes = [slots] * (length // slots)
+    rem = length % slots
+    if rem:
+        sizes.append(rem if rem <= slots // 2 or slots % rem == 0 else slots)
+    return sizes
 
 
-def _pad(vec: np.ndarray, count: int, slots: int) -> list[list[float]]:
-    out = np.zeros(count * slots)
-    out[: len(vec)] = vec
-    return [out[c * slots : (c + 1) * slots].tolist() for c in range(count)]
+def output_width(sizes: Iterable[int], slots: int) -> int:
+    """Largest output chunk for which the diagonal method is exact for every input size given."""
+    bad = [s for s in sizes if slots % s]
+    return slots - max(bad) + 1 if bad else slots
 
 
-def encrypt_column(ctx, a_col: np.ndarray, m: int, slots: int) -> list[bytes]:
-    """Enc of A[:, j] (r,) in the rank-major replicated layout; returns serialized ciphertexts."""
+def output_chunks(blocks: int, m: int, width: int) -> list[tuple[int, int]]:
+    """[start, stop) of each output chunk of a layer's K*m aggregated values."""
+    total = blocks * m
+    return [(s, min(s + width, total)) for s in range(0, total, width)]
+
+
+def encrypt_columns(ctx, a_sel: np.ndarray, slots: int) -> list[bytes]:
+    """Enc of the selected columns a_sel (r, k), column-major; returns serialized ciphertexts."""
     import tenseal as ts
 
-    flat = np.repeat(np.asarray(a_col, dtype=np.float64), m)  # (r*m,): block t holds A[t, j]
-    return [ts.ckks_vector(ctx, part).serialize() for part in _pad(flat, chunks_for(len(a_col), m, slots), slots)]
+    flat = np.asarray(a_sel, dtype=np.float64).T.reshape(-1)  # (k*r,): a_1, a_2, ...
+    sizes = input_sizes(len(flat), slots)
+    padded = np.zeros(sum(sizes))
+    padded[: len(flat)] = flat
+    bounds = np.cumsum([0, *sizes])
+    return [ts.ckks_vector(ctx, padded[lo:hi].tolist()).serialize() for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def load_ciphertexts(ctx, blobs: list[bytes], slots: int, what: str) -> list:
+def load_ciphertexts(ctx, blobs: list[bytes], sizes: Sequence[int], what: str) -> list:
     """Deserialize against the given (public) context; anything malformed raises PayloadError."""
     import tenseal as ts
 
+    if len(blobs) != len(sizes):
+        raise PayloadError(f"{what}: {len(blobs)} ciphertexts, expected {len(sizes)}")
     out = []
-    for i, blob in enumerate(blobs):
+    for i, (blob, size) in enumerate(zip(blobs, sizes)):
         try:
             vec = ts.ckks_vector_from(ctx, blob)
         except Exception as err:  # tenseal: ValueError (bad stream) or RuntimeError (foreign parameters)
             raise PayloadError(f"{what}: ciphertext {i} does not parse under the run's CKKS context ({err})") from err
-        if vec.size() != slots:
-            raise PayloadError(f"{what}: ciphertext {i} holds {vec.size()} values, expected {slots}")
+        if vec.size() != size:
+            raise PayloadError(f"{what}: ciphertext {i} holds {vec.size()} values, expected {size}")
         out.append(vec)
     return out
 
 
-def weighted_product(cts: list, b: np.ndarray, weight: float, slots: int, what: str) -> list:
-    """Enc(w * B[row, t] * A[t, j]) slot-wise, from Enc(A[:, j]) in column packing. b: (m, r)."""
+def block_matrix(b: np.ndarray, weight: float, positions: Sequence[int], blocks: int, rows: int) -> np.ndarray:
+    """The plaintext M (rows x blocks*m): block c of rows -> output block positions[c] holds w * B^T."""
     m, r = b.shape
-    if len(cts) != chunks_for(r, m, slots):
-        raise PayloadError(f"{what}: {len(cts)} ciphertexts for a rank-{r} column of {m} rows, expected {chunks_for(r, m, slots)}")
-    plain = _pad((weight * np.asarray(b, dtype=np.float64).T).reshape(-1), len(cts), slots)  # (r*m,) rank-major
+    mat = np.zeros((rows, blocks * m))
+    wbt = weight * np.asarray(b, dtype=np.float64).T  # (r, m)
+    for c, pos in enumerate(positions):
+        mat[c * r : (c + 1) * r, pos * m : (pos + 1) * m] = wbt
+    return mat
+
+
+def weighted_products(cts: list, sizes: Sequence[int], b: np.ndarray, weight: float, positions: Sequence[int],
+                      chunks: Sequence[tuple[int, int]], blocks: int, what: str) -> dict[int, object]:
+    """Enc(w B a_c) placed at output block positions[c], per output chunk index (chunks it does not touch are absent)."""
+    mat = block_matrix(b, weight, positions, blocks, sum(sizes))
+    bounds = np.cumsum([0, *sizes])
+    out: dict[int, object] = {}
     try:
-        return [ct * pt for ct, pt in zip(cts, plain)]
+        for o, (lo, hi) in enumerate(chunks):
+            for ct, r0, r1 in zip(cts, bounds[:-1], bounds[1:]):
+                part = mat[r0:r1, lo:hi]
+                if not part.any():  # this input chunk has no block in this output chunk
+                    continue
+                term = ct.mm(part.tolist())
+                out[o] = out[o] + term if o in out else term
     except Exception as err:
-        raise PayloadError(f"{what}: ciphertext x plaintext failed ({err})") from err
+        raise PayloadError(f"{what}: encrypted vector-matrix product failed ({err})") from err
+    return out
 
 
-def add_into(acc: list, terms: list) -> list:
-    """Chunk-wise sum; a shorter list (lower rank) adds only to its first chunks."""
-    for c, term in enumerate(terms):
-        if c < len(acc):
-            acc[c] = acc[c] + term
-        else:
-            acc.append(term)
+def add_into(acc: dict, terms: dict) -> dict:
+    """Sum per output chunk."""
+    for o, term in terms.items():
+        acc[o] = acc[o] + term if o in acc else term
     return acc
-
-
-def add_plain_column(acc: list, column: np.ndarray, slots: int) -> list:
-    """Add a clear contribution (m,) into block t=0 of an aggregated column (the client sums blocks)."""
-    acc[0] = acc[0] + _pad(np.asarray(column, dtype=np.float64), 1, slots)[0]
-    return acc
-
-
-def decrypt_column(ctx, blobs: list[bytes], m: int, rank_max: int, slots: int) -> np.ndarray:
-    """The aggregated column (m,): decrypt, drop padding, sum the rank blocks."""
-    vecs = load_ciphertexts(ctx, blobs, slots, "aggregate")
-    flat = np.concatenate([np.asarray(v.decrypt()) for v in vecs])
-    return flat[: rank_max * m].reshape(rank_max, m).sum(axis=0)
 
 
 def encrypt_dense(ctx, flat: np.ndarray, slots: int) -> list[bytes]:
     import tenseal as ts
 
-    return [ts.ckks_vector(ctx, part).serialize() for part in _pad(np.asarray(flat, dtype=np.float64), math.ceil(len(flat) / slots), slots)]
+    flat = np.asarray(flat, dtype=np.float64)
+    count = math.ceil(len(flat) / slots)
+    padded = np.zeros(count * slots)
+    padded[: len(flat)] = flat
+    return [ts.ckks_vector(ctx, padded[c * slots : (c + 1) * slots].tolist()).serialize() for c in range(count)]
+
+
+def decrypt_blocks(ctx, blobs: list[bytes], chunks: Sequence[tuple[int, int]], m: int) -> np.ndarray:
+    """The aggregated encrypted columns (m, K): decrypt the output chunks, block p is column p."""
+    vecs = load_ciphertexts(ctx, blobs, [hi - lo for lo, hi in chunks], "aggregate")
+    flat = np.concatenate([np.asarray(v.decrypt()) for v in vecs]) if vecs else np.zeros(0)
+    return flat.reshape(-1, m).T
 
 
 def decrypt_dense(ctx, blobs: list[bytes], length: int, slots: int) -> np.ndarray:
-    vecs = load_ciphertexts(ctx, blobs, slots, "aggregate")
+    vecs = load_ciphertexts(ctx, blobs, [slots] * len(blobs), "aggregate")
     return np.concatenate([np.asarray(v.decrypt()) for v in vecs])[:length]

@@ -33,6 +33,11 @@ def local_data(cfg: SheLoraConfig, client: int) -> LocalData:
     return LocalData(data.train_ids[idx], data.train_y[idx], data.test_ids, data.test_y)
 
 
+def _f32(x) -> np.ndarray:
+    """Clear arrays travel as float32: the model's own dtype, so nothing the client trained is lost."""
+    return np.asarray(x, dtype=np.float32)
+
+
 def _client_seed(cfg: SheLoraConfig, client: int, rnd: int) -> int:
     return cfg.seed * 1_000_003 + client * 1009 + rnd
 
@@ -72,8 +77,8 @@ def rebuild_updates(meta: dict, arrays: dict, blobs: dict, ctx, slots: int) -> d
         dw = np.zeros((m, n))
         layer = meta["layers"][name]
         dw[:, layer["plain_cols"]] = arrays[f"dw/{name}"]
-        for j in layer["cipher_cols"]:
-            dw[:, j] = cipher.decrypt_column(ctx, blobs[f"ct/{name}/{j}"], m, meta["rank_max"], slots)
+        if layer["cipher_cols"]:  # output block p of the decrypted vector is column cipher_cols[p]
+            dw[:, layer["cipher_cols"]] = cipher.decrypt_blocks(ctx, blobs[f"ct/{name}"], [tuple(c) for c in layer["chunks"]], m)
         out[name] = dw
     return out
 
@@ -119,7 +124,7 @@ def train_round(cfg: SheLoraConfig, client: int, payload: bytes, ctx) -> tuple[b
 def build_upload(cfg, client: int, rnd: int, meta_in: dict, factors: dict, clf, ctx, n_samples: int) -> bytes:
     """The client's message for ``cfg.method`` (timed as encryption time)."""
     meta = {"client": client, "rank": cfg.rank_of(client), "n_samples": n_samples, "round": rnd}
-    arrays = {"head.weight": clf.head.weight.detach().numpy(), "head.bias": clf.head.bias.detach().numpy()}
+    arrays = {"head.weight": _f32(clf.head.weight.detach().numpy()), "head.bias": _f32(clf.head.bias.detach().numpy())}
     blobs: dict[str, list[bytes]] = {}
     slots = cfg.ckks.slots
     if cfg.method == "full-he":
@@ -134,11 +139,11 @@ def build_upload(cfg, client: int, rnd: int, meta_in: dict, factors: dict, clf, 
         return wire.pack(meta, arrays, blobs)
     selected = {}
     for name, (b, a) in factors.items():
-        arrays[f"B/{name}"] = b
+        arrays[f"B/{name}"] = _f32(b)
         if cfg.method == "flexlora":
-            arrays[f"A/{name}"] = a
+            arrays[f"A/{name}"] = _f32(a)
             continue
-        m, n = b.shape[0], a.shape[1]
+        n = a.shape[1]
         k = cfg.budget_of(client)
         if cfg.method == "she-lora":
             sel = meta_in["subsets"][name][:k]
@@ -147,8 +152,8 @@ def build_upload(cfg, client: int, rnd: int, meta_in: dict, factors: dict, clf, 
             sel = sorted(int(j) for j in rng.choice(n, size=k, replace=False))
         p = swap_permutation(sel, n)
         a_sw = a[:, p]  # (r, n): selected columns now in the last k positions
-        arrays[f"Aplain/{name}"] = a_sw[:, : n - k]
-        blobs.update({f"ct/{name}/{c}": cipher.encrypt_column(ctx, a_sw[:, n - k + c], m, slots) for c in range(k)})
+        arrays[f"Aplain/{name}"] = _f32(a_sw[:, : n - k])
+        blobs[f"ct/{name}"] = cipher.encrypt_columns(ctx, a_sw[:, n - k :], slots)  # k*r values, column-major, dense
         selected[name] = [int(j) for j in sel]
     meta["selected"] = selected
     return wire.pack(meta, arrays, blobs)

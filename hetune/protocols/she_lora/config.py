@@ -17,8 +17,9 @@ MAX_LOGQ_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 class CkksParams:
     """CKKS parameters. Default: N=8192, q = 60+40+60 = 160 bits (<= 218: 128-bit secure).
 
-    One ciphertext x plaintext product is all the server computes, so one 40-bit level
-    is enough; the scale equals that prime so a product rescales back to ~2^40.
+    The server computes ciphertext x plaintext products (rotations consume no level),
+    so one 40-bit level is enough; the scale equals that prime so a product rescales
+    back to ~2^40.
     """
 
     poly_modulus_degree: int = 8192

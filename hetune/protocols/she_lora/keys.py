@@ -32,7 +32,7 @@ class KeySetupError(HetuneError):
 @dataclass(frozen=True)
 class KeyFiles:
     secret: Path  # full context with the secret key, mode 0600, for ClientApps only
-    public: Path  # public key only (no secret, no Galois or relinearization keys), for the server
+    public: Path  # public key and (for the column methods) Galois keys; no secret, no relinearization keys; for the server
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -56,21 +56,29 @@ def make_context(ckks: CkksParams):
     return ctx
 
 
-def write_keys(key_dir: Path, ckks: CkksParams) -> KeyFiles:
-    """Generate a fresh shared context and write both files. Run in the key-holder's process."""
+def write_keys(key_dir: Path, ckks: CkksParams, galois: bool = True) -> KeyFiles:
+    """Generate a fresh shared context and write both files. Run in the key-holder's process.
+
+    ``galois``: put Galois (rotation) keys in ``public.ctx``; the server's encrypted
+    vector-matrix products for SHE-LoRA and MaskCrypt rotate ciphertexts. They are a
+    one-time set-up upload (~18 MB at N=8192); clients only encrypt and decrypt, so
+    ``secret.ctx`` carries neither Galois nor relinearization keys.
+    """
     key_dir.mkdir(parents=True, exist_ok=True)
     ctx = make_context(ckks)
+    if galois:
+        ctx.generate_galois_keys()
     files = KeyFiles(key_dir / SECRET_NAME, key_dir / PUBLIC_NAME)
-    _write_atomic(files.secret, ctx.serialize(save_secret_key=True), 0o600)
-    public = ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+    _write_atomic(files.secret, ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False), 0o600)
+    public = ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=galois, save_relin_keys=False)
     _write_atomic(files.public, public, 0o644)
     return files
 
 
-def setup_keys(key_dir: Path, ckks: CkksParams) -> KeyFiles:
+def setup_keys(key_dir: Path, ckks: CkksParams, galois: bool = True) -> KeyFiles:
     """Generate the shared context in a child process; this process never sees the secret key."""
     cmd = [sys.executable, "-m", "hetune.protocols.she_lora.keys", str(key_dir), str(ckks.poly_modulus_degree),
-           ",".join(map(str, ckks.coeff_mod_bit_sizes)), str(ckks.scale_bits)]
+           ",".join(map(str, ckks.coeff_mod_bit_sizes)), str(ckks.scale_bits), str(int(galois))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise KeySetupError(f"CKKS key set-up failed: {done.stderr.strip()[-500:]}", "check that tenseal is installed (pip install -e '.[fed]')")
@@ -108,11 +116,11 @@ def _load(path: Path):
         raise KeySetupError(f"{path} is not a TenSEAL context: {err}", "re-run the key set-up") from err
 
 
-if __name__ == "__main__":  # python -m hetune.protocols.she_lora.keys DIR N BITS SCALE
-    if len(sys.argv) != 5:
-        raise SystemExit("usage: python -m hetune.protocols.she_lora.keys DIR POLY_DEGREE BITS(60,40,60) SCALE_BITS")
+if __name__ == "__main__":  # python -m hetune.protocols.she_lora.keys DIR N BITS SCALE [GALOIS]
+    if len(sys.argv) not in (5, 6):
+        raise SystemExit("usage: python -m hetune.protocols.she_lora.keys DIR POLY_DEGREE BITS(60,40,60) SCALE_BITS [GALOIS(1|0)]")
     try:
         params = CkksParams(int(sys.argv[2]), tuple(int(b) for b in sys.argv[3].split(",")), int(sys.argv[4]))
     except (ValueError, ConfigError) as err:
         raise SystemExit(f"bad CKKS parameters: {err}")
-    write_keys(Path(sys.argv[1]), params)
+    write_keys(Path(sys.argv[1]), params, galois=sys.argv[5] != "0" if len(sys.argv) == 6 else True)

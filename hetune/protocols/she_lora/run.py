@@ -32,7 +32,9 @@ def run_federation(cfg: SheLoraConfig, echo: Callable[[str], None] = print) -> d
     cfg.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="she-lora-keys-") as key_dir:  # 0700; removed after the run
-        keys = setup_keys(Path(key_dir), cfg.ckks) if cfg.encrypts else None
+        keys = setup_keys(Path(key_dir), cfg.ckks, galois=cfg.method in ("she-lora", "maskcrypt")) if cfg.encrypts else None
+        # one-time set-up upload to the server (public key, plus Galois keys for the column methods); not per round
+        setup_bytes = keys.public.stat().st_size if keys else 0
         strategy = strategy_for(cfg, str(keys.public) if keys else None)
         run_flower_simulation(
             build_server_app(cfg, strategy), build_client_app(cfg, str(keys.secret) if keys else None),
@@ -46,6 +48,7 @@ def run_federation(cfg: SheLoraConfig, echo: Callable[[str], None] = print) -> d
         "config": _jsonable(cfg),
         "wall_time_s": time.perf_counter() - started,
         "layers": {name: list(s) for name, s in shapes.items()},
+        "setup_bytes": setup_bytes,
         "subsets": strategy.subsets,
         "clients": [{"node": node, **vars(info)} for node, info in sorted(strategy.clients.items(), key=lambda kv: kv[1].client)],
         "rejections": strategy.rejections,

@@ -1,7 +1,7 @@
 """Server side: ``SheLoraStrategy`` negotiates the encrypted columns and aggregates column-aware.
 
-It holds only a public CKKS context (refused otherwise), so it can multiply and add
-ciphertexts but never decrypt. Every client message is parsed and checked before it
+It holds only a public CKKS context (refused otherwise; with Galois keys for the
+column methods), so it can multiply, rotate and add ciphertexts but never decrypt. Every client message is parsed and checked before it
 touches an accumulator; a malformed one (bad bytes, foreign or truncated ciphertexts,
 wrong shapes, a budget broken) is logged and that client is left out of the round.
 """
@@ -33,7 +33,7 @@ class ClientInfo:
 
 @dataclass
 class Upload:
-    """One client's checked upload, per layer: B (m, r), A's clear columns, Enc(A) columns."""
+    """One client's checked upload, per layer: B (m, r), A's clear columns, Enc of the selected columns."""
 
     node: int
     info: ClientInfo
@@ -41,7 +41,7 @@ class Upload:
     head_b: np.ndarray
     b: dict[str, np.ndarray] = field(default_factory=dict)
     a_plain: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # layer -> column -> (r,)
-    a_cipher: dict[str, dict[int, list]] = field(default_factory=dict)  # layer -> column -> ciphertexts
+    a_cipher: dict[str, tuple[list[int], list]] = field(default_factory=dict)  # layer -> (columns in packed order, ciphertexts)
     dense: list = field(default_factory=list)
     ciphertexts: int = 0
 
@@ -58,6 +58,9 @@ class SheLoraStrategy:
     def __init__(self, cfg: SheLoraConfig, shapes: dict[str, tuple[int, int]], head_shape: tuple[int, int], public_ctx=None):
         if cfg.encrypts and (public_ctx is None or public_ctx.is_private()):
             raise KeySetupError("the server was given a context holding a secret key (or none)", "pass the public context only")
+        if cfg.method in ("she-lora", "maskcrypt") and not public_ctx.has_galois_keys():
+            raise KeySetupError("the server's public context has no Galois keys, needed for the encrypted column products",
+                                "regenerate the keys with Galois keys in public.ctx (keys.setup_keys(..., galois=True))")
         self.cfg, self.shapes, self.head_shape, self.ctx = cfg, dict(shapes), tuple(head_shape), public_ctx
         self.slots = cfg.ckks.slots
         self.clients: dict[int, ClientInfo] = {}
@@ -140,6 +143,9 @@ class SheLoraStrategy:
             "bytes_down": int(bytes_down),
             "ciphertexts_up": int(sum(u.ciphertexts for u in uploads)),
             "ciphertexts_down": int(sum(len(v) for v in self._global[2].values())) if self._global else 0,
+            # encrypted columns in the aggregate, all layers: max k_i per layer for SHE-LoRA, the union for MaskCrypt
+            "cipher_columns_down": int(sum(len(v["cipher_cols"]) for v in self._global[0].get("layers", {}).values()))
+            if self._global else 0,
             "enc_time_s": float(sum(m["enc_time_s"] for m in good)),
             "enc_time_max_s": float(max((m["enc_time_s"] for m in good), default=0.0)),
             "dec_time_s": float(sum(m["dec_time_s"] for m in good)),
@@ -188,7 +194,7 @@ class SheLoraStrategy:
             expected = -(-length // self.slots)
             if len(blobs.get("dense", [])) != expected:
                 raise PayloadError(f"{len(blobs.get('dense', []))} dense ciphertexts, expected {expected}")
-            up.dense = cipher.load_ciphertexts(self.ctx, blobs["dense"], self.slots, "dense upload")
+            up.dense = cipher.load_ciphertexts(self.ctx, blobs["dense"], [self.slots] * expected, "dense upload")
             up.ciphertexts = len(up.dense)
             return up
         for name, (m, n) in self.shapes.items():
@@ -210,57 +216,81 @@ class SheLoraStrategy:
             k = info.budget
             a_sw = _shape(arrays, f"Aplain/{name}", (r, n - k))
             up.a_plain[name] = {int(p[c]): a_sw[:, c] for c in range(n - k)}
-            up.a_cipher[name] = {}
-            for c in range(k):
-                key = f"ct/{name}/{c}"
-                cts = cipher.load_ciphertexts(self.ctx, blobs.get(key, []), self.slots, f"layer {name} column {p[n - k + c]}")
-                if len(cts) != cipher.chunks_for(r, m, self.slots):
-                    raise PayloadError(f"{key}: {len(cts)} ciphertexts, expected {cipher.chunks_for(r, m, self.slots)}")
-                up.a_cipher[name][int(p[n - k + c])] = cts
-                up.ciphertexts += len(cts)
+            cts = cipher.load_ciphertexts(self.ctx, blobs.get(f"ct/{name}", []), cipher.input_sizes(k * r, self.slots), f"layer {name}")
+            up.a_cipher[name] = ([int(p[n - k + c]) for c in range(k)], cts)  # the swapped tail, packed column-major
+            up.ciphertexts += len(cts)
         return up
 
     def _combine(self, uploads: list[Upload]) -> tuple[dict, dict, dict]:
         total = float(sum(u.info.n_samples for u in uploads))
         arrays = {
-            "head.weight": sum(u.info.n_samples / total * u.head_w for u in uploads),
-            "head.bias": sum(u.info.n_samples / total * u.head_b for u in uploads),
+            "head.weight": sum(u.info.n_samples / total * u.head_w for u in uploads).astype(np.float32),
+            "head.bias": sum(u.info.n_samples / total * u.head_b for u in uploads).astype(np.float32),
         }
         blobs: dict[str, list[bytes]] = {}
         if self.cfg.method == "full-he":
-            acc: list = []
+            acc: dict = {}
             for u in uploads:
                 try:
-                    cipher.add_into(acc, [ct * (u.info.n_samples / total) for ct in u.dense])
+                    cipher.add_into(acc, {c: ct * (u.info.n_samples / total) for c, ct in enumerate(u.dense)})
                 except Exception as err:
                     raise _ClientFailed(u.node, f"encrypted weighting failed: {err}") from err
-            blobs["dense"] = [v.serialize() for v in acc]
+            blobs["dense"] = [acc[c].serialize() for c in sorted(acc)]
             length = sum(self.rank_max * (m + n) for m, n in self.shapes.values())
             return {"dense_length": length}, arrays, blobs
         layers = {}
         for name, (m, n) in self.shapes.items():
             plain = np.zeros((m, n))  # sum over clients holding column j in the clear of w_i B_i A_i[:, j]
-            enc: dict[int, list] = {}  # column j -> sum over clients encrypting j of Enc(w_i B_i A_i[:, j]), rank-major
             for u in uploads:
-                w, b = u.info.n_samples / total, u.b[name]
                 cols = sorted(u.a_plain[name])
-                plain[:, cols] += w * (b @ np.stack([u.a_plain[name][j] for j in cols], axis=1))
-                for j, cts in u.a_cipher.get(name, {}).items():
-                    try:
-                        prod = cipher.weighted_product(cts, b, w, self.slots, f"layer {name} column {j}")
-                        enc[j] = cipher.add_into(enc.setdefault(j, []), prod)
-                    except PayloadError as err:
-                        raise _ClientFailed(u.node, err.message) from err
-            for j in enc:  # a column someone encrypted stays encrypted; clear contributions join it
-                cipher.add_plain_column(enc[j], plain[:, j], self.slots)
-                blobs[f"ct/{name}/{j}"] = [v.serialize() for v in enc[j]]
-            plain_cols = [j for j in range(n) if j not in enc]
-            arrays[f"dw/{name}"] = plain[:, plain_cols]
-            layers[name] = {"plain_cols": plain_cols, "cipher_cols": sorted(enc), "encrypted_by": {str(j): 0 for j in enc}}
+                plain[:, cols] += u.info.n_samples / total * (u.b[name] @ np.stack([u.a_plain[name][j] for j in cols], axis=1))
+            order = self._cipher_order(name, uploads)  # output block p of the encrypted part is column order[p]
+            chunks: list[tuple[int, int]] = []
+            if order:
+                blobs[f"ct/{name}"], chunks = self._encrypted_columns(name, m, order, plain, uploads, total)
+            plain_cols = sorted(set(range(n)) - set(order))
+            arrays[f"dw/{name}"] = plain[:, plain_cols].astype(np.float32)
+            counts = {str(j): 0 for j in order}  # per-column counts: how many clients encrypted column j
             for u in uploads:
-                for j in u.a_cipher.get(name, {}):
-                    layers[name]["encrypted_by"][str(j)] += 1  # per-column counts
+                for j in u.a_cipher.get(name, ([], []))[0]:
+                    counts[str(j)] += 1
+            layers[name] = {"plain_cols": plain_cols, "cipher_cols": order, "encrypted_by": counts,
+                            "chunks": [list(c) for c in chunks]}
         return {"layers": layers}, arrays, blobs
+
+    def _cipher_order(self, name: str, uploads: list[Upload]) -> list[int]:
+        """The aggregate's encrypted columns: SHE-LoRA the agreed prefix of length max k_i, MaskCrypt the union."""
+        if self.cfg.method == "she-lora":
+            return list(self.subsets[name][: max(u.info.budget for u in uploads)])
+        if self.cfg.method == "maskcrypt":
+            return sorted(set().union(*(u.a_cipher[name][0] for u in uploads)))
+        return []
+
+    def _encrypted_columns(self, name: str, m: int, order: list[int], plain: np.ndarray, uploads: list[Upload],
+                           total: float) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """sum_i Enc(w_i B_i A_i[:, order]) (one vector-matrix product per client and output chunk), plus clear parts."""
+        import tenseal as ts
+
+        sizes = {u.node: cipher.input_sizes(u.info.budget * u.info.rank, self.slots) for u in uploads}
+        width = cipher.output_width([s for v in sizes.values() for s in v], self.slots)
+        chunks = cipher.output_chunks(len(order), m, width)
+        pos = {j: p for p, j in enumerate(order)}
+        acc: dict = {}
+        for u in uploads:
+            cols, cts = u.a_cipher[name]
+            try:
+                prod = cipher.weighted_products(cts, sizes[u.node], u.b[name], u.info.n_samples / total,
+                                                [pos[j] for j in cols], chunks, len(order), f"layer {name}")
+                cipher.add_into(acc, prod)
+            except PayloadError as err:
+                raise _ClientFailed(u.node, err.message) from err
+            except Exception as err:  # e.g. a ciphertext at a foreign level that cannot be added
+                raise _ClientFailed(u.node, f"layer {name}: adding the encrypted product failed ({err})") from err
+        # a column someone encrypted stays encrypted: the clear contributions of the others join it as plaintext
+        clear = plain[:, order].T.reshape(-1)  # block p = column order[p]
+        out = [(acc[o] + clear[lo:hi].tolist()) if o in acc else ts.ckks_vector(self.ctx, clear[lo:hi].tolist())
+               for o, (lo, hi) in enumerate(chunks)]
+        return [v.serialize() for v in out], chunks
 
 
 def _shape(arrays: dict, key: str, shape: tuple) -> np.ndarray:
