@@ -1,0 +1,106 @@
+"""SFPrompt against federated full fine-tuning: accuracy, client compute, communication.
+
+Question: how close does SFPrompt's accuracy come to federated full fine-tuning (FL),
+and what share of FL's client compute and communication does it need?
+
+Two parts:
+- Measured, tiny-vit on scikit-learn's digits (4 clients, Dirichlet alpha 0.5, 10
+  rounds, seed 0): SFPrompt and every baseline in the same harness (FL full, federated
+  prompt tuning without split, split-fed without pruning / local loss, local-only).
+  Bytes are counted from the serialized messages (HTTP bodies, Flower ArrayRecords);
+  client FLOPs are analytic per stage times the samples each stage processed.
+- Analytic, the paper's backbones ViT-B/16 and ViT-L/16 (real configs, no weights):
+  client FLOPs and bytes per client per round for a stated workload.
+
+    .venv/bin/python benchmarks/sfprompt.py            # about 6 minutes on 2 cores
+    .venv/bin/python benchmarks/sfprompt.py --quick    # 3 rounds, about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import environment, write_json
+
+from hetune.protocols.sfprompt import accounting
+from hetune.protocols.sfprompt.config import SfpromptConfig
+from hetune.protocols.sfprompt.run import run
+
+# (label, method, config overrides); FL's learning rate is also run at 3x the default
+RUNS = [(m, m, {}) for m in ("fl-full", "sfprompt", "split-fed", "fed-prompt", "local-only")] + [
+    ("fl-full-lr3e-3", "fl-full", {"full_lr": 3e-3})]
+
+# Analytic workload for the paper's backbones: 10 prompt tokens, gamma 0.5, one
+# local-loss epoch, one split epoch; FL trains every weight for one epoch. Split traffic
+# grows with the samples a client holds, so it is given for 100, 250 and 500 per client
+# (250: e.g. 50,000 CIFAR images over 200 clients).
+PAPER_WORKLOAD = dict(prompts=10, gamma=0.5, local_epochs=1, epochs=1)
+SAMPLES_PER_CLIENT = (100, 250, 500)
+
+
+def analytic(model: str, cut: tuple[int, int], samples: int) -> dict:
+    w = {**PAPER_WORKLOAD, "samples": samples}
+    n, kept = w["samples"], int(w["gamma"] * w["samples"])
+    fl_flops = accounting.round_flops(accounting.costs(model, cut, 0), "fl-full", n, w["epochs"], 0, n)
+    sf_flops = accounting.round_flops(accounting.costs(model, cut, w["prompts"]), "sfprompt", n, w["epochs"], w["local_epochs"], kept)
+    fl_bytes = accounting.round_bytes(model, cut, 0, "fl-full", n, w["epochs"], n)
+    sf_bytes = accounting.round_bytes(model, cut, w["prompts"], "sfprompt", n, w["epochs"], kept)
+    c = accounting.costs(model, cut, w["prompts"])
+    per_sample = 4 * c.positions * c.hidden * accounting.FLOAT_BYTES * w["epochs"]
+    params = accounting.param_counts(model, cut, w["prompts"])
+    return {
+        "model": model, "cut": list(cut), "workload": w, "params": params,
+        "fl_client_gflops_per_round": fl_flops / 1e9, "sfprompt_client_gflops_per_round": sf_flops / 1e9,
+        "client_flops_share_of_fl": sf_flops / fl_flops,
+        "fl_mb_per_round": fl_bytes / 1e6, "sfprompt_mb_per_round": sf_bytes / 1e6,
+        "communication_ratio_vs_fl": sf_bytes / fl_bytes,
+        # kept samples per round at which SFPrompt's traffic equals FL's
+        "break_even_kept_samples": (fl_bytes - 2 * params["prompts_and_tail"] * accounting.FLOAT_BYTES) / per_sample,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sfprompt.json"))
+    args = parser.parse_args()
+    rounds = 3 if args.quick else 10
+
+    # warm-up: imports, dataset, model build and one Flower start, not timed
+    run(SfpromptConfig(method="fed-prompt", clients=2, rounds=1))
+    measured = {}
+    for label, method, extra in RUNS:
+        start = time.perf_counter()
+        s = run(SfpromptConfig(model="tiny-vit", method=method, clients=4, rounds=rounds, alpha=0.5, seed=0, **extra))
+        method = label
+        measured[method] = {
+            "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
+            "accuracy_by_round": [r["accuracy"] for r in s["rounds"]],
+            "bytes_total": s["bytes_total"], "bytes_sum": sum(s["bytes_total"].values()),
+            "client_flops_per_round": s["client_flops_per_round_mean"], "wall_s": time.perf_counter() - start,
+        }
+        print(f"{method:10s} acc {s['final_accuracy']:.4f} bytes {measured[method]['bytes_sum'] / 1e6:8.2f} MB "
+              f"flops/round {s['client_flops_per_round_mean']:.3g} {measured[method]['wall_s']:.0f}s", flush=True)
+    fl = measured["fl-full"]
+    for m in measured.values():
+        m["accuracy_minus_fl"] = m["final_accuracy"] - fl["final_accuracy"]
+        m["client_flops_share_of_fl"] = m["client_flops_per_round"] / fl["client_flops_per_round"]
+        m["bytes_ratio_vs_fl"] = m["bytes_sum"] / fl["bytes_sum"] if m["bytes_sum"] else 0.0
+        m["wall_ratio_vs_fl"] = m["wall_s"] / fl["wall_s"]
+    paper = [analytic(model, cut, n) for model in ("vit-b16", "vit-l16") for cut in ((0, 0), (1, 1)) for n in SAMPLES_PER_CLIENT]
+    for p in paper:
+        print(f"{p['model']} cut {p['cut']} n {p['workload']['samples']}: client FLOPs {100 * p['client_flops_share_of_fl']:.2f}% of FL, "
+              f"traffic {p['communication_ratio_vs_fl']:.3f}x FL", flush=True)
+    write_json(args.out, {
+        "question": "SFPrompt vs federated full fine-tuning: accuracy, client FLOPs, communication",
+        "environment": environment(),
+        "measured": {"model": "tiny-vit", "data": "sklearn digits, 75/25 split", "clients": 4, "alpha": 0.5,
+                     "rounds": rounds, "seed": 0, "defaults": SfpromptConfig().to_dict(), "methods": measured},
+        "analytic_paper_backbones": paper,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""EL2N dataset pruning (Paul et al. 2021): keep the hardest gamma fraction of local samples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def el2n_scores(logits_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """||softmax(f(x)) - onehot(y)||_2 per sample; ``logits_fn`` is the local head+tail model."""
+    scores = []
+    for start in range(0, len(y), batch_size):
+        logits = logits_fn(x[start : start + batch_size])  # (B, classes)
+        probs = torch.softmax(logits.double(), dim=-1)
+        onehot = torch.nn.functional.one_hot(y[start : start + batch_size], probs.shape[-1]).double()
+        scores.append(torch.linalg.vector_norm(probs - onehot, dim=-1))
+    return torch.cat(scores).numpy() if scores else np.zeros(0)
+
+
+def keep_count(n: int, gamma: float) -> int:
+    return math.floor(gamma * n)
+
+
+def prune_top(scores: np.ndarray, gamma: float) -> np.ndarray:
+    """Indices (ascending) of the floor(gamma * n) highest scores; ties go to the lower index."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return np.sort(order[: keep_count(len(scores), gamma)])
