@@ -118,6 +118,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for LoRA init, data order and built-in weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     save_key: Optional[Path] = typer.Option(None, "--save-key", help="Also write the GLWE secret key to this file (mode 0600). Never written otherwise."),
+    param_set: Optional[str] = typer.Option(None, "--param-set", help="GLWE parameter set (privacy level): p80, p128 (default), p192, p256; see `hetune plan params`."),
 ) -> None:
     """Fine-tune LoRA adapters privately: frozen products on a backend, everything else here."""
     from hetune.protocols.hybrid_lora.client import LoraSettings
@@ -128,6 +129,7 @@ def train(
         text_field=text_field, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm, eval_every=eval_every,
         save_every=save_every, lora=LoraSettings(r=lora_r, alpha=lora_alpha), seed=seed, save_key=save_key,
+        param_set=param_set,
     )
     summary = run_training(cfg, resume=resume)
     typer.echo(f"final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
@@ -193,10 +195,132 @@ def converge(
 
 
 # ---- federate she-lora (issue 5) ----
+@federate_app.command("she-lora")
+def federate_she_lora(
+    clients: int = typer.Option(10, "--clients", help="Number of federated clients (Flower SuperNodes)."),
+    rounds: int = typer.Option(5, "--rounds", help="Federated rounds after the round-0 negotiation."),
+    model: str = typer.Option("micro-llama", "--model", help="Frozen Llama body: built-in name, local directory or hub id."),
+    method: str = typer.Option("she-lora", "--method", help="she-lora, flexlora (plaintext), full-he or maskcrypt."),
+    ranks: str = typer.Option("2,4,8", "--ranks", help="LoRA ranks, cycled over clients."),
+    budgets: str = typer.Option("1,2,4", "--budgets", help="HE budget k_i: encrypted columns of A per layer, cycled over clients."),
+    alpha: float = typer.Option(0.3, "--alpha", help="Dirichlet concentration of the non-IID label split."),
+    local_steps: int = typer.Option(30, "--local-steps", help="Local optimizer steps per round."),
+    lr: float = typer.Option(1e-2, "--lr", help="Local AdamW learning rate."),
+    max_samples: int = typer.Option(0, "--max-samples", help="Use only this many digits images (0: all 1,797)."),
+    out: Path = typer.Option(Path("runs/she-lora"), "--out", "-o", help="Directory for metrics.json and metrics.png."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the frozen body, the split, LoRA init and batches."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
+) -> None:
+    """Federated LoRA with selective CKKS encryption (SHE-LoRA) on Flower's simulation engine."""
+    from hetune.errors import ConfigError
+    from hetune.protocols.she_lora.config import SheLoraConfig
+    from hetune.protocols.she_lora.run import run_federation
+
+    def ints(name: str, text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"--{name} {text!r} is not a comma-separated list of integers", f"write e.g. --{name} 2,4,8") from None
+
+    cfg = SheLoraConfig(
+        out=out, clients=clients, rounds=rounds, model=model, method=method, ranks=ints("ranks", ranks),
+        budgets=ints("budgets", budgets), alpha=alpha, local_steps=local_steps, lr=lr, max_samples=max_samples,
+        seed=seed, verbose=verbose,
+    )
+    run_federation(cfg, echo=typer.echo)
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.png'}")
+
 
 # ---- federate sfprompt (issue 6) ----
+@federate_app.command("sfprompt")
+def federate_sfprompt(
+    clients: int = typer.Option(4, "--clients", help="Federated clients (Flower SuperNodes)."),
+    rounds: int = typer.Option(10, "--rounds", help="Federated rounds."),
+    model: str = typer.Option("tiny-vit", "--model", help="tiny-vit (digits), micro-llama or tiny-llama (generated topic task)."),
+    cut: str = typer.Option("1:1", "--cut", help="HEAD:TAIL blocks held by the clients; the body server runs the rest."),
+    prompts: int = typer.Option(4, "--prompts", help="Soft prompt tokens prepended after the embedding."),
+    gamma: float = typer.Option(0.5, "--gamma", help="EL2N pruning: share of local samples kept (hardest first)."),
+    local_epochs: int = typer.Option(1, "--local-epochs", help="Local-loss epochs (head -> tail, no communication) per round."),
+    epochs: int = typer.Option(1, "--epochs", help="Split (or local) fine-tuning epochs per round."),
+    method: str = typer.Option("sfprompt", "--method", help="sfprompt, fl-full, fed-prompt, split-fed or local-only."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet non-IID split of the training data."),
+    lr: float = typer.Option(1e-2, "--lr", help="AdamW learning rate for prompts and tail."),
+    full_lr: float = typer.Option(1e-3, "--full-lr", help="AdamW learning rate for every weight (fl-full)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Samples per step."),
+    out: Path = typer.Option(Path("runs/sfprompt"), "--out", "-o", help="Writes metrics.json and metrics.png here."),
+    seed: int = typer.Option(0, "--seed", help="Seed for weights, data split and order."),
+) -> None:
+    """SFPrompt: split + federated soft-prompt tuning (or a baseline) on Flower; per-round metrics."""
+    from hetune.protocols.sfprompt.config import SfpromptConfig, parse_cut
+    from hetune.protocols.sfprompt.run import run as run_sfprompt
+
+    cfg = SfpromptConfig(
+        model=model, method=method, clients=clients, rounds=rounds, cut=parse_cut(cut), prompts=prompts, gamma=gamma,
+        local_epochs=local_epochs, epochs=epochs, batch_size=batch_size, lr=lr, full_lr=full_lr, alpha=alpha, seed=seed, out=out,
+    )
+    summary = run_sfprompt(cfg)
+    traffic = sum(summary["bytes_total"].values())
+    typer.echo(f"{method} on {model}: accuracy {summary['final_accuracy']:.4f} after {rounds} rounds "
+               f"(best {summary['best_accuracy']:.4f}); traffic {traffic / 1e6:.2f} MB; "
+               f"client FLOPs/round {summary['client_flops_per_round_mean']:.3g}; {summary['wall_s']:.0f} s")
+    typer.echo(f"metrics: {out / 'metrics.json'}  plot: {out / 'metrics.png'}")
+
 
 # ---- plan privtuner (issue 7) ----
+
+
+@plan_app.command("privtuner")
+def plan_privtuner(
+    cell: Path = typer.Option(..., "--cell", help="Cell TOML: [cell], [workload], one [[owner]] per data owner (docs/examples/cell.toml)."),
+    omega: float = typer.Option(1e-3, "--omega", help="Privacy weight: joules per security bit."),
+    costs: Optional[Path] = typer.Option(None, "--costs", help="Cost fit from `hetune plan measure` (default: the shipped fit)."),
+    out: Path = typer.Option(Path("runs/privtuner"), "--out", "-o", help="Where privtuner.json and energy_vs_omega.png go."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also sweep omega for the energy-versus-privacy plot."),
+) -> None:
+    """Allocate HE parameter set, bandwidth, power and CPU frequency per data owner; compare with baselines."""
+    from hetune.protocols.privtuner.run import PlanConfig, format_table, run_plan
+
+    result = run_plan(PlanConfig(cell=cell, omega=omega, costs=costs, out=out, sweep=sweep))
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {out / 'privtuner.json'}" + (f" and {out / 'energy_vs_omega.png'}" if sweep else ""))
+
+
+@plan_app.command("measure")
+def plan_measure(
+    out: Path = typer.Option(..., "--out", "-o", help="Cost fit to write (JSON)."),
+    sets: str = typer.Option("", "--sets", help="Comma-separated parameter sets (default: all of `hetune plan params`)."),
+    cpu_ghz: Optional[float] = typer.Option(None, "--cpu-ghz", help="Clock that turns seconds into cycles (default: /proc/cpuinfo)."),
+    repeats: int = typer.Option(1, "--repeats", help="Timed runs per shape."),
+) -> None:
+    """Time encryption, the worker's matmul and decryption per GLWE parameter set; store the fitted costs."""
+    from hetune.protocols.privtuner.costs import measure_and_save
+
+    model = measure_and_save(out, tuple(s.strip() for s in sets.split(",") if s.strip()), cpu_ghz, repeats, echo=typer.echo)
+    for name, c in model.sets.items():
+        typer.echo(f"{name}: {c.security_bits} bits, enc {c.enc_s_per_glwe * 1e3:.2f} ms/GLWE, "
+                   f"worker {c.srv_s_per_value * 1e3:.2f} ms/value, key {c.key_bytes / 2**20:.0f} MiB")
+    typer.echo(f"wrote {out} (cycles at {model.cpu_ghz:.3g} GHz)")
+
+
+@plan_app.command("cell")
+def plan_cell_file(
+    owners: int = typer.Option(..., "--owners", help="Number of data owners."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cell TOML to write."),
+    seed: int = typer.Option(0, "--seed", help="Seed for positions, data sizes, powers and frequencies."),
+) -> None:
+    """Write a random cell with the spec's typical values (50-500 m, 0.2-1 W, 1-2 GHz, 10-20 MHz per 10 owners)."""
+    from hetune.protocols.privtuner.cell import write_random_cell
+
+    write_random_cell(out, owners, seed)
+    typer.echo(f"wrote {out} ({owners} owners, seed {seed})")
+
+
+@plan_app.command("params")
+def plan_params() -> None:
+    """The allow-listed GLWE parameter sets (privacy levels) and their security estimates."""
+    from hetune.crypto.param_sets import describe_param_sets
+
+    typer.echo(describe_param_sets())
 
 
 def _print_report(report: dict) -> None:

@@ -112,6 +112,8 @@ def test_worker_going_away_stops_cleanly_with_checkpoint(tmp_path, data_file, lo
         (["--backend", "quantized"], 2, "needs a bundle"),
         (["--backend", "plain", "--steps", "0"], 2, "steps=0 must be >= 1"),
         (["--backend", "remote", "--worker", "http://127.0.0.1:9"], 6, "cannot reach worker"),
+        (["--backend", "remote", "--worker", "http://127.0.0.1:9", "--param-set", "p100"], 2, "p80, p128, p192, p256"),
+        (["--backend", "plain", "--param-set", "p80"], 2, "--param-set applies to the encrypted and remote backends"),
     ],
 )
 def test_train_cli_errors(run_cli, tmp_path, data_file, args, code, message, monkeypatch):

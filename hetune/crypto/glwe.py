@@ -51,14 +51,20 @@ class GlweKeys:
     secret: object  # fhext.PrivateKey
     compression: object  # fhext.CpuCompressionKey (public, uploaded to the worker)
     poly_size: int  # results are packed this many values per GLWE
+    param_set: str | None = None  # name in hetune.crypto.param_sets, told to the worker at session creation
 
     @classmethod
-    def generate(cls, params: dict | None = None) -> "GlweKeys":
+    def generate(cls, params: dict | None = None, param_set: str | None = None) -> "GlweKeys":
+        """Keys for explicit ``params``, or for a named allow-listed ``param_set`` (default: Concrete ML's)."""
         fhext = _fhext()
+        if param_set is not None:
+            from hetune.crypto.param_sets import param_set as lookup
+
+            params = lookup(param_set).params
         params = params or default_crypto_params()
         p = fhext.MatmulCryptoParameters.deserialize(json.dumps(params))
         secret, compression = fhext.create_private_key(p)
-        return cls(p, secret, compression, int(params["packing_ks_polynomial_size"]))
+        return cls(p, secret, compression, int(params["packing_ks_polynomial_size"]), param_set)
 
     def save(self, path: Path) -> None:
         """Write the secret key and its compression key, only when the user asks (``--save-key``).

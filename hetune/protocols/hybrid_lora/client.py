@@ -75,11 +75,17 @@ def build_private_model(
     lora: LoraSettings = LoraSettings(),
     seed: int = 0,
     keys=None,
+    param_set: str | None = None,
 ) -> PrivateModel:
+    """``param_set`` (encrypted/remote): the allow-listed GLWE parameters to generate keys for, when ``keys`` is None."""
     from hetune.models.client_weights import load_client_model
     from hetune.models.loading import load_model
 
     check_backend_name(backend)
+    if keys is None and param_set is not None and backend in ("encrypted", "remote"):
+        from hetune.crypto.glwe import GlweKeys
+
+        keys = GlweKeys.generate(param_set=param_set)
     if backend == "plain":
         loaded = load_model(model_id, seed=seed)
         specs, weights = plain_ops(loaded.model)

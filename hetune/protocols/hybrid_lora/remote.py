@@ -38,6 +38,7 @@ class WorkerClient:
         self.session_id: str | None = None
         self._token: str | None = None
         self._key: bytes | None = None
+        self._param_set: str | None = None
 
     def _request(self, method: str, path: str, **kwargs):
         import httpx
@@ -72,9 +73,11 @@ class WorkerClient:
 
         return load(self._checked(self._request("GET", "/codec"), "codec").content)
 
-    def open(self, compression_key: bytes) -> None:
-        self._key = compression_key
-        data = self._checked(self._request("POST", "/sessions", content=compression_key), "a new session").json()
+    def open(self, compression_key: bytes, param_set: str | None = None) -> None:
+        """A new session; ``param_set`` names the key's allow-listed GLWE parameters (None: the default)."""
+        self._key, self._param_set = compression_key, param_set
+        params = {"param_set": param_set} if param_set else None
+        data = self._checked(self._request("POST", "/sessions", content=compression_key, params=params), "a new session").json()
         self.session_id, self._token = data["session_id"], data["token"]
 
     def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> bytes:
@@ -85,7 +88,7 @@ class WorkerClient:
                 headers={"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"},
             )
             if response.status_code == 404 and "session" in response.text and not reopened:
-                self.open(self._key)  # the worker restarted or the session expired
+                self.open(self._key, self._param_set)  # the worker restarted or the session expired
                 path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
                 continue
             return self._checked(response, f"{op} {direction}").content
@@ -97,7 +100,7 @@ class WorkerClient:
                 self.http.delete(f"/sessions/{self.session_id}", headers={"authorization": f"Bearer {self._token}"})
             except Exception:  # closing is best effort: the session expires anyway
                 pass
-        self.session_id = self._token = self._key = None
+        self.session_id = self._token = self._key = self._param_set = None
         self.http.close()
 
 
@@ -135,9 +138,9 @@ class HttpTransport:
     def in_features(self, op: str) -> int:
         return self.manifest.op(op).in_features
 
-    def open(self, compression_key: bytes) -> None:
+    def open(self, compression_key: bytes, param_set: str | None = None) -> None:
         for client in self.clients:
-            client.open(compression_key)
+            client.open(compression_key, param_set)
 
     def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> bytes:
         return self._by_op[op].run(op, direction, payload, rows, cols)

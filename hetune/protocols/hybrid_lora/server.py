@@ -21,12 +21,13 @@ from fastapi.responses import JSONResponse, Response
 
 from hetune.compile.bundle import Bundle
 from hetune.crypto import glwe
+from hetune.crypto.param_sets import DEFAULT_PARAM_SET, PARAM_SETS, ParamSet, param_set as lookup_param_set
 from hetune.protocols.hybrid_lora import wire
 from hetune.protocols.hybrid_lora.worker import GlweWorker
 
 log = logging.getLogger("hetune.worker")
 
-COMPRESSION_KEY_MAX_BYTES = 160 << 20  # the default-parameter key is 128 MiB
+COMPRESSION_KEY_MAX_BYTES = 160 << 20  # the default-parameter key is 128 MiB (others: exactly their set's size)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ServeConfig:
 class Session:
     token: str
     compression_key: object
+    params: ParamSet | None = None  # the data owner's GLWE parameter set (its privacy level)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,13 +61,13 @@ class SessionStore:
                 del self._sessions[sid]
                 log.info("session %s expired", sid[:8])
 
-    def create(self, compression_key: object) -> tuple[str, str]:
+    def create(self, compression_key: object, params: ParamSet | None = None) -> tuple[str, str]:
         self.expire()
         with self._lock:
             if len(self._sessions) >= self.cfg.max_sessions:
                 raise OverflowError
             sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
-            self._sessions[sid] = Session(token, compression_key)
+            self._sessions[sid] = Session(token, compression_key, params)
         return sid, token
 
     def get(self, sid: str, token: str | None) -> Session | None | bool:
@@ -132,6 +134,7 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             "hetune_version": manifest.hetune_version,
             "manifest": manifest.to_dict(),
             "limits": {"max_rows": cfg.max_rows, "max_sessions": cfg.max_sessions, "session_ttl_s": cfg.session_ttl_s},
+            "param_sets": list(PARAM_SETS),
         }
 
     @app.get(f"{prefix}/codec")
@@ -148,10 +151,18 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         return Response(save(tensors), media_type="application/octet-stream")
 
     @app.post(f"{prefix}/sessions", status_code=201)
-    async def create_session(request: Request):
-        body = await read_body(request, COMPRESSION_KEY_MAX_BYTES)
+    async def create_session(request: Request, param_set: str | None = None):
+        # A named set fixes the key's exact size; without one, Concrete ML's default applies.
+        chosen = None
+        if param_set is not None:
+            if param_set not in PARAM_SETS:
+                return error(422, f"param_set {param_set!r} is not allowed; choose one of {', '.join(PARAM_SETS)}")
+            chosen = lookup_param_set(param_set)
+        body = await read_body(request, chosen.compression_key_bytes if chosen else COMPRESSION_KEY_MAX_BYTES)
         if isinstance(body, JSONResponse):
             return body
+        if chosen is not None and len(body) != chosen.compression_key_bytes:
+            return error(400, f"a {param_set} compression key is {chosen.compression_key_bytes} bytes, got {len(body)}")
         try:
             key = glwe.load_compression_key(body)
         except BaseException as err:  # pyo3 panics derive from BaseException
@@ -159,11 +170,11 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
                 raise
             return error(400, "body is not a valid serialized compression key")
         try:
-            sid, token = sessions.create(key)
+            sid, token = sessions.create(key, chosen)
         except OverflowError:
             return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later")
-        log.info("session %s created", sid[:8])
-        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s}
+        log.info("session %s created (%s)", sid[:8], param_set or DEFAULT_PARAM_SET)
+        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "param_set": param_set or DEFAULT_PARAM_SET}
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
     def close_session(sid: str, request: Request):
@@ -191,7 +202,8 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             return error(422, f"{op} {direction} takes {shape.cols} columns, request says {cols}")
         if not 1 <= rows <= cfg.max_rows:
             return error(422, f"rows must be between 1 and {cfg.max_rows}, got {rows}")
-        expected = wire.ciphertext_bytes(rows, cols)
+        expected = (wire.ciphertext_bytes(rows, cols, got.params.poly_size, got.params.glwe_bytes) if got.params
+                    else wire.ciphertext_bytes(rows, cols))
         body = await read_body(request, expected)
         if isinstance(body, JSONResponse):
             return body

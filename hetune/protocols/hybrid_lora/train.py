@@ -49,6 +49,7 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
     save_key: Path | None = None  # write the GLWE secret key here (0600); never written otherwise
+    param_set: str | None = None  # allow-listed GLWE parameter set (privacy level); None: Concrete ML's default
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -59,6 +60,15 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction={self.eval_fraction} must be in (0, 1)", "use e.g. 0.1")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0", "use e.g. 1e-3 for LoRA")
+        if self.param_set is not None:
+            from hetune.crypto.param_sets import PARAM_SETS
+
+            if self.param_set not in PARAM_SETS:
+                raise ConfigError(f"param_set={self.param_set!r} is not an allow-listed GLWE parameter set",
+                                  f"pass --param-set one of {', '.join(PARAM_SETS)} (see `hetune plan params`)")
+            if self.backend not in ("encrypted", "remote"):
+                raise ConfigError(f"--param-set applies to the encrypted and remote backends, not {self.backend!r}",
+                                  "drop --param-set or use --backend remote")
 
 
 def _rng_state() -> dict:
@@ -122,7 +132,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    pm = build_private_model(cfg.model, cfg.backend, bundle=cfg.bundle, workers=cfg.workers, lora=cfg.lora, seed=cfg.seed)
+    pm = build_private_model(
+        cfg.model, cfg.backend, bundle=cfg.bundle, workers=cfg.workers, lora=cfg.lora, seed=cfg.seed, param_set=cfg.param_set
+    )
     try:
         if cfg.save_key is not None:
             if not pm.backend.encrypted:

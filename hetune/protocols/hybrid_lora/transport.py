@@ -18,7 +18,7 @@ class LocalTransport:
         self.worker = GlweWorker(bundle)
         self._compression_key = None
 
-    def open(self, compression_key: bytes) -> None:
+    def open(self, compression_key: bytes, param_set: str | None = None) -> None:
         self._compression_key = glwe.load_compression_key(compression_key)
 
     def in_features(self, op: str) -> int:

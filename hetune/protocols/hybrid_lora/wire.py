@@ -20,8 +20,9 @@ MATRIX_OVERHEAD_BYTES = 24
 POLY_SIZE = 2048
 
 
-def ciphertext_bytes(rows: int, cols: int) -> int:
-    return MATRIX_OVERHEAD_BYTES + rows * (ROW_OVERHEAD_BYTES + math.ceil(cols / POLY_SIZE) * GLWE_CIPHERTEXT_BYTES)
+def ciphertext_bytes(rows: int, cols: int, poly_size: int = POLY_SIZE, glwe_bytes: int = GLWE_CIPHERTEXT_BYTES) -> int:
+    """Serialized size; other GLWE parameter sets pass their polynomial and GLWE sizes."""
+    return MATRIX_OVERHEAD_BYTES + rows * (ROW_OVERHEAD_BYTES + math.ceil(cols / poly_size) * glwe_bytes)
 
 
 def op_path(op: str, direction: str) -> str:
