@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
-import tempfile
 from importlib.metadata import version
-from pathlib import Path
+
+from hetune.files import write_json  # noqa: F401  (the benchmarks write their results with it)
 
 
 def environment() -> dict:
@@ -23,13 +22,3 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: a crashed benchmark never leaves half a result file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read
-    os.replace(tmp, path)

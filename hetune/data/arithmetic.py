@@ -43,13 +43,10 @@ def make_problems(n: int, seed: int, max_operand: int = 20) -> list[Problem]:
 
 def write_jsonl(problems: list[Problem], path) -> None:
     import json
-    from pathlib import Path
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"text": p.text}) + "\n" for p in problems))
-    tmp.replace(path)
+    from hetune.files import write_atomic
+
+    write_atomic(path, "".join(json.dumps({"text": p.text}) + "\n" for p in problems))
 
 
 def exact_match(model, tokenizer, problems: list[Problem], max_new_tokens: int = 4) -> float:

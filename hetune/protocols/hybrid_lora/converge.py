@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hetune.errors import ConfigError
+from hetune.files import write_json
 from hetune.protocols.hybrid_lora.backends import check_backend_name
 from hetune.quant.config import QuantConfig
 
@@ -138,9 +139,7 @@ def converge(cfg: ConvergeConfig, echo=print) -> dict:
         r["eval_gap_vs_plain"] = (r["final_eval_loss"] - plain["final_eval_loss"]) / plain["final_eval_loss"]
     report = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "results": results,
               "curves": {k: [{"step": r["step"], "loss": r["loss"]} for r in v] for k, v in curves.items()}}
-    tmp = cfg.out / ".converge.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(cfg.out / "converge.json")
+    write_json(cfg.out / "converge.json", report)
     plot_losses(curves, cfg.out / "converge.png", "convergence: private backends vs plaintext", log_scale=True)
     metric = "exact match" if problems is not None else ""
     echo(f"\n{'run':<40} {'train loss':>10} {'eval loss':>10} {'gap':>8} {metric:>12}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hetune.files import save_figure
+
 
 def plot_losses(curves: dict[str, list[dict]], path: Path, title: str, log_scale: bool = False, markers: bool = False) -> None:
     """curves: label -> metrics rows with "step" and "loss"."""
@@ -23,7 +25,4 @@ def plot_losses(curves: dict[str, list[dict]], path: Path, title: str, log_scale
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -9,9 +9,7 @@ path, status, op, rows and timing: never a key, a token or a payload.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +22,8 @@ from hetune.crypto import glwe
 from hetune.crypto.param_sets import DEFAULT_PARAM_SET, PARAM_SETS, ParamSet, param_set as lookup_param_set
 from hetune.protocols.hybrid_lora import wire
 from hetune.protocols.hybrid_lora.worker import GlweWorker
+from hetune.protocols.http_api import LoopbackServer, add_access_log, error, read_body, session_or_error
+from hetune.protocols.sessions import SessionLimitError, SessionStore
 
 log = logging.getLogger("hetune.worker")
 
@@ -48,80 +48,14 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class SessionStore:
-    def __init__(self, cfg: ServeConfig):
-        self.cfg = cfg
-        self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for sid in [s for s, v in self._sessions.items() if now - v.last_used > self.cfg.session_ttl_s]:
-                del self._sessions[sid]
-                log.info("session %s expired", sid[:8])
-
-    def create(self, compression_key: object, params: ParamSet | None = None) -> tuple[str, str]:
-        self.expire()
-        with self._lock:
-            if len(self._sessions) >= self.cfg.max_sessions:
-                raise OverflowError
-            sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
-            self._sessions[sid] = Session(token, compression_key, params)
-        return sid, token
-
-    def get(self, sid: str, token: str | None) -> Session | None | bool:
-        """The session; None if unknown; False if the token is wrong."""
-        self.expire()
-        session = self._sessions.get(sid)
-        if session is None:
-            return None
-        if token is None or not hmac.compare_digest(session.token, token):
-            return False
-        session.last_used = time.monotonic()
-        return session
-
-    def close(self, sid: str) -> None:
-        with self._lock:
-            self._sessions.pop(sid, None)
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-
 def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     worker = GlweWorker(bundle)
-    sessions = SessionStore(cfg)
+    sessions: SessionStore[Session] = SessionStore(cfg.max_sessions, cfg.session_ttl_s, log)
     manifest = bundle.manifest
     app = FastAPI(title="hetune worker", version=manifest.hetune_version)
     prefix = f"/{wire.API_VERSION}"
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    async def read_body(request: Request, limit: int) -> bytes | JSONResponse:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return error(413, f"request body too large (limit {limit} bytes)")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                return error(413, f"request body too large (limit {limit} bytes)")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def bearer(request: Request) -> str | None:
-        auth = request.headers.get("authorization", "")
-        return auth[7:] if auth.lower().startswith("bearer ") else None
-
-    @app.middleware("http")
-    async def access_log(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path.split("/sessions/")[0] + ("/sessions/..." if "/sessions/" in request.url.path else "")
-        log.info("%s %s -> %d in %.3fs", request.method, path, response.status_code, time.perf_counter() - start)
-        return response
+    add_access_log(app, log)
 
     @app.get(f"{prefix}/health")
     def health():
@@ -170,29 +104,25 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
                 raise
             return error(400, "body is not a valid serialized compression key")
         try:
-            sid, token = sessions.create(key, chosen)
-        except OverflowError:
+            sid, token = sessions.create(lambda token: Session(token, key, chosen))
+        except SessionLimitError:
             return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later")
         log.info("session %s created (%s)", sid[:8], param_set or DEFAULT_PARAM_SET)
         return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "param_set": param_set or DEFAULT_PARAM_SET}
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
     def close_session(sid: str, request: Request):
-        got = sessions.get(sid, bearer(request))
-        if got is None:
-            return error(404, "unknown or expired session")
-        if got is False:
-            return error(401, "missing or wrong bearer token")
+        got = session_or_error(sessions, sid, request)
+        if isinstance(got, JSONResponse):
+            return got
         sessions.close(sid)
         return Response(status_code=204)
 
     @app.post(f"{prefix}/sessions/{{sid}}/ops/{{op}}/{{direction}}")
     async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0):
-        got = sessions.get(sid, bearer(request))
-        if got is None:
-            return error(404, "unknown or expired session")
-        if got is False:
-            return error(401, "missing or wrong bearer token")
+        got = session_or_error(sessions, sid, request)
+        if isinstance(got, JSONResponse):
+            return got
         if op not in worker.weights:
             return error(404, f"unknown op {op!r}")
         if direction not in wire.DIRECTIONS:
@@ -226,25 +156,11 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     return app
 
 
-class LoopbackWorker:
+class LoopbackWorker(LoopbackServer):
     """The worker app in a background thread on 127.0.0.1 (port chosen by the OS), for tests and the demo."""
 
     def __init__(self, bundle: Bundle, cfg: ServeConfig = ServeConfig(), start_timeout_s: float = 30.0):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(create_app(bundle, cfg), host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="hetune-worker", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + start_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the loopback worker did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        super().__init__(create_app(bundle, cfg), "worker", "hetune-worker", start_timeout_s)
 
 
 def serve(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> None:

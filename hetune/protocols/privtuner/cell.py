@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hetune.errors import ConfigError
+from hetune.files import write_atomic
 
 CELL_KEYS = {
     "bandwidth_mhz": "total uplink bandwidth B",
@@ -188,17 +189,8 @@ def cell_to_toml(cell: Cell) -> str:
 
 def write_random_cell(path: Path, num_owners: int, seed: int = 0) -> Cell:
     """``hetune plan cell``: a random cell as TOML, written atomically."""
-    import os
-    import tempfile
-
     if num_owners < 1:
         raise ConfigError(f"owners={num_owners} must be >= 1", "pass --owners 5, for example")
     cell = random_cell(num_owners, seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"# random cell: {num_owners} owners, seed {seed} (hetune plan cell)\n" + cell_to_toml(cell))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, f"# random cell: {num_owners} owners, seed {seed} (hetune plan cell)\n" + cell_to_toml(cell))
     return cell

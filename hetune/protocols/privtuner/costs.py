@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hetune.errors import ConfigError
+from hetune.files import write_json
 
 DEFAULT_COSTS = Path(__file__).with_name("default_costs.json")
 MATRIX_OVERHEAD_BYTES = 24  # bincode prefix of a serialized matrix
@@ -80,13 +80,7 @@ def load_costs(path: Path | None = None) -> CostModel:
 
 def save_costs(model: CostModel, path: Path) -> None:
     """Atomic: temp file in the same directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(model.to_dict(), fh, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_json(path, model.to_dict())
 
 
 # ---- per-sample figures for a workload ---------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetune.errors import HetuneError
+from hetune.files import save_figure
 from hetune.protocols.privtuner.cell import Cell
 from hetune.protocols.privtuner.continuous import ContinuousInfeasible, QuadraticTransformSolver
 from hetune.protocols.privtuner.costs import CostModel
@@ -273,5 +274,4 @@ def plot_sweep(data: dict, path) -> None:
     ax1.set_yscale("log")  # max power is an order of magnitude above the rest
     ax1.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

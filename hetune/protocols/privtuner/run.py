@@ -7,14 +7,12 @@ run leaves no half-written output.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hetune.errors import ConfigError
+from hetune.files import write_json
 
 DEFAULT_OMEGA = 1e-3  # J per security bit
 
@@ -33,14 +31,6 @@ class PlanConfig:
             raise ConfigError(f"omega={self.omega} must be a finite number >= 0", "pass --omega in J per security bit, e.g. 0.001")
         if self.sweep_points < 2:
             raise ConfigError(f"sweep_points={self.sweep_points} must be >= 2", "use e.g. 7")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def run_plan(cfg: PlanConfig) -> dict:
@@ -70,12 +60,8 @@ def _run_plan(cfg: PlanConfig) -> dict:
         inst = build_instance(cell, costs)
         grid = np.unique(np.concatenate([omega_grid(inst, cfg.sweep_points), [cfg.omega]]))
         result["sweep"] = sweep(cell, costs, grid)
-        fd, tmp = tempfile.mkstemp(dir=cfg.out, suffix=".png")
-        os.close(fd)
-        plot_sweep(result["sweep"], tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, cfg.out / "energy_vs_omega.png")
-    _atomic_write(cfg.out / "privtuner.json", json.dumps(result, indent=1).encode())
+        plot_sweep(result["sweep"], cfg.out / "energy_vs_omega.png")
+    write_json(cfg.out / "privtuner.json", result)
     return result
 
 

@@ -7,16 +7,17 @@ backward differentiates exactly the activations it was given; pending forwards a
 bounded per session, the oldest dropped first. Bad requests get a 4xx JSON error and
 the server keeps serving. Logs carry method, path, status and timing, never payloads.
 
-Deliberately close to the core worker (hybrid_lora/server.py): bearer-token sessions
-with an idle TTL, body-size limits, shape checks before compute. The core SessionStore
-holds a GLWE compression key; this one holds pending activations (see docs/sfprompt.md).
+Deliberately close to the core worker (hybrid_lora/server.py), and sharing its session
+store (protocols/sessions.py) and HTTP helpers (protocols/http_api.py): bearer-token
+sessions with an idle TTL, body-size limits, shape checks before compute. The core
+worker's sessions hold a GLWE compression key; these hold pending activations (see
+docs/sfprompt.md).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +29,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from hetune.errors import ConfigError
+from hetune.protocols.http_api import LoopbackServer, add_access_log, bearer, error, read_body, session_or_error
+from hetune.protocols.sessions import SessionLimitError, SessionStore
 from hetune.protocols.sfprompt import wire
 from hetune.protocols.sfprompt.split import BlockStack
 
@@ -64,53 +67,20 @@ class BodyService:
         self.body, self.hidden, self.cfg = body, hidden, cfg
         self.dtype = next(body.parameters()).dtype
         self._access_token = access_token
-        self.sessions: dict[str, BodySession] = {}
         self.closed_bytes = {"in": 0, "out": 0}  # of sessions already closed or expired
-        self._lock = threading.Lock()
+        self.sessions: SessionStore[BodySession] = SessionStore(
+            cfg.max_sessions, cfg.session_ttl_s, log, on_drop=self._count_closed)
 
     def admit(self, token: str | None) -> bool:
         return token is not None and hmac.compare_digest(token, self._access_token)
 
-    def expire(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for sid in [s for s, v in self.sessions.items() if now - v.last_used > self.cfg.session_ttl_s]:
-                self._drop(sid)
-                log.info("session %s expired", sid[:8])
-
-    def _drop(self, sid: str) -> None:
-        session = self.sessions.pop(sid)
+    def _count_closed(self, session: BodySession) -> None:
+        """Called by the store as a session closes or expires, so total_bytes still counts it."""
         self.closed_bytes["in"] += session.bytes_in
         self.closed_bytes["out"] += session.bytes_out
 
-    def create(self) -> tuple[str, str] | None:
-        self.expire()
-        with self._lock:
-            if len(self.sessions) >= self.cfg.max_sessions:
-                return None
-            sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
-            self.sessions[sid] = BodySession(token)
-        return sid, token
-
-    def get(self, sid: str, token: str | None) -> BodySession | None | bool:
-        """The session; None if unknown; False if the token is wrong."""
-        self.expire()
-        session = self.sessions.get(sid)
-        if session is None:
-            return None
-        if token is None or not hmac.compare_digest(session.token, token):
-            return False
-        session.last_used = time.monotonic()
-        return session
-
-    def close(self, sid: str) -> None:
-        with self._lock:
-            if sid in self.sessions:
-                self._drop(sid)
-
     def total_bytes(self) -> dict[str, int]:
-        with self._lock:
-            live = list(self.sessions.values())
+        live = self.sessions.values()
         return {"in": self.closed_bytes["in"] + sum(s.bytes_in for s in live),
                 "out": self.closed_bytes["out"] + sum(s.bytes_out for s in live)}
 
@@ -150,32 +120,7 @@ def create_body_app(service: BodyService) -> FastAPI:
     # dtype width x rows x hidden, plus the safetensors header
     body_limit = 8 * service.cfg.max_rows * service.hidden + 4096
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    def bearer(request: Request) -> str | None:
-        auth = request.headers.get("authorization", "")
-        return auth[7:] if auth.lower().startswith("bearer ") else None
-
-    async def read_body(request: Request) -> bytes | JSONResponse:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > body_limit):
-            return error(413, f"request body too large (limit {body_limit} bytes)")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > body_limit:
-                return error(413, f"request body too large (limit {body_limit} bytes)")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @app.middleware("http")
-    async def access_log(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path.split("/sessions/")[0] + ("/sessions/..." if "/sessions/" in request.url.path else "")
-        log.info("%s %s -> %d in %.3fs", request.method, path, response.status_code, time.perf_counter() - start)
-        return response
+    add_access_log(app, log)
 
     @app.get(f"{prefix}/health")
     def health():
@@ -190,34 +135,31 @@ def create_body_app(service: BodyService) -> FastAPI:
     def create_session(request: Request):
         if not service.admit(bearer(request)):
             return error(401, "missing or wrong access token")
-        created = service.create()
-        if created is None:
+        try:
+            sid, token = service.sessions.create(BodySession)
+        except SessionLimitError:
             return error(429, f"body server is at its limit of {service.cfg.max_sessions} sessions; retry later")
-        log.info("session %s created", created[0][:8])
-        return {"session_id": created[0], "token": created[1], "ttl_s": service.cfg.session_ttl_s}
+        log.info("session %s created", sid[:8])
+        return {"session_id": sid, "token": token, "ttl_s": service.cfg.session_ttl_s}
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
     def close_session(sid: str, request: Request):
-        got = service.get(sid, bearer(request))
-        if got is None:
-            return error(404, "unknown or expired session")
-        if got is False:
-            return error(401, "missing or wrong bearer token")
-        service.close(sid)
+        got = session_or_error(service.sessions, sid, request)
+        if isinstance(got, JSONResponse):
+            return got
+        service.sessions.close(sid)
         return Response(status_code=204)
 
     @app.post(f"{prefix}/sessions/{{sid}}/{{direction}}")
     async def run(sid: str, direction: str, request: Request, step: int = -1, keep: bool = True):
-        got = service.get(sid, bearer(request))
-        if got is None:
-            return error(404, "unknown or expired session")
-        if got is False:
-            return error(401, "missing or wrong bearer token")
+        got = session_or_error(service.sessions, sid, request)
+        if isinstance(got, JSONResponse):
+            return got
         if direction not in ("forward", "backward"):
             return error(404, f"unknown direction {direction!r}; use forward or backward")
         if step < 0:
             return error(422, "query parameter step (>= 0) is required")
-        body = await read_body(request)
+        body = await read_body(request, body_limit)
         if not isinstance(body, bytes):
             return body
         got.bytes_in += len(body)
@@ -253,29 +195,9 @@ def create_body_app(service: BodyService) -> FastAPI:
     return app
 
 
-class LoopbackBodyServer:
+class LoopbackBodyServer(LoopbackServer):
     """The body app in a background thread on 127.0.0.1 (port chosen by the OS)."""
 
     def __init__(self, service: BodyService, start_timeout_s: float = 30.0):
-        import uvicorn
-
         self.service = service
-        self.server = uvicorn.Server(uvicorn.Config(create_body_app(service), host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="hetune-sfprompt-body", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + start_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the loopback body server did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def __enter__(self) -> "LoopbackBodyServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(create_body_app(service), "body server", "hetune-sfprompt-body", start_timeout_s)

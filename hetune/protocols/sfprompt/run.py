@@ -7,16 +7,14 @@ aggregated prompts and tail (a measurement, not protocol traffic: it is not coun
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from hetune.errors import ConfigError
+from hetune.files import save_figure, write_json
 from hetune.protocols.sfprompt import accounting
 from hetune.protocols.sfprompt.config import SPLIT_METHODS, SfpromptConfig
 
@@ -84,14 +82,6 @@ def run_federated(cfg: SfpromptConfig, task) -> tuple[list[dict], dict]:
     return strategy.rows, (server.service.total_bytes() if server else {"in": 0, "out": 0})
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def plot_metrics(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -112,12 +102,7 @@ def plot_metrics(rows: list[dict], path: Path, title: str) -> None:
     ax2.set_ylabel("cumulative traffic (MB)")
     fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def run(cfg: SfpromptConfig) -> dict:
@@ -154,5 +139,5 @@ def run(cfg: SfpromptConfig) -> dict:
     }
     if cfg.out is not None:
         plot_metrics(rows, cfg.out / "metrics.png", f"{cfg.method} on {cfg.model}, {cfg.clients} clients")
-        _write_atomic(cfg.out / "metrics.json", json.dumps(summary, indent=1))
+        write_json(cfg.out / "metrics.json", summary)
     return summary

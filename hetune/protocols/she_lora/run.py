@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from hetune.errors import ConfigError
+from hetune.files import save_figure, write_json
 from hetune.protocols.she_lora.config import SheLoraConfig
 
 
@@ -54,7 +53,7 @@ def run_federation(cfg: SheLoraConfig, echo: Callable[[str], None] = print) -> d
         "rejections": strategy.rejections,
         "rounds": strategy.history,
     }
-    _write_json(cfg.out / "metrics.json", result)
+    write_json(cfg.out / "metrics.json", result)
     plot_metrics(strategy.history, cfg.out / "metrics.png", f"{cfg.method} on {cfg.model}, {cfg.clients} clients")
     first, last = strategy.history[0], strategy.history[-1]
     echo(f"{cfg.method}: accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f} over {cfg.rounds} rounds; "
@@ -69,18 +68,6 @@ def _jsonable(cfg: SheLoraConfig) -> dict:
     out = asdict(cfg)
     out["out"] = str(cfg.out)
     return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot_metrics(history: list[dict], path: Path, title: str) -> None:
@@ -111,7 +98,4 @@ def plot_metrics(history: list[dict], path: Path, title: str) -> None:
     axes[2].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)

@@ -1,0 +1,53 @@
+"""Atomic output files: written to a temp file beside the target, then renamed.
+
+A crash, Ctrl-C or bad input never leaves half a result, metrics file or plot where a
+reader expects a whole one; the previous version stays until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: Path | str, data: bytes | str, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` (parents created) with permissions ``mode``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            os.fchmod(fh.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path | str, data, indent: int = 1) -> Path:
+    """JSON (paths and other non-JSON values as strings), atomically."""
+    return write_atomic(path, json.dumps(data, indent=indent, default=str))
+
+
+def save_figure(fig, path: Path | str, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
