@@ -141,6 +141,7 @@ def config_from_run_config(run_config: dict) -> SheLoraConfig:
         method=str(run_config.get("method", "she-lora")), ranks=ints("ranks", "2,4,8"), budgets=ints("budgets", "1,2,4"),
         alpha=float(run_config.get("alpha", 0.3)), seed=int(run_config.get("seed", 0)),
         local_steps=int(run_config.get("local-steps", 10)), lr=float(run_config.get("lr", 1e-2)),
+        batch_size=int(run_config.get("batch-size", 32)), max_samples=int(run_config.get("max-samples", 0)),
         ckks=CkksParams(),
     )
 
