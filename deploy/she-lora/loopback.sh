@@ -9,6 +9,8 @@ BIN="${BIN:-$ROOT/.venv/bin}"
 WORK="${1:-$(mktemp -d)}"
 export PATH="$BIN:$PATH"  # the SuperLink/SuperNode spawn flower-superexec by name
 mkdir -p "$WORK"
+LINK_PORT="${LINK_PORT:-9092}"  # SuperLink (Fleet + Control + Runtime APIs share it in flwr 1.41)
+NODE_PORT="${NODE_PORT:-9094}"  # SuperNode i serves its local Runtime API on NODE_PORT+i
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -22,14 +24,14 @@ cat > "$FLWR_HOME/config.toml" <<TOML
 default = "loopback"
 
 [superlink.loopback]
-address = "127.0.0.1:9092"
+address = "127.0.0.1:$LINK_PORT"
 insecure = true
 TOML
 
-"$BIN/flower-superlink" --insecure --host 0.0.0.0 --port 9092 --database "$WORK/state.db" >"$WORK/superlink.log" 2>&1 &
+"$BIN/flower-superlink" --insecure --host 0.0.0.0 --port "$LINK_PORT" --database "$WORK/state.db" >"$WORK/superlink.log" 2>&1 &
 PIDS+=($!)
 for i in 0 1; do
-  FLWR_HOME="$WORK/node$i" "$BIN/flower-supernode" --insecure --superlink 127.0.0.1:9092 --port $((9094 + i)) \
+  FLWR_HOME="$WORK/node$i" "$BIN/flower-supernode" --insecure --superlink "127.0.0.1:$LINK_PORT" --port $((NODE_PORT + i)) \
     --node-config "partition-id=$i num-partitions=2 secret-ctx='$WORK/keys/secret.ctx'" >"$WORK/supernode$i.log" 2>&1 &
   PIDS+=($!)
 done

@@ -78,8 +78,24 @@ def build_server_app(cfg: SheLoraConfig | None = None, strategy=None, node_timeo
         if strategy is None:
             strategy = strategy_for(run_cfg, context.run_config.get("public-ctx"))
         run_rounds(grid, run_cfg, strategy, node_timeout_s)
+        if cfg is None:  # deployment: report to the Flower log stream (`flwr run --stream`, `flwr log`)
+            _report(strategy)
 
     return app
+
+
+def _report(strategy) -> None:
+    """Per-round metrics (no weights, no data) and rejections on Flower's logger."""
+    from logging import INFO, WARNING
+
+    from flwr.common.logger import log as flwr_log
+
+    flwr_log(INFO, "SHE-LoRA: %d clients registered", len(strategy.clients))
+    for row in strategy.history:
+        flwr_log(INFO, "SHE-LoRA round %s: %s", row.get("round"),
+                 {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if isinstance(v, (int, float))})
+    for rej in strategy.rejections:
+        flwr_log(WARNING, "SHE-LoRA rejected: %s", rej)
 
 
 def strategy_for(cfg: SheLoraConfig, public_ctx_path: str | None):
