@@ -9,7 +9,6 @@ Results are approximate (absolute noise of a few tens); callers assert a bound.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,17 +68,13 @@ class GlweKeys:
     def save(self, path: Path) -> None:
         """Write the secret key and its compression key, only when the user asks (``--save-key``).
 
-        Layout: 8-byte little-endian secret length, secret key, compression key. The file is
-        created with mode 0600 before anything is written, then renamed into place.
+        Layout: 8-byte little-endian secret length, secret key, compression key. The temp
+        file is created 0600 before anything is written, then renamed into place.
         """
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
+        from hetune.files import write_atomic
+
         secret, compression = bytes(self.secret.serialize()), self.compression_key_bytes()
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(len(secret).to_bytes(8, "little") + secret + compression)
-        os.replace(tmp, path)
+        write_atomic(path, len(secret).to_bytes(8, "little") + secret + compression, mode=0o600)
 
     def compression_key_bytes(self) -> bytes:
         return bytes(self.compression.serialize())

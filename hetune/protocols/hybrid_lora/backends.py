@@ -98,19 +98,13 @@ class GlweBackend(FrozenBackend):
 
     def __init__(self, codecs: dict[str, OpCodec], transport, keys=None):
         from hetune.crypto.glwe import GlweKeys
-        from hetune.crypto.param_sets import DEFAULT_PARAM_SET
 
         super().__init__()
         self.codecs = codecs
         self.keys = keys or GlweKeys.generate()
         self.transport = transport
         self.name = transport.name
-        key, param_set = self.keys.compression_key_bytes(), getattr(self.keys, "param_set", None)
-        # only name a non-default set, so transports written against open(key) keep working
-        if param_set in (None, DEFAULT_PARAM_SET):
-            transport.open(key)
-        else:
-            transport.open(key, param_set=param_set)
+        transport.open(self.keys.compression_key_bytes(), self.keys.param_set)  # None: the worker's default set
 
     def _round_trip(self, op: str, direction: str, tq: TokenQuant, out_cols: int) -> torch.Tensor:
         payload = bytes(self.keys.encrypt(tq.q.numpy()).serialize())

@@ -10,14 +10,13 @@ to the server.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hetune.errors import ConfigError, HetuneError
+from hetune.files import write_atomic
 from hetune.protocols.she_lora.config import CkksParams
 
 SECRET_NAME, PUBLIC_NAME = "secret.ctx", "public.ctx"
@@ -33,18 +32,6 @@ class KeySetupError(HetuneError):
 class KeyFiles:
     secret: Path  # full context with the secret key, mode 0600, for ClientApps only
     public: Path  # public key and (for the column methods) Galois keys; no secret, no relinearization keys; for the server
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_context(ckks: CkksParams):
@@ -69,9 +56,9 @@ def write_keys(key_dir: Path, ckks: CkksParams, galois: bool = True) -> KeyFiles
     if galois:
         ctx.generate_galois_keys()
     files = KeyFiles(key_dir / SECRET_NAME, key_dir / PUBLIC_NAME)
-    _write_atomic(files.secret, ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False), 0o600)
+    write_atomic(files.secret, ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False), 0o600)
     public = ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=galois, save_relin_keys=False)
-    _write_atomic(files.public, public, 0o644)
+    write_atomic(files.public, public, 0o644)
     return files
 
 
