@@ -334,6 +334,8 @@ def test_malformed_clients_are_rejected_and_the_round_continues(keys, tmp_path):
         "wrong ciphertext size": lambda m, a, b: b.__setitem__(f"ct/{name}", [ct_from(secret, 5)]),
         "extra ciphertext": lambda m, a, b: b[f"ct/{name}"].append(b[f"ct/{name}"][0]),
         "budget not the agreed prefix": lambda m, a, b: m["selected"].__setitem__(name, list(reversed(m["selected"][name]))),
+        "selected is not an object": lambda m, a, b: m.__setitem__("selected", [1, 2]),
+        "column is not a number": lambda m, a, b: m["selected"].__setitem__(name, ["x"] * len(m["selected"][name])),
     }
 
     def ct_from(ctx, size=4096):
@@ -353,10 +355,16 @@ def test_malformed_clients_are_rejected_and_the_round_continues(keys, tmp_path):
         got = _decrypted_aggregate(strat, secret)
         for n_ in SHAPES:
             assert np.abs(got[n_] - want[n_]).max() <= _bound(factors, [0, 1]), label
-    # a client that crashed (error reply) is also just left out
+    # a client that crashed (error reply) is also just left out, as is one whose metrics are not numbers
     strat = _federation("she-lora", keys)[1]
     row = strat.aggregate(1, [good[0], good[1], (102, None, {"error": "boom"})], bytes_down=0)
     assert row["clients_rejected"] == [102]
+    strat = _federation("she-lora", keys)[1]
+    row = strat.aggregate(1, [good[0], good[1], (good[2][0], good[2][1], {"train_loss": "nan?"})], bytes_down=0)
+    assert row["clients_rejected"] == [102] and row["clients_accepted"] == 2
+    # an evaluation with missing figures is left out of the accuracy, not fatal
+    strat.record_accuracy(1, [{"n_samples": 10, "received_accuracy": 0.5, "received_loss": 1.0}, {"n_samples": "x"}])
+    assert strat.history[-1]["accuracy"] == 0.5
 
 
 # ---- span-based inversion ------------------------------------------------------------------

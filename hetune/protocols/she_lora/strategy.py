@@ -9,6 +9,7 @@ wrong shapes, a budget broken) is logged and that client is left out of the roun
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -113,14 +114,17 @@ class SheLoraStrategy:
     def aggregate(self, rnd: int, replies: list[tuple[int, bytes | None, dict]], bytes_down: int) -> dict:
         """Aggregate one round's uploads; returns the round's metrics row (also kept in ``history``)."""
         t0 = time.perf_counter()
-        uploads = []
+        uploads, reported = [], {}
         for node, data, metrics in replies:
             try:
                 if data is None:
                     raise PayloadError(f"client error: {metrics.get('error', 'no reply')}")
+                reported[node] = _round_metrics(metrics)
                 uploads.append(self._parse(node, data, rnd))
             except PayloadError as err:
                 self._reject(rnd, node, err.message)
+            except (KeyError, TypeError, ValueError, AttributeError) as err:  # a header of the wrong types
+                self._reject(rnd, node, f"malformed upload ({type(err).__name__}: {err})")
         while True:
             try:
                 g = self._combine(uploads) if uploads else None
@@ -131,12 +135,11 @@ class SheLoraStrategy:
         if g is not None:
             self._global = g
         agg_time = time.perf_counter() - t0
-        ok = {u.node for u in uploads}
-        good = [m for node, _, m in replies if node in ok]
-        weights = np.array([m["n_samples"] for m in good], dtype=float)
+        good = [reported[u.node] for u in uploads]
+        weights = np.array([u.info.n_samples for u in uploads], dtype=float)  # registered sizes, as in the aggregate
         row = {
             "round": rnd,
-            "clients_accepted": len(ok),
+            "clients_accepted": len(uploads),
             "clients_rejected": sorted(r["node"] for r in self.rejections if r["round"] == rnd),
             "train_loss": float(np.average([m["train_loss"] for m in good], weights=weights)) if good else None,
             "bytes_up": int(sum(len(d) for _, d, _ in replies if d is not None)),
@@ -165,6 +168,13 @@ class SheLoraStrategy:
 
     def record_accuracy(self, rnd: int, evals: list[dict]) -> None:
         """Accuracy of the global model after round ``rnd`` (measured by the clients that received it)."""
+        checked = []
+        for e in evals:
+            try:
+                checked.append(_numbers(e, ("n_samples", "received_accuracy", "received_loss"), "evaluation"))
+            except PayloadError as err:
+                log.warning("round %d: evaluation left out: %s", rnd, err.message)
+        evals = [e for e in checked if e["n_samples"] > 0]
         if not evals:
             return
         w = np.array([e["n_samples"] for e in evals], dtype=float)
@@ -291,6 +301,18 @@ class SheLoraStrategy:
         out = [(acc[o] + clear[lo:hi].tolist()) if o in acc else ts.ckks_vector(self.ctx, clear[lo:hi].tolist())
                for o, (lo, hi) in enumerate(chunks)]
         return [v.serialize() for v in out], chunks
+
+
+def _numbers(metrics: dict, keys: tuple[str, ...], what: str) -> dict[str, float]:
+    """A client's reported figures, checked: a missing or non-finite value rejects that client."""
+    bad = [k for k in keys if not isinstance(metrics.get(k), (int, float)) or not math.isfinite(metrics[k])]
+    if bad:
+        raise PayloadError(f"{what} {', '.join(bad)} missing or not finite numbers")
+    return {k: float(metrics[k]) for k in keys}
+
+
+def _round_metrics(metrics: dict) -> dict[str, float]:
+    return _numbers(metrics, ("train_loss", "enc_time_s", "dec_time_s"), "round metrics")
 
 
 def _shape(arrays: dict, key: str, shape: tuple) -> np.ndarray:

@@ -70,6 +70,8 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], dict[str, list[byt
                 items.append(bytes(body[pos : pos + n]))
                 pos += n
             blobs[name] = items
+        if not isinstance(header["meta"], dict):
+            raise PayloadError("payload header's meta is not an object")
         return header["meta"], arrays, blobs
     except PayloadError:
         raise
