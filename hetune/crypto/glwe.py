@@ -58,6 +58,10 @@ class GlweKeys:
         fhext = _fhext()
         if param_set is not None:
             from hetune.crypto.param_sets import param_set as lookup
+            from hetune.errors import ConfigError
+
+            if params is not None:
+                raise ConfigError("GlweKeys.generate got both params and param_set", "pass one of them")
 
             params = lookup(param_set).params
         params = params or default_crypto_params()

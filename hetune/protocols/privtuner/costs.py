@@ -25,10 +25,9 @@ from pathlib import Path
 
 from hetune.errors import ConfigError
 from hetune.files import write_json
+from hetune.protocols.hybrid_lora import wire
 
 DEFAULT_COSTS = Path(__file__).with_name("default_costs.json")
-MATRIX_OVERHEAD_BYTES = 24  # bincode prefix of a serialized matrix
-ROW_OVERHEAD_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def per_sample(costs: CostModel, param_set: str, model: str, seq_len: int) -> Sa
         out_glwes = math.ceil(prod.n_out / p.packing_poly_size)
         client_s += seq_len * (chunks * p.enc_s_per_glwe + out_glwes * p.dec_s_per_glwe)
         server_s += seq_len * prod.n_out * (p.srv_s_per_value + (chunks - 1) * p.srv_s_per_value_chunk)
-        up += MATRIX_OVERHEAD_BYTES + seq_len * (ROW_OVERHEAD_BYTES + chunks * p.glwe_bytes)
+        up += wire.ciphertext_bytes(seq_len, prod.k, p.poly_size, p.glwe_bytes)
         down += p.result_overhead_bytes + seq_len * out_glwes * p.result_glwe_bytes
     g = costs.cpu_ghz
     return SampleCosts(client_s * g, up * 8e-6, server_s * g, down * 8e-6, p.key_bytes, p.security_bits)
@@ -200,7 +199,7 @@ def measure_param_set(name: str, shapes=MEASURE_SHAPES, repeats: int = 1, echo=N
             dec_rows.append([rows * out_glwes]); dec_y.append(dec_s)
             res.append((rows * out_glwes, len(blob)))
             max_err = max(max_err, int(np.abs(raw - x @ w).max()))
-            if len(payload) != MATRIX_OVERHEAD_BYTES + rows * (ROW_OVERHEAD_BYTES + chunks * ps.glwe_bytes):
+            if len(payload) != wire.ciphertext_bytes(rows, k, ps.poly_size, ps.glwe_bytes):
                 raise AssertionError(f"{name}: ciphertext size {len(payload)} does not match the size formula")
         if echo:
             echo(f"  {name}: ({rows}x{k}) @ ({k}x{n}): enc {enc_s * 1e3:.1f} ms, worker {srv_s:.2f} s, dec {dec_s * 1e3:.1f} ms")

@@ -59,6 +59,11 @@ def evaluate(logits_fn, data: Dataset, batch_size: int = 256) -> tuple[float, fl
     return correct / max(1, len(data)), loss_sum / max(1, len(data))
 
 
+def round_seed(seed: int, rnd: int, partition: int) -> int:
+    """One seed per (run, round, client), the same in the federated and the local-only paths."""
+    return seed * 100_003 + rnd * 1009 + partition
+
+
 def client_costs(cfg: SfpromptConfig, num_classes: int) -> accounting.Costs:
     return accounting.costs(cfg.model, cfg.cut, cfg.n_prompts, seq_len=TEXT_LEN, num_classes=num_classes)
 

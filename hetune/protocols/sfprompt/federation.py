@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 
 from hetune.errors import HetuneError
+from hetune.protocols.sfprompt import wire
 from hetune.protocols.sfprompt.body_client import BodyClient
 from hetune.protocols.sfprompt.config import SPLIT_METHODS, SfpromptConfig
 
@@ -60,7 +61,7 @@ class _DroppingBodyClient(BodyClient):
         with socket.socket() as s:  # a port that nobody listens on
             s.bind(("127.0.0.1", 0))
             dead = s.getsockname()[1]
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{dead}/v1", timeout=5.0)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{dead}/{wire.API_VERSION}", timeout=5.0)
         return result
 
 
@@ -72,7 +73,7 @@ def make_client_app(cfg_dict: dict, body_url: str | None, access_token: str | No
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from hetune.protocols.sfprompt.client import client_round
+        from hetune.protocols.sfprompt.client import client_round, round_seed
 
         cfg = SfpromptConfig.from_dict(cfg_dict)
         torch.set_num_threads(1)
@@ -87,7 +88,7 @@ def make_client_app(cfg_dict: dict, body_url: str | None, access_token: str | No
                 link = (_DroppingBodyClient if cfg.faults.get(pid) == "disconnect" else BodyClient)(body_url, access_token)
                 link.open()
             report = client_round(split, cfg, task.train.subset(parts[pid]), task.num_classes,
-                                  seed=cfg.seed * 100_003 + server_round * 1009 + pid, link=link)
+                                  seed=round_seed(cfg.seed, server_round, pid), link=link)
         except HetuneError as err:
             return Message(Error(code=1, reason=f"partition {pid}: {err.message}"), reply_to=msg)
         finally:

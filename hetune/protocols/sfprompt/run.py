@@ -35,7 +35,7 @@ def _evaluator(cfg: SfpromptConfig, task):
 def run_local_only(cfg: SfpromptConfig, task) -> list[dict]:
     """Every client trains prompts + tail on its own data; no aggregation, no traffic.
     Accuracy per round: the clients' mean on the held-out data."""
-    from hetune.protocols.sfprompt.client import client_round, evaluate
+    from hetune.protocols.sfprompt.client import client_round, evaluate, round_seed
     from hetune.protocols.sfprompt.data import client_partitions
     from hetune.protocols.sfprompt.split import SplitModel
 
@@ -44,7 +44,7 @@ def run_local_only(cfg: SfpromptConfig, task) -> list[dict]:
     rows, t0 = [], time.perf_counter()
     for r in range(cfg.rounds + 1):
         reports = [] if r == 0 else [
-            client_round(m, cfg, task.train.subset(p), task.num_classes, seed=cfg.seed * 100_003 + r * 1009 + pid)
+            client_round(m, cfg, task.train.subset(p), task.num_classes, seed=round_seed(cfg.seed, r, pid))
             for pid, (m, p) in enumerate(zip(models, parts))
         ]
         scores = [evaluate(m, task.test) for m in models]
@@ -107,7 +107,8 @@ def plot_metrics(rows: list[dict], path: Path, title: str) -> None:
 
 def run(cfg: SfpromptConfig) -> dict:
     """Run ``cfg.method`` end to end; writes cfg.out/metrics.json and metrics.png if ``out`` is set."""
-    from hetune.protocols.sfprompt.data import TEXT_LEN, load_task
+    from hetune.protocols.sfprompt.client import client_costs
+    from hetune.protocols.sfprompt.data import load_task
     from hetune.protocols.sfprompt.models import family
 
     if cfg.out is not None:
@@ -133,7 +134,7 @@ def run(cfg: SfpromptConfig) -> dict:
         "body_server_bytes": server_bytes,  # counted by the server itself, for cross-checking
         "client_flops_per_round_mean": sum(r["client_flops_mean"] for r in rows[1:]) / max(1, len(rows) - 1),
         "params": params,
-        "seq_positions": accounting.costs(cfg.model, cfg.cut, cfg.n_prompts, seq_len=TEXT_LEN, num_classes=task.num_classes).positions,
+        "seq_positions": client_costs(cfg, task.num_classes).positions,
         "wall_s": round(time.perf_counter() - start, 2),
         "rounds": rows,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-API_VERSION = "v1"
+from hetune.protocols.hybrid_lora.wire import API_VERSION  # noqa: F401  (BodyClient inherits the core client's URLs)
 MEDIA_TYPE = "application/octet-stream"
 
 
