@@ -212,19 +212,12 @@ def federate_she_lora(
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Federated LoRA with selective CKKS encryption (SHE-LoRA) on Flower's simulation engine."""
-    from hetune.errors import ConfigError
-    from hetune.protocols.she_lora.config import SheLoraConfig
+    from hetune.protocols.she_lora.config import SheLoraConfig, parse_ints
     from hetune.protocols.she_lora.run import run_federation
 
-    def ints(name: str, text: str) -> tuple[int, ...]:
-        try:
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise ConfigError(f"--{name} {text!r} is not a comma-separated list of integers", f"write e.g. --{name} 2,4,8") from None
-
     cfg = SheLoraConfig(
-        out=out, clients=clients, rounds=rounds, model=model, method=method, ranks=ints("ranks", ranks),
-        budgets=ints("budgets", budgets), alpha=alpha, local_steps=local_steps, lr=lr, max_samples=max_samples,
+        out=out, clients=clients, rounds=rounds, model=model, method=method, ranks=parse_ints("--ranks", ranks),
+        budgets=parse_ints("--budgets", budgets), alpha=alpha, local_steps=local_steps, lr=lr, max_samples=max_samples,
         seed=seed, verbose=verbose,
     )
     run_federation(cfg, echo=typer.echo)

@@ -397,3 +397,16 @@ def test_span_inversion_recovers_plaintext_inputs_and_fails_on_encrypted_columns
     assert max(cos_enc) < 0.5
     # the limit, stated as a fact: the clear columns themselves are still recovered exactly
     assert min(cos_visible) > 0.999
+
+
+def test_flower_run_config_keeps_the_config_defaults_and_names_bad_values():
+    from hetune.protocols.she_lora.apps import config_from_run_config
+
+    cfg = config_from_run_config({"clients": 2, "ranks": "4,8", "local-steps": 3, "public-ctx": "x"})
+    assert (cfg.clients, cfg.ranks, cfg.local_steps) == (2, (4, 8), 3)
+    default = SheLoraConfig(out=Path("runs/she-lora"))
+    assert (cfg.rounds, cfg.budgets, cfg.batch_size, cfg.lr) == (default.rounds, default.budgets, default.batch_size, default.lr)
+    with pytest.raises(ConfigError, match="budgets '1,x'"):
+        config_from_run_config({"budgets": "1,x"})
+    with pytest.raises(ConfigError, match="rounds='many'"):
+        config_from_run_config({"rounds": "many"})

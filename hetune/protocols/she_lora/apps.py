@@ -14,7 +14,8 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from hetune.protocols.she_lora.config import CkksParams, SheLoraConfig
+from hetune.errors import ConfigError
+from hetune.protocols.she_lora.config import SheLoraConfig, parse_ints
 
 log = logging.getLogger("hetune.she_lora")
 
@@ -73,13 +74,12 @@ def build_server_app(cfg: SheLoraConfig | None = None, strategy=None, node_timeo
 
     @app.main()
     def main(grid, context):
-        nonlocal strategy
         run_cfg = cfg or config_from_run_config(context.run_config)
-        if strategy is None:
-            strategy = strategy_for(run_cfg, context.run_config.get("public-ctx"))
-        run_rounds(grid, run_cfg, strategy, node_timeout_s)
+        # a fresh strategy per run unless the caller passed one to read afterwards (simulation)
+        strat = strategy or strategy_for(run_cfg, context.run_config.get("public-ctx"))
+        run_rounds(grid, run_cfg, strat, node_timeout_s)
         if cfg is None:  # deployment: report to the Flower log stream (`flwr run --stream`, `flwr log`)
-            _report(strategy)
+            _report(strat)
 
     return app
 
@@ -145,21 +145,25 @@ def run_rounds(grid, cfg: SheLoraConfig, strategy, node_timeout_s: float = 600.0
     strategy.record_accuracy(cfg.rounds, [m for _, d, m in replies if d is not None])
 
 
-def config_from_run_config(run_config: dict) -> SheLoraConfig:
-    """Flower run config (pyproject [tool.flwr.app.config]) -> SheLoraConfig, once at the top of an app."""
-    def ints(key, default):
-        raw = run_config.get(key, default)
-        return tuple(int(v) for v in str(raw).split(",")) if not isinstance(raw, tuple) else raw
+# Flower run-config keys and their types; a key's field is its name with "-" -> "_".
+RUN_CONFIG_TYPES = {"clients": int, "rounds": int, "model": str, "method": str, "ranks": tuple, "budgets": tuple,
+                    "alpha": float, "seed": int, "local-steps": int, "lr": float, "batch-size": int, "max-samples": int}
 
-    return SheLoraConfig(
-        out=Path(str(run_config.get("out", "runs/she-lora"))), clients=int(run_config.get("clients", 10)),
-        rounds=int(run_config.get("rounds", 5)), model=str(run_config.get("model", "micro-llama")),
-        method=str(run_config.get("method", "she-lora")), ranks=ints("ranks", "2,4,8"), budgets=ints("budgets", "1,2,4"),
-        alpha=float(run_config.get("alpha", 0.3)), seed=int(run_config.get("seed", 0)),
-        local_steps=int(run_config.get("local-steps", 10)), lr=float(run_config.get("lr", 1e-2)),
-        batch_size=int(run_config.get("batch-size", 32)), max_samples=int(run_config.get("max-samples", 0)),
-        ckks=CkksParams(),
-    )
+
+def config_from_run_config(run_config: dict) -> SheLoraConfig:
+    """Flower run config (pyproject [tool.flwr.app.config]) -> SheLoraConfig, once at the top of an app.
+
+    Keys left out keep SheLoraConfig's defaults, the same ones the CLI uses.
+    """
+    kwargs = {}
+    for key, kind in RUN_CONFIG_TYPES.items():
+        if key in run_config:
+            raw = run_config[key]
+            try:
+                kwargs[key.replace("-", "_")] = parse_ints(key, raw) if kind is tuple else kind(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"run config {key}={raw!r} is not a {kind.__name__}", f"fix {key} in the run config") from None
+    return SheLoraConfig(out=Path(str(run_config.get("out", "runs/she-lora"))), **kwargs)
 
 
 client_app = build_client_app()

@@ -54,6 +54,14 @@ class CkksParams:
         return self.poly_modulus_degree // 2
 
 
+def parse_ints(name: str, text: str) -> tuple[int, ...]:
+    """"2,4,8" -> (2, 4, 8), for the CLI's and Flower's run-config lists."""
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{name} {text!r} is not a comma-separated list of integers", f"write e.g. {name} 2,4,8") from None
+
+
 @dataclass(frozen=True)
 class SheLoraConfig:
     """One federated run. ``ranks`` and ``budgets`` (encrypted columns per layer) are cycled over clients."""
