@@ -27,7 +27,6 @@ from hetune.protocols.sessions import SessionLimitError, SessionStore
 
 log = logging.getLogger("hetune.worker")
 
-COMPRESSION_KEY_MAX_BYTES = 160 << 20  # the default-parameter key is 128 MiB (others: exactly their set's size)
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class ServeConfig:
 class Session:
     token: str
     compression_key: object
-    params: ParamSet | None = None  # the data owner's GLWE parameter set (its privacy level)
+    params: ParamSet  # the data owner's GLWE parameter set (its privacy level)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -86,16 +85,15 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.post(f"{prefix}/sessions", status_code=201)
     async def create_session(request: Request, param_set: str | None = None):
-        # A named set fixes the key's exact size; without one, Concrete ML's default applies.
-        chosen = None
-        if param_set is not None:
-            if param_set not in PARAM_SETS:
-                return error(422, f"param_set {param_set!r} is not allowed; choose one of {', '.join(PARAM_SETS)}")
-            chosen = lookup_param_set(param_set)
-        body = await read_body(request, chosen.compression_key_bytes if chosen else COMPRESSION_KEY_MAX_BYTES)
+        # The set fixes the key's exact size; without a name, Concrete ML's default (p128) applies.
+        param_set = DEFAULT_PARAM_SET if param_set is None else param_set
+        if param_set not in PARAM_SETS:
+            return error(422, f"param_set {param_set!r} is not allowed; choose one of {', '.join(PARAM_SETS)}")
+        chosen = lookup_param_set(param_set)
+        body = await read_body(request, chosen.compression_key_bytes)
         if isinstance(body, JSONResponse):
             return body
-        if chosen is not None and len(body) != chosen.compression_key_bytes:
+        if len(body) != chosen.compression_key_bytes:
             return error(400, f"a {param_set} compression key is {chosen.compression_key_bytes} bytes, got {len(body)}")
         try:
             key = glwe.load_compression_key(body)
@@ -107,8 +105,8 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             sid, token = sessions.create(lambda token: Session(token, key, chosen))
         except SessionLimitError:
             return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later")
-        log.info("session %s created (%s)", sid[:8], param_set or DEFAULT_PARAM_SET)
-        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "param_set": param_set or DEFAULT_PARAM_SET}
+        log.info("session %s created (%s)", sid[:8], param_set)
+        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "param_set": param_set}
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
     def close_session(sid: str, request: Request):
@@ -132,8 +130,7 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             return error(422, f"{op} {direction} takes {shape.cols} columns, request says {cols}")
         if not 1 <= rows <= cfg.max_rows:
             return error(422, f"rows must be between 1 and {cfg.max_rows}, got {rows}")
-        expected = (wire.ciphertext_bytes(rows, cols, got.params.poly_size, got.params.glwe_bytes) if got.params
-                    else wire.ciphertext_bytes(rows, cols))
+        expected = wire.ciphertext_bytes(rows, cols, got.params.poly_size, got.params.glwe_bytes)
         body = await read_body(request, expected)
         if isinstance(body, JSONResponse):
             return body
