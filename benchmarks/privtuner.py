@@ -1,15 +1,17 @@
 """How much device energy PrivTuner's joint allocation saves against each baseline, and what it costs to solve.
 
 One question: on generated cells of 5..50 data owners (the spec's typical values; the
-server's key memory limited to 0.3 GiB per owner so the parameter-set choice is
-coupled), across privacy weights, what energy and privacy does the alternating
+server's key memory limited to 0.3 GiB per owner, which couples the parameter-set
+choice under glwe and never binds under rlwe, whose sessions hold no key), across
+privacy weights, what energy and privacy does the alternating
 allocation reach compared with equal bandwidth, max power, fixed lowest/highest
 privacy and no joint optimisation; and how long do the planner, its continuous step
 (quadratic transform) and the cvxpy oracle take, side by side on the same problems.
 
-    .venv/bin/python benchmarks/privtuner.py [--sizes 5,10,20,50] [--omegas 1e-4,1e-3,1e-2] [--seed 0]
+    .venv/bin/python benchmarks/privtuner.py [--sizes 5,10,20,50] [--omegas 1e-4,1e-3,1e-2] [--seed 0] [--scheme rlwe]
 
-Costs: the fit shipped in hetune/protocols/privtuner/default_costs.json (or --costs).
+Costs: the fit hetune ships for --scheme (rlwe, the default: default_costs.json in
+hetune/protocols/privtuner/; glwe: default_costs_glwe.json), or --costs.
 Writes benchmarks/results/privtuner.json.
 """
 
@@ -66,7 +68,7 @@ def energy_rows(costs, sizes, omegas, seed) -> list[dict]:
 
 
 def solver_rows(costs, sizes, seed, omega=1e-3) -> list[dict]:
-    """Continuous step (quadratic transform) vs the cvxpy oracle on the same choice, warm."""
+    """Continuous step (quadratic transform) vs the cvxpy oracle on the same choice (every owner at the least private set), warm."""
     rows = []
     for n in sizes:
         inst = build_instance(cell_for(n, seed), costs)
@@ -119,17 +121,19 @@ def main() -> None:
     ap.add_argument("--omegas", default="1e-4,1e-3,1e-2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--costs", type=Path, default=None)
+    ap.add_argument("--scheme", default=None, help="rlwe (default) or glwe; with --costs, the file's")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "privtuner.json")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     omegas = [float(w) for w in args.omegas.split(",")]
-    costs = load_costs(args.costs)
+    costs = load_costs(args.costs, args.scheme)
     plan_cell(cell_for(3, 99), costs, 1e-3)  # warm-up: imports, solver set-up
     t0 = time.perf_counter()
     data = {
         "environment": environment(),
-        "config": {"sizes": sizes, "omegas": omegas, "seed": args.seed, "costs": str(args.costs or "default"),
-                   "cell": "random_cell(N, seed), server_memory_gib = 0.3 N", "workload": "micro-llama, seq_len 16",
+        "config": {"sizes": sizes, "omegas": omegas, "seed": args.seed, "scheme": costs.scheme,
+                   "costs": str(args.costs or "shipped"), "cell": "random_cell(N, seed), server_memory_gib = 0.3 N",
+                   "workload": "micro-llama, seq_len 16, batch 4", "sets": list(build_instance(cell_for(3, 99), costs).sets),
                    "cost_fit": costs.measured},
         "energy": energy_rows(costs, sizes, omegas, args.seed),
         "solver": solver_rows(costs, sizes, args.seed),

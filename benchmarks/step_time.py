@@ -1,65 +1,60 @@
-"""Time per private LoRA step and bytes per token, per backend, beside Concrete ML's LoraTrainer.
+"""Time, memory and bytes of one private LoRA step on each backend, with Concrete ML's GLWE extrapolated.
 
-Question: what does one training step cost on each hetune backend, and how does the
-encrypted step compare with Concrete ML 1.9's ``LoraTrainer(fhe="execute")`` on the
-same model and tokens?
+Question: what does a full encrypted training step of a real-size model cost with the
+batched RLWE scheme, in process and through a worker, and where does the time go?
 
-Workloads (LoRA r=8 on all seven linears of every block, batch 1):
-- ``micro-llama`` (built-in, hidden 32): every backend measured, 3 tokens.
-- ``glwe-block`` (1 block, hidden 1024, 8 heads / 4 KV heads, so every linear is >= 512
-  wide, the size at which Concrete ML switches to its GLWE backend): plain, quantized,
-  encrypted, remote and Concrete ML measured, 2 tokens.
-- ``tiny-llama`` and ``llama-3.2-1b-shape`` with 1 block: plain and quantized measured at
-  64 tokens; encrypted time *extrapolated* = output values the step needs (counted by
-  the quantized run) x seconds per value measured on ``glwe-block``.
+Workloads (LoRA r=8 on all seven linears of every block, one forward + backward):
+- ``micro-llama`` (built-in, hidden 32), 3 tokens: plain, quantized, encrypted and
+  remote on batched RLWE, and encrypted on Concrete ML's GLWE; all measured.
+- ``llama-3.2-1b-shape`` (the real Llama-3.2-1B configuration, all 16 blocks, random
+  weights: the checkpoint cannot be downloaded here), 2048 tokens: quantized, encrypted
+  (worker in this process) and remote (``hetune serve`` in a child process on
+  loopback), each timed once. Concrete ML's GLWE time for the same step is
+  *extrapolated*: output values of the step x GLWE seconds per output value, measured
+  in this run at n_in = 2048.
 
-Encrypted steps are timed once (each takes minutes); plain and quantized take the
-median of 5 steps after 1 warm-up. Key generation and session set-up are reported
-apart from the step.
+Wall time is split into client crypto (encryption, decryption), the worker's product
+(as the worker reports it), transfer (request to result, minus the worker) and the
+client's clear compute (the rest: non-linearities, attention, LoRA, loss, quantization).
+Peak memory is the resident-set high-water mark of the client process (in process: the
+worker too) and of the worker process.
 
-    .venv/bin/python benchmarks/step_time.py             # about 25 minutes on 2 cores
-    .venv/bin/python benchmarks/step_time.py --quick     # micro-llama only, about 2 minutes
+    .venv/bin/python benchmarks/step_time.py            # about 1 hour on 2 cores
+    .venv/bin/python benchmarks/step_time.py --quick    # micro-llama only, under a minute
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import resource
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import environment, write_json
 
-from hetune.compile.bundle import load_bundle, write_bundle
+from hetune.compile.bundle import write_bundle
 from hetune.compile.compiler import CompileConfig, compile_model
-from hetune.crypto.glwe import GlweKeys
-from hetune.models.builtin import BUILTIN_CONFIGS, byte_tokenizer
+from hetune.crypto.scheme import get_scheme
 from hetune.models.loading import load_model
-from hetune.protocols.hybrid_lora.client import LORA_TARGETS, build_private_model
-from hetune.protocols.hybrid_lora.server import LoopbackWorker
+from hetune.protocols.hybrid_lora.client import build_private_model
 
-GLWE_BLOCK = dict(BUILTIN_CONFIGS["tiny-llama"], hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
-                  num_attention_heads=8, num_key_value_heads=4)
-ONE_B_BLOCK = dict(BUILTIN_CONFIGS["llama-3.2-1b-shape"], num_hidden_layers=1)
+HETUNE = str(Path(sys.executable).with_name("hetune"))
 
 
-def save_model(config: dict, root: Path) -> str:
-    """A random-weight model directory, loaded back through the real from_pretrained path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(root)
-    byte_tokenizer().save_pretrained(root)
-    return str(root)
+def gib(kib: int) -> float:
+    return kib / 2**20
 
 
 def make_bundle(model_id: str, root: Path) -> Path:
     compiled = compile_model(load_model(model_id), CompileConfig(calibration_tokens=32), progress=False)
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / "bundle"
+    out = root / model_id
     write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
     return out
 
@@ -71,104 +66,124 @@ def one_step(pm, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def measure(model_id, backend, ids, bundle=None, workers=(), keys=None, repeats=5) -> dict:
-    t0 = time.perf_counter()
-    pm = build_private_model(model_id, backend, bundle=bundle, workers=workers, keys=keys)
-    setup = time.perf_counter() - t0
-    encrypted = pm.backend.encrypted
-    if not encrypted:
-        one_step(pm, ids)  # warm-up
-    times, stats = [], None
-    for _ in range(1 if encrypted else repeats):
-        before = pm.backend.stats.snapshot()
-        times.append(one_step(pm, ids))
-        after = pm.backend.stats.snapshot()
-        stats = {k: after[k] - before[k] for k in after}
+def measure(model_id: str, backend: str, ids: torch.Tensor, **kwargs) -> dict:
+    """One step in a fresh child process, so its memory high-water mark is this step's alone."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure, model_id, backend, ids, kwargs).result()
+
+
+def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> dict:
+    pm = build_private_model(model_id, backend, **kwargs)
+    if not pm.backend.encrypted and ids.numel() < 100:
+        one_step(pm, ids)  # warm-up where a step is cheap
+    before = pm.backend.stats.snapshot()
+    step_s = one_step(pm, ids)
+    st = {k: v - before[k] for k, v in pm.backend.stats.snapshot().items()}
     pm.close()
-    tokens = ids.numel()
-    return {"backend": backend, "tokens": tokens, "step_s": statistics.median(times), "setup_s": setup,
-            "steps_timed": len(times), "values_out": stats["values_out"], "round_trips": stats["round_trips"],
-            "bytes_sent_per_token": stats["bytes_sent"] / tokens, "bytes_received_per_token": stats["bytes_received"] / tokens}
+    row = {"backend": backend, "tokens": ids.numel(), "step_s": step_s, "values_out": st["values_out"],
+           "round_trips": st["round_trips"], "client_peak_gib": gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
+    if pm.backend.encrypted:
+        crypto = st["encrypt_s"] + st["decrypt_s"]
+        row.update(scheme=pm.backend.keys.params.scheme, encrypt_s=st["encrypt_s"], decrypt_s=st["decrypt_s"],
+                   worker_s=st["worker_s"], transfer_s=st["transport_s"] - st["worker_s"],
+                   client_clear_s=step_s - crypto - st["transport_s"], client_crypto_s=crypto,
+                   bytes_sent=st["bytes_sent"], bytes_received=st["bytes_received"],
+                   bytes_per_token=(st["bytes_sent"] + st["bytes_received"]) / ids.numel())
+    print(f"  {model_id:<20} {backend:<10} {row.get('scheme', ''):<5} {step_s:9.2f} s  "
+          + (f"crypto {row['client_crypto_s']:.1f} s, worker {row['worker_s']:.1f} s, transfer {row['transfer_s']:.1f} s, "
+             f"clear {row['client_clear_s']:.1f} s" if "scheme" in row else ""), flush=True)
+    return row
 
 
-def concrete_ml_step(model_id: str, ids: torch.Tensor) -> dict:
-    """The same step through Concrete ML's LoraTrainer, compiled at 8 bits, fhe='execute'."""
-    from concrete.ml.torch.lora import LoraTrainer
-    from peft import LoraConfig, get_peft_model
+class ServedWorker:
+    """``hetune serve`` in a child process on a free loopback port."""
 
-    model = get_peft_model(load_model(model_id).model, LoraConfig(r=8, lora_alpha=16, target_modules=list(LORA_TARGETS)))
+    def __init__(self, bundle: Path):
+        import httpx
 
-    def loss_fn(logits, labels):
-        return torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), labels[..., 1:].reshape(-1))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen([HETUNE, "serve", str(bundle), "--port", str(self.port)], stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                httpx.get(f"{self.url}/v2/health", timeout=1)
+                return
+            except httpx.TransportError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the worker did not start")
+                time.sleep(0.5)
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    with tempfile.TemporaryDirectory() as tmp:
-        # GQA models fail Concrete ML's compile unless q/k/v of the first block skip backprop (see the spec)
-        trainer = LoraTrainer(model, opt, loss_fn=loss_fn, n_layers_to_skip_for_backprop=3, train_log_path=f"{tmp}/log")
-        t0 = time.perf_counter()
-        trainer.compile({"input_ids": ids, "labels": ids}, n_bits=8)
-        compile_s = time.perf_counter() - t0
-        batch = [{"input_ids": ids, "labels": ids}]
-        t0 = time.perf_counter()
-        trainer.train(batch, num_epochs=1, fhe="execute")
-        step_s = time.perf_counter() - t0
-    uses_glwe = trainer.hybrid_model.executor is not None
-    return {"backend": "concrete-ml LoraTrainer(fhe='execute')", "tokens": ids.numel(), "step_s": step_s,
-            "compile_s": compile_s, "glwe_backend": uses_glwe}
+    def stop(self) -> float:
+        """Stop it; returns its peak resident memory in GiB (Linux's VmHWM)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        peak_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        return gib(peak_kib)
 
 
-def encrypted_workload(name, model_id, ids, bundle, keys, with_cml=True) -> dict:
-    rows = [measure(model_id, "plain", ids), measure(model_id, "quantized", ids, bundle=bundle)]
-    rows.append(measure(model_id, "encrypted", ids, bundle=bundle, keys=keys))
-    worker = LoopbackWorker(load_bundle(bundle))
-    try:
-        rows.append(measure(model_id, "remote", ids, workers=(worker.url,), keys=keys))
-    finally:
-        worker.stop()
-    result = {"workload": name, "model": model_id, "rows": rows}
-    if with_cml:
-        cml = concrete_ml_step(model_id, ids)
-        rows.append(cml)
-        enc = next(r for r in rows if r["backend"] == "encrypted")
-        result["ratio_concrete_ml_over_hetune_encrypted"] = cml["step_s"] / enc["step_s"]
-    enc = next(r for r in rows if r["backend"] == "encrypted")
-    result["seconds_per_output_value"] = enc["step_s"] / enc["values_out"]
+def glwe_seconds_per_value(n_in: int = 2048, values: int = 256) -> float:
+    scheme = get_scheme("glwe")
+    keys = scheme.generate_keys()
+    session = scheme.open_session(keys.params, keys.session_key())
+    body = keys.encrypt(np.random.default_rng(0).integers(0, 256, (1, n_in)))
+    w = torch.randint(-127, 128, (values, n_in))
+    t0 = time.perf_counter()
+    scheme.multiply(keys.params, session, body, w)
+    return (time.perf_counter() - t0) / values
+
+
+def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str], spv: float) -> dict:
+    rows = []
+    for backend in backends:
+        if backend == "remote":
+            worker = ServedWorker(bundle)
+            try:
+                row = measure(model_id, "remote", ids, workers=(worker.url,))
+            finally:
+                peak = worker.stop()
+            rows.append({**row, "worker_peak_gib": peak})
+        elif backend == "encrypted-glwe":
+            rows.append(measure(model_id, "encrypted", ids, bundle=bundle, scheme="glwe"))
+        elif backend in ("plain",):
+            rows.append(measure(model_id, backend, ids))
+        else:
+            rows.append(measure(model_id, backend, ids, bundle=bundle))
+    values = next(r["values_out"] for r in rows if r["backend"] == "quantized")
+    glwe = {"backend": "encrypted (Concrete ML GLWE, extrapolated)", "tokens": ids.numel(), "values_out": values,
+            "step_s": values * spv, "extrapolated": True}
+    rows.append(glwe)
     for r in rows:
-        print(f"  {name:<12} {r['backend']:<42} {r['step_s']:9.3f} s/step  ({r['tokens']} tokens)", flush=True)
-    return result
-
-
-def clear_workload(name, model_id, ids, bundle, seconds_per_value) -> dict:
-    rows = [measure(model_id, "plain", ids), measure(model_id, "quantized", ids, bundle=bundle)]
-    q = rows[1]
-    rows.append({"backend": "encrypted (extrapolated)", "tokens": q["tokens"], "values_out": q["values_out"],
-                 "step_s": q["values_out"] * seconds_per_value, "extrapolated": True})
-    for r in rows:
-        print(f"  {name:<12} {r['backend']:<42} {r['step_s']:9.3f} s/step  ({r['tokens']} tokens)", flush=True)
-    return {"workload": name, "model": model_id, "rows": rows}
+        if r.get("scheme") == "rlwe":
+            r["speedup_vs_glwe_extrapolated"] = glwe["step_s"] / r["step_s"]
+    return {"workload": model_id, "tokens": ids.numel(), "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="micro-llama only")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens of the 1B-shape step")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_time.json")
     args = parser.parse_args()
-    keys = GlweKeys.generate()
+    spv = glwe_seconds_per_value()
+    print(f"Concrete ML GLWE: {spv * 1e3:.2f} ms per output value at n_in = 2048", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        results.append(encrypted_workload("micro-llama", "micro-llama", torch.tensor([[72, 101, 108]]),
-                                          make_bundle("micro-llama", root / "micro"), keys))
+        micro = make_bundle("micro-llama", root)
+        results.append(workload("micro-llama", torch.tensor([[72, 101, 108]]), micro,
+                                ["plain", "quantized", "encrypted", "remote", "encrypted-glwe"], spv))
         if not args.quick:
-            glwe_dir = save_model(GLWE_BLOCK, root / "glwe-block")
-            glwe = encrypted_workload("glwe-block", glwe_dir, torch.tensor([[72, 101]]), make_bundle(glwe_dir, root / "glwe"), keys)
-            results.append(glwe)
-            spv = glwe["seconds_per_output_value"]
-            ids64 = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
-            results.append(clear_workload("tiny-llama", "tiny-llama", ids64, make_bundle("tiny-llama", root / "tiny"), spv))
-            one_b = save_model(ONE_B_BLOCK, root / "1b-block")
-            results.append(clear_workload("1b-block", one_b, ids64, make_bundle(one_b, root / "1b"), spv))
-    write_json(args.out, {"benchmark": "step_time", "environment": environment(), "workloads": results})
+            one_b = make_bundle("llama-3.2-1b-shape", root)
+            ids = torch.randint(0, 128256, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+            results.append(workload("llama-3.2-1b-shape", ids, one_b, ["quantized", "encrypted", "remote"], spv))
+    write_json(args.out, {"benchmark": "step_time", "environment": environment(), "glwe_s_per_value": spv, "workloads": results})
     print(f"wrote {args.out}")
 
 

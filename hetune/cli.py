@@ -31,31 +31,32 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 @app.command()
 def compile(
-    model: str = typer.Argument(..., help="Hugging Face hub id, local model directory, or built-in name (tiny-llama, llama-3.2-1b-shape)."),
+    model: str = typer.Argument(..., help="Hugging Face hub id, local model directory, .gguf file, or built-in name (tiny-llama, smollm2-135m, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the worker bundle to."),
     bits_w: int = typer.Option(8, "--bits-w", help="Signed weight bits, per output channel (2..16)."),
     bits_a: int = typer.Option(8, "--bits-a", help="Unsigned activation bits, per token (2..16)."),
     bits_g: int = typer.Option(8, "--bits-g", help="Signed gradient bits, per token (2..16)."),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="Fuse q/k/v and gate/up into one op each (shared input)."),
     lm_head: bool = typer.Option(False, "--lm-head", help="Also outsource lm_head (kept on the client by default)."),
-    accept_overflow_risk: bool = typer.Option(False, "--accept-overflow-risk", help="Compile even if the worst case can exceed the GLWE accumulator."),
+    accept_overflow_risk: bool = typer.Option(False, "--accept-overflow-risk", help="Compile even if the worst case can exceed the scheme's result or noise budget."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Encryption scheme sessions use by default: rlwe (default) or glwe."),
+    param_set: Optional[str] = typer.Option(None, "--param-set", help="Its parameter set to check the budget against (default: the scheme's, p128)."),
     calibration_tokens: int = typer.Option(128, "--calibration-tokens", help="Tokens of real text used to measure per-op error."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
     seed: int = typer.Option(0, "--seed", help="Seed for built-in models' random weights."),
 ) -> None:
-    """Quantize a Llama-class model's outsourced linears and write a worker bundle."""
+    """Quantize a Llama-class (Llama, Mistral, Qwen2, Qwen3) model's outsourced linears and write a worker bundle."""
     from hetune.compile.bundle import check_output_dir, write_bundle
     from hetune.compile.compiler import CompileConfig, compile_model
-    from hetune.models.loading import load_config, load_model
+    from hetune.models.loading import load_model
     from hetune.quant.config import QuantConfig
 
     cfg = CompileConfig(
         quant=QuantConfig(bits_w, bits_a, bits_g, accept_overflow_risk), fuse=fuse,
-        include_lm_head=lm_head, calibration_tokens=calibration_tokens, seed=seed,
+        include_lm_head=lm_head, calibration_tokens=calibration_tokens, seed=seed, scheme=scheme, param_set=param_set,
     )
     check_output_dir(out, overwrite)
-    load_config(model)  # refuse a missing or non-Llama model before loading weights
-    compiled = compile_model(load_model(model, seed=seed), cfg)
+    compiled = compile_model(load_model(model, seed=seed), cfg)  # load_model refuses an unsupported model before its weights
     manifest = write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=overwrite)
     _print_report(compiled.report)
     share = manifest.outsourced_params / manifest.model.total_params
@@ -81,7 +82,7 @@ def serve(
     bundle: Path = typer.Argument(..., help="Bundle directory written by `hetune compile`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8765, "--port", help="Port to listen on."),
-    max_sessions: int = typer.Option(8, "--max-sessions", help="Concurrent data-owner sessions (128 MiB key each)."),
+    max_sessions: int = typer.Option(8, "--max-sessions", help="Concurrent data-owner sessions (a GLWE one holds a 128 MiB key; an RLWE one nothing)."),
     session_ttl: float = typer.Option(3600.0, "--session-ttl", help="Seconds of inactivity before a session expires."),
     max_rows: int = typer.Option(4096, "--max-rows", help="Largest number of tokens in one request."),
 ) -> None:
@@ -96,7 +97,7 @@ def serve(
 
 @app.command()
 def train(
-    model: str = typer.Option(..., "--model", help="Model the bundle was compiled from (hub id, directory or built-in)."),
+    model: str = typer.Option(..., "--model", help="Model the bundle was compiled from (hub id, directory, .gguf file or built-in)."),
     data: list[str] = typer.Option(..., "--data", help="Training text: json/jsonl/txt files (repeatable) or a hub dataset name."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: adapter, checkpoints, metrics.jsonl."),
     backend: str = typer.Option("remote", "--backend", help="plain, quantized, encrypted or remote."),
@@ -117,8 +118,11 @@ def train(
     lora_alpha: int = typer.Option(16, "--lora-alpha", help="LoRA alpha."),
     seed: int = typer.Option(0, "--seed", help="Seed for LoRA init, data order and built-in weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
-    save_key: Optional[Path] = typer.Option(None, "--save-key", help="Also write the GLWE secret key to this file (mode 0600). Never written otherwise."),
-    param_set: Optional[str] = typer.Option(None, "--param-set", help="GLWE parameter set (privacy level): p80, p128 (default), p192, p256; see `hetune plan params`."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="End after this step (checkpointed); --resume continues, on any backend."),
+    save_key: Optional[Path] = typer.Option(None, "--save-key", help="Also write the secret key to this file (mode 0600). Never written otherwise."),
+    load_key: Optional[Path] = typer.Option(None, "--load-key", help="Use a secret key saved by --save-key (same --scheme)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Encryption scheme: rlwe (batched RLWE, default) or glwe (Concrete ML's, ~7 ms per output value)."),
+    param_set: Optional[str] = typer.Option(None, "--param-set", help="The scheme's parameter set (privacy level), e.g. p128 (default), p192, p256; see `hetune plan params`."),
 ) -> None:
     """Fine-tune LoRA adapters privately: frozen products on a backend, everything else here."""
     from hetune.protocols.hybrid_lora.client import LoraSettings
@@ -129,7 +133,7 @@ def train(
         text_field=text_field, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm, eval_every=eval_every,
         save_every=save_every, lora=LoraSettings(r=lora_r, alpha=lora_alpha), seed=seed, save_key=save_key,
-        param_set=param_set,
+        load_key=load_key, scheme=scheme, param_set=param_set, stop_after=stop_after,
     )
     summary = run_training(cfg, resume=resume)
     typer.echo(f"final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
@@ -167,7 +171,7 @@ def pretrain(
 
 @app.command()
 def converge(
-    model: str = typer.Option(..., "--model", help="Base model (directory from `hetune pretrain`, hub id, or built-in)."),
+    model: str = typer.Option(..., "--model", help="Base model (directory from `hetune pretrain`, hub id, .gguf file or built-in)."),
     out: Path = typer.Option(Path("runs/converge"), "--out", "-o", help="Where runs, converge.json and converge.png go."),
     data: list[str] = typer.Option(["arithmetic"], "--data", help="'arithmetic' (built-in task with exact match) or json/jsonl/txt files."),
     steps: int = typer.Option(200, "--steps", help="Optimizer steps per backend."),
@@ -266,14 +270,15 @@ def federate_sfprompt(
 def plan_privtuner(
     cell: Path = typer.Option(..., "--cell", help="Cell TOML: [cell], [workload], one [[owner]] per data owner (docs/examples/cell.toml)."),
     omega: float = typer.Option(1e-3, "--omega", help="Privacy weight: joules per security bit."),
-    costs: Optional[Path] = typer.Option(None, "--costs", help="Cost fit from `hetune plan measure` (default: the shipped fit)."),
+    costs: Optional[Path] = typer.Option(None, "--costs", help="Cost fit from `hetune plan measure` (default: the fit shipped for --scheme)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Encryption scheme whose sets are planned: rlwe (default) or glwe; with --costs, the file's."),
     out: Path = typer.Option(Path("runs/privtuner"), "--out", "-o", help="Where privtuner.json and energy_vs_omega.png go."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also sweep omega for the energy-versus-privacy plot."),
 ) -> None:
     """Allocate HE parameter set, bandwidth, power and CPU frequency per data owner; compare with baselines."""
     from hetune.protocols.privtuner.run import PlanConfig, format_table, run_plan
 
-    result = run_plan(PlanConfig(cell=cell, omega=omega, costs=costs, out=out, sweep=sweep))
+    result = run_plan(PlanConfig(cell=cell, omega=omega, costs=costs, scheme=scheme, out=out, sweep=sweep))
     typer.echo(format_table(result))
     typer.echo(f"wrote {out / 'privtuner.json'}" + (f" and {out / 'energy_vs_omega.png'}" if sweep else ""))
 
@@ -281,17 +286,20 @@ def plan_privtuner(
 @plan_app.command("measure")
 def plan_measure(
     out: Path = typer.Option(..., "--out", "-o", help="Cost fit to write (JSON)."),
-    sets: str = typer.Option("", "--sets", help="Comma-separated parameter sets (default: all of `hetune plan params`)."),
+    scheme: str = typer.Option("rlwe", "--scheme", help="Encryption scheme to measure: rlwe (default, seconds) or glwe (minutes)."),
+    sets: str = typer.Option("", "--sets", help="Comma-separated parameter sets (default: all of the scheme's in `hetune plan params`)."),
     cpu_ghz: Optional[float] = typer.Option(None, "--cpu-ghz", help="Clock that turns seconds into cycles (default: /proc/cpuinfo)."),
-    repeats: int = typer.Option(1, "--repeats", help="Timed runs per shape."),
+    repeats: int = typer.Option(1, "--repeats", help="Timed runs per shape (the fastest counts)."),
 ) -> None:
-    """Time encryption, the worker's matmul and decryption per GLWE parameter set; store the fitted costs."""
+    """Time encryption, the worker's product and decryption per parameter set of one scheme; store the fitted costs."""
     from hetune.protocols.privtuner.costs import measure_and_save
 
-    model = measure_and_save(out, tuple(s.strip() for s in sets.split(",") if s.strip()), cpu_ghz, repeats, echo=typer.echo)
+    model = measure_and_save(out, scheme, tuple(s.strip() for s in sets.split(",") if s.strip()), cpu_ghz, repeats, echo=typer.echo)
     for name, c in model.sets.items():
-        typer.echo(f"{name}: {c.security_bits} bits, enc {c.enc_s_per_glwe * 1e3:.2f} ms/GLWE, "
-                   f"worker {c.srv_s_per_value * 1e3:.2f} ms/value, key {c.key_bytes / 2**20:.0f} MiB")
+        typer.echo(f"{model.scheme}/{name}: client {c.client_s_per_request * 1e3:.3g} ms + {c.enc_s_per_byte * 1e9:.3g} / "
+                   f"{c.dec_s_per_byte * 1e9:.3g} ns per byte (enc / dec); worker {c.srv_s_per_request * 1e3:.3g} ms + "
+                   f"{c.srv_s_per_value * 1e6:.3g} us per value + {c.srv_s_per_mac_byte * 1e12:.3g} ps per output x input byte + "
+                   f"{c.srv_s_per_byte * 1e9:.3g} ns per byte")
     typer.echo(f"wrote {out} (cycles at {model.cpu_ghz:.3g} GHz)")
 
 
@@ -310,8 +318,8 @@ def plan_cell_file(
 
 @plan_app.command("params")
 def plan_params() -> None:
-    """The allow-listed GLWE parameter sets (privacy levels) and their security estimates."""
-    from hetune.crypto.param_sets import describe_param_sets
+    """Every scheme's allow-listed parameter sets (privacy levels): security, budget, sizes."""
+    from hetune.crypto.scheme import describe_param_sets
 
     typer.echo(describe_param_sets())
 
@@ -320,7 +328,7 @@ def _print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"quantization report (GLWE budget {report['budget_bits']} bits)")
+    table = Table(title=f"quantization report ({report['scheme']}/{report['param_set']} budget {report['budget_bits']} bits)")
     for col in ("op", "in x out", "fwd err", "bwd err", "acc bits fwd/bwd (any W)"):
         table.add_column(col)
     for row in report["ops"]:

@@ -49,3 +49,9 @@ class WorkerError(HetuneError):
     """A remote worker is unreachable, or refused a request (its address and answer are in the message)."""
 
     exit_code = 6
+
+
+class OutputError(HetuneError):
+    """A run's output (checkpoint, adapter, metrics) cannot be written or read back: full disk, no permission, a file in the way."""
+
+    exit_code = 9

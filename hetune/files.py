@@ -2,14 +2,26 @@
 
 A crash, Ctrl-C or bad input never leaves half a result, metrics file or plot where a
 reader expects a whole one; the previous version stays until the new one is complete.
+``sha256_file`` hashes a file in chunks (bundle files, packaged model files).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+
+def sha256_file(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path | str, data: bytes | str, mode: int = 0o644) -> Path:
@@ -24,6 +36,26 @@ def write_atomic(path: Path | str, data: bytes | str, mode: int = 0o644) -> Path
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_dir_atomic(path: Path | str, write: Callable[[Path], object]) -> Path:
+    """Let ``write(tmp)`` fill a fresh ``.NAME.partial`` directory beside ``path``, then rename it to ``path``.
+
+    A failure (full disk, no permission) removes the partial directory; a kill leaves it under
+    its temp name, where the next write clears it. An existing ``path`` is replaced only once
+    the new one is whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 

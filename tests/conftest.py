@@ -49,6 +49,36 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
+@pytest.fixture(scope="session")
+def family_model():
+    """Build a tiny random model of a family from its transformers config class (2 blocks, hidden 64, byte vocab).
+
+    Biases and norm weights are moved off their init values (0 and 1) so that a model
+    that dropped or mixed them up would not pass for the original.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    from hetune.models.builtin import BUILTIN_CONFIGS
+
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    byte_ids = {k: BUILTIN_CONFIGS["micro-llama"][k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+
+    def build(family: str, seed: int = 0) -> torch.nn.Module:
+        config = classes[family](
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=128, **byte_ids,
+        )
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
+        return model.eval()
+
+    return build
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

@@ -47,7 +47,7 @@ def test_unfused_compile_with_lm_head(run_cli, tmp_path):
     [
         (["--bits-w", "1"], 2, "bits_w=1 is out of range"),
         (["--bits-a", "17"], 2, "bits_a=17 is out of range"),
-        (["--bits-w", "16", "--bits-a", "16"], 4, "can overflow"),
+        (["--bits-w", "16", "--bits-a", "16"], 4, "cannot decrypt exactly under rlwe/p128"),
     ],
 )
 def test_bad_settings_fail_cleanly(run_cli, tmp_path, args, code, message):
@@ -108,7 +108,7 @@ def test_serve_runs_a_worker_and_refuses_a_damaged_bundle(micro_bundle, tmp_path
         deadline = time.monotonic() + 60
         while True:
             try:
-                info = httpx.get(f"http://127.0.0.1:{port}/v1/info", timeout=1).json()
+                info = httpx.get(f"http://127.0.0.1:{port}/v2/info", timeout=1).json()
                 break
             except httpx.TransportError:
                 assert proc.poll() is None and time.monotonic() < deadline, "worker did not come up"

@@ -82,13 +82,30 @@ def test_compile_of_peft_model_equals_plain(tiny, compiled):
 
 def test_overflowing_config_is_refused_unless_accepted(tiny, tmp_path):
     cfg = CompileConfig(quant=QuantConfig(bits_w=12, bits_a=12, bits_g=12), calibration_tokens=16)
-    with pytest.raises(OverflowRiskError, match="can overflow the 27-bit GLWE accumulator") as info:
+    with pytest.raises(OverflowRiskError, match=r"cannot decrypt exactly under rlwe/p128 .* needs 3\d accumulator bits, rlwe/p128 decrypts 30") as info:
         compile_model(tiny, cfg, progress=False)
     assert "--accept-overflow-risk" in info.value.hint
     risky = CompileConfig(quant=QuantConfig(12, 12, 12, accept_overflow_risk=True), calibration_tokens=16)
     result = compile_model(tiny, risky, progress=False)
     assert result.report["overflow_risk_ops"]
-    assert all(max(s.forward_acc_bits, s.backward_acc_bits) > 27 for s in result.manifest.ops if s.name in result.report["overflow_risk_ops"])
+    assert all(s.worst_acc_bits > 30 or max(s.forward_l2, s.backward_l2) > 11732
+               for s in result.manifest.ops if s.name in result.report["overflow_risk_ops"])
+
+
+def test_glwe_bundles_check_against_their_own_27_bit_budget(tiny):
+    """10/11/11 bits fit the batched RLWE budget (30 bits) but not Concrete ML's GLWE one (27)."""
+    cfg = dict(quant=QuantConfig(bits_w=10, bits_a=11, bits_g=11), calibration_tokens=16)
+    rlwe = compile_model(tiny, CompileConfig(**cfg), progress=False)
+    assert rlwe.manifest.crypto == {"scheme": "rlwe", "param_set": "p128"}
+    assert 27 < max(s.worst_acc_bits for s in rlwe.manifest.ops) <= 30
+    with pytest.raises(OverflowRiskError, match="glwe/p128 decrypts 27"):
+        compile_model(tiny, CompileConfig(**cfg, scheme="glwe"), progress=False)
+
+
+def test_weight_norms_beyond_the_rlwe_noise_budget_are_refused(tiny):
+    """16-bit weights: row norms far above what keeps RLWE decoding failures below 2^-100."""
+    with pytest.raises(OverflowRiskError, match="weight L2 norm .* exceeds"):
+        compile_model(tiny, CompileConfig(quant=QuantConfig(bits_w=16, bits_a=2, bits_g=2), calibration_tokens=16), progress=False)
 
 
 def test_report_has_per_layer_error_and_bits(compiled):
@@ -96,7 +113,8 @@ def test_report_has_per_layer_error_and_bits(compiled):
     assert len(rows) == len(compiled.manifest.ops)
     for row in rows:
         assert 0 < row["forward_rel_err"] < 0.05 and 0 < row["backward_rel_err"] < 0.05
-        assert row["forward_acc_bits"] <= row["generic_acc_bits"] <= 27
+        assert row["forward_acc_bits"] <= row["generic_acc_bits"] <= 30
+        assert 0 < row["forward_l2"] <= 127 * row["in"] ** 0.5 and 0 < row["backward_l2"] <= 127 * row["out"] ** 0.5
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "manifest_json", "manifest_field", "no_weights", "no_manifest"])

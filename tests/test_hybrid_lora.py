@@ -1,6 +1,6 @@
-"""One training step on every backend: same code, gradients within each backend's bound.
+"""One training step on every backend: same code; the batched RLWE steps equal ``quantized`` bit for bit.
 
-The encrypted and remote steps are real GLWE (about 2,400 encrypted output values each).
+The GLWE comparison step is real Concrete ML encryption (about 2,400 output values).
 """
 
 import numpy as np
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from hetune.compile.bundle import load_bundle
-from hetune.crypto.glwe import RESULT_NOISE_BOUND, GlweKeys
+from hetune.crypto.glwe import RESULT_NOISE_BOUND
+from hetune.crypto.rlwe import RlweKeys
+from hetune.crypto.scheme import get_scheme
 from hetune.protocols.hybrid_lora import backends
 from hetune.protocols.hybrid_lora.client import build_private_model
 from hetune.protocols.hybrid_lora.remote import WorkerClient
@@ -16,16 +18,22 @@ from hetune.protocols.hybrid_lora.remote import WorkerClient
 IDS = torch.tensor([[72, 101, 108]])  # "Hel": 3 tokens, 2 loss positions
 
 
-def lora_grads(pm) -> dict[str, torch.Tensor]:
-    """Loss and LoRA gradients of one step, with LoRA B set non-zero so A gets gradients too."""
+def lora_grads(pm, ids=IDS) -> dict[str, torch.Tensor]:
+    """LoRA gradients (and the loss, as "loss") of one step, with LoRA B set non-zero so A gets gradients too."""
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in pm.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    loss = pm.model(input_ids=IDS, labels=IDS).loss
+    loss = pm.model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return {n: p.grad.clone() for n, p in pm.model.named_parameters() if p.requires_grad}
+    return {"loss": loss.detach()[None], **{n: p.grad.clone() for n, p in pm.model.named_parameters() if p.requires_grad}}
+
+
+def assert_equal_grads(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def flat(grads):
@@ -38,7 +46,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def keys():
-    return GlweKeys.generate()
+    return get_scheme("rlwe").generate_keys()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +61,7 @@ def noise_audit(monkeypatch, micro_bundle):
     """Check every decrypted product of a step against the bundle's integer reference."""
     bundle = load_bundle(micro_bundle)
     errors = []
-    original = backends.GlweBackend._round_trip
+    original = backends.EncryptedBackend._round_trip
 
     def audited(self, op, direction, tq, out_cols):
         raw = original(self, op, direction, tq, out_cols)
@@ -62,28 +70,49 @@ def noise_audit(monkeypatch, micro_bundle):
         errors.append(float((raw - exact).abs().max()))
         return raw
 
-    monkeypatch.setattr(backends.GlweBackend, "_round_trip", audited)
+    monkeypatch.setattr(backends.EncryptedBackend, "_round_trip", audited)
     return errors
 
 
 def test_plain_and_quantized_agree(reference):
     plain, quantized = reference
-    assert set(plain) == set(quantized) and len(plain) == 2 * 7 * 2  # A and B of 7 linears x 2 blocks
+    assert set(plain) == set(quantized) and len(plain) == 1 + 2 * 7 * 2  # loss; A and B of 7 linears x 2 blocks
     assert 0 < rel(quantized, plain) < 0.05
 
 
-def test_encrypted_step_matches_quantized(reference, micro_bundle, keys, noise_audit):
+def test_encrypted_step_equals_quantized_bit_for_bit(reference, micro_bundle, keys, noise_audit):
     _, quantized = reference
     pm = build_private_model("micro-llama", "encrypted", bundle=micro_bundle, keys=keys)
+    assert pm.backend.keys.params.scheme == "rlwe"
     grads = lora_grads(pm)
     assert pm.backend.stats.round_trips == len(noise_audit) > 0
     # 8 forward ops; backward skips layers.0.qkv, whose input needs no gradient
     assert len(noise_audit) == 8 + 7
-    assert max(noise_audit) <= RESULT_NOISE_BOUND and max(noise_audit) > 0
+    assert max(noise_audit) == 0  # every product of the step, forward and backward, fused ops included
+    assert_equal_grads(grads, quantized)
+
+
+def test_steps_over_several_ciphertext_blocks_equal_quantized(micro_bundle, keys, noise_audit):
+    """4 x 600 = 2,400 tokens: more than one ring of N = 2048 per ciphertext."""
+    ids = torch.randint(0, 256, (4, 600), generator=torch.Generator().manual_seed(5))
+    quantized = lora_grads(build_private_model("micro-llama", "quantized", bundle=micro_bundle), ids)
+    encrypted = lora_grads(build_private_model("micro-llama", "encrypted", bundle=micro_bundle, keys=keys), ids)
+    assert max(noise_audit) == 0 and len(noise_audit) == 15
+    assert_equal_grads(encrypted, quantized)
+
+
+@pytest.mark.he
+def test_glwe_scheme_step_stays_within_its_noise_bound(reference, micro_bundle, noise_audit):
+    """Concrete ML's GLWE behind the same interface: approximate, within its bound."""
+    _, quantized = reference
+    pm = build_private_model("micro-llama", "encrypted", bundle=micro_bundle, scheme="glwe")
+    assert pm.backend.keys.params.scheme == "glwe"
+    grads = lora_grads(pm)
+    assert len(noise_audit) == 15 and 0 < max(noise_audit) <= RESULT_NOISE_BOUND
     assert 0 < rel(grads, quantized) < 0.03
 
 
-def test_remote_step_matches_quantized_and_leaks_nothing(reference, loopback_worker, keys, noise_audit, monkeypatch):
+def test_remote_step_equals_quantized_and_leaks_nothing(reference, loopback_worker, keys, noise_audit, monkeypatch):
     _, quantized = reference
     sent = []
     original = WorkerClient._request
@@ -94,24 +123,24 @@ def test_remote_step_matches_quantized_and_leaks_nothing(reference, loopback_wor
 
     monkeypatch.setattr(WorkerClient, "_request", recording)
     plaintexts = []
-    original_encrypt = GlweKeys.encrypt
+    original_encrypt = RlweKeys.encrypt
 
     def spy_encrypt(self, q):
         plaintexts.append(np.asarray(q, dtype=np.int64))
         return original_encrypt(self, q)
 
-    monkeypatch.setattr(GlweKeys, "encrypt", spy_encrypt)
+    monkeypatch.setattr(RlweKeys, "encrypt", spy_encrypt)
     worker = loopback_worker()
     pm = build_private_model("micro-llama", "remote", workers=(worker.url,), keys=keys)
     grads = lora_grads(pm)
-    assert max(noise_audit) <= RESULT_NOISE_BOUND
-    assert 0 < rel(grads, quantized) < 0.03
+    assert max(noise_audit) == 0
+    assert_equal_grads(grads, quantized)
     assert pm.backend.stats.bytes_sent > 0 and pm.backend.stats.bytes_received > 0
 
     bodies = [b for b in sent if b]
-    assert len(bodies) == 1 + len(noise_audit)  # compression key + one ciphertext per round trip
-    secret = bytes(keys.secret.serialize())
-    windows = [secret[i : i + 32] for i in range(0, len(secret) - 32, 4096)]
+    assert len(bodies) == len(noise_audit)  # no key upload: one ciphertext per round trip
+    secret = np.packbits(keys._secret.numpy().astype(np.uint8)).tobytes()
+    windows = [secret[i : i + 16] for i in range(0, len(secret) - 16, 16)]
     for body in bodies:
         assert not any(w in body for w in windows)
         for q in plaintexts:

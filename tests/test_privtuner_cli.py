@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
+from hetune.crypto.scheme import get_scheme
 from hetune.errors import ConfigError
-from hetune.protocols.hybrid_lora import wire
 from hetune.protocols.privtuner.cell import cell_to_toml, load_cell, parse_cell, path_loss_gain, random_cell
 from hetune.protocols.privtuner.costs import load_costs, per_sample, workload_products
 
@@ -59,7 +59,8 @@ def test_good_cell_parses_with_path_loss():
         (("owner", 0, "max_power_w"), 0, "max_power_w=0.0 must be a positive"),
         (("owner", 1, "distance_m"), 50.0, "exactly one of distance_m and gain_db"),
         (("owner", 1, "gain_db"), 3.0, "must be negative"),
-        (("workload", "seq_len"), "16", "seq_len an integer"),
+        (("workload", "seq_len"), "16", "seq_len and batch integers"),
+        (("workload", "batch"), 0, "batch=0 must be >= 1"),
         (("owner",), [], "no \\[\\[owner\\]\\] entries"),
     ],
 )
@@ -79,11 +80,12 @@ def test_bad_toml_and_missing_file(tmp_path):
 
 
 def test_random_cell_round_trips_through_toml(tmp_path):
-    cell = random_cell(5, seed=4, server_memory_gib=3.0)
+    cell = random_cell(5, seed=4, server_memory_gib=3.0, batch=8)
     path = tmp_path / "c.toml"
     path.write_text(cell_to_toml(cell))
     back = load_cell(path)
     assert back.owners == cell.owners and back.bandwidth_mhz == cell.bandwidth_mhz and back.server_memory_gib == 3.0
+    assert back.batch == 8 and parse_cell(GOOD).batch == 4  # `hetune train --batch-size`'s default
     assert 50 <= min(o.distance_m for o in back.owners) and max(o.distance_m for o in back.owners) <= 500
     assert back.owners[0].gain == pytest.approx(path_loss_gain(back.owners[0].distance_m))
 
@@ -91,17 +93,50 @@ def test_random_cell_round_trips_through_toml(tmp_path):
 def test_per_sample_costs_follow_the_protocol():
     products = workload_products("micro-llama")
     assert len(products) == 2 * 4 + 7  # forward of every op; backward of all but layer 0's qkv
-    costs = load_costs()
-    for name in ("p80", "p128", "p256"):
-        p = costs.sets[name]
-        one = per_sample(costs, name, "micro-llama", 16)
-        expected = sum(wire.ciphertext_bytes(16, pr.k, p.poly_size, p.glwe_bytes) for pr in products) * 8e-6
-        assert one.upload_mbit == pytest.approx(expected)
-        two = per_sample(costs, name, "micro-llama", 32)
-        assert two.server_gcycles == pytest.approx(2 * one.server_gcycles)
-    # micro-llama rows are narrower than N: p256 pads them to 4096 values, p80 to 1024
-    up = {n: per_sample(costs, n, "micro-llama", 16).upload_mbit for n in ("p80", "p128", "p256")}
+    for scheme in ("rlwe", "glwe"):
+        costs = load_costs(scheme=scheme)
+        sch = get_scheme(scheme)
+        assert costs.scheme == scheme and tuple(costs.sets) == sch.param_sets
+        for name in sch.param_sets:
+            one = per_sample(costs, name, "micro-llama", 16, batch=4)
+            expected = sum(sch.request_bytes(sch.params(name), 64, pr.k) for pr in products) * 8e-6 / 4
+            assert one.upload_mbit == pytest.approx(expected)  # exact request sizes, shared by the batch
+            assert one.security_bits == sch.params(name).security.bits and one.key_bytes == sch.params(name).session_key_bytes
+    rlwe = load_costs()
+    up = {n: per_sample(rlwe, n, "micro-llama", 16, batch=4).upload_mbit for n in ("p128", "p192", "p256")}
+    assert up["p192"] == up["p256"] == pytest.approx(2 * up["p128"], rel=1e-4)  # tokens pad to N = 4096 vs 2048
+    # rlwe: 16 or 64 sequences of 16 tokens fill at most one ring of 2,048 coefficients, so the
+    # per-sample upload falls with the batch; GLWE encrypts each token alone and does not care
+    one, four = (per_sample(rlwe, "p128", "micro-llama", 16, batch=b) for b in (16, 64))
+    assert one.upload_mbit == pytest.approx(4 * four.upload_mbit, rel=1e-4)
+    glwe = load_costs(scheme="glwe")
+    one, four = (per_sample(glwe, "p128", "micro-llama", 16, batch=b) for b in (16, 64))
+    assert one.upload_mbit == pytest.approx(four.upload_mbit, rel=1e-3)
+    assert one.server_gcycles == pytest.approx(four.server_gcycles, rel=1e-3)
+    # GLWE's micro-llama rows are narrower than N: p256 pads them to 4096 values, p80 to 1024
+    up = {n: per_sample(glwe, n, "micro-llama", 16).upload_mbit for n in ("p80", "p128", "p256")}
     assert up["p80"] < up["p128"] < up["p256"]
+    # per sample, GLWE's worker pays a key switch per output value: rlwe's is far cheaper
+    assert per_sample(rlwe, "p128", "micro-llama", 16).server_gcycles < 0.1 * per_sample(glwe, "p128", "micro-llama", 16).server_gcycles
+
+
+def test_cost_files_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="ships no cost fit|unknown"):
+        load_costs(scheme="nope")
+    glwe_file = tmp_path / "glwe.json"
+    glwe_file.write_text(json.dumps(load_costs(scheme="glwe").to_dict()))
+    with pytest.raises(ConfigError, match="is for scheme 'glwe', not 'rlwe'"):
+        load_costs(glwe_file, scheme="rlwe")
+    data = load_costs().to_dict()
+    data["sets"]["p80"] = data["sets"]["p128"]  # a GLWE set in an rlwe file
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="'p80' is not one of scheme 'rlwe'"):
+        load_costs(bad)
+    del data["scheme"]  # a cost file of the GLWE-only format
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="not a hetune cost file"):
+        load_costs(bad)
 
 
 def test_cli_plans_the_example_and_writes_json(run_cli, tmp_path):
@@ -110,12 +145,18 @@ def test_cli_plans_the_example_and_writes_json(run_cli, tmp_path):
     out = tmp_path / "plan"
     code, stdout, stderr = run_cli("plan", "privtuner", "--cell", cell, "--omega", "0.002", "--out", out, "--no-sweep")
     assert code == 0, stderr
-    assert "privtuner" in stdout and "equal_bandwidth" in stdout and "max_power" in stdout
+    assert "scheme rlwe" in stdout and "privtuner" in stdout and "equal_bandwidth" in stdout and "max_power" in stdout
     result = json.loads((out / "privtuner.json").read_text())
+    assert result["scheme"] == "rlwe" and result["sets"] == ["p128", "p192", "p256"] and result["phi"] == [128, 192, 256]
     assert len(result["plan"]["owners"]) == 3 and result["omega"] == 0.002
+    assert not list(out.glob("*.tmp"))
+    # GLWE sessions hold compression keys: the worker's memory couples the owners' choices
+    code, stdout, stderr = run_cli("plan", "privtuner", "--cell", cell, "--scheme", "glwe", "--out", out, "--no-sweep")
+    assert code == 0, stderr
+    result = json.loads((out / "privtuner.json").read_text())
+    assert result["scheme"] == "glwe" and result["sets"] == ["p80", "p128", "p192", "p256"]
     mem = {"p80": 48, "p128": 128, "p192": 512, "p256": 512}
     assert sum(mem[o["param_set"]] for o in result["plan"]["owners"]) <= 1024  # the memory budget holds
-    assert not list(out.glob("*.tmp"))
 
 
 def test_cli_refuses_infeasible_and_malformed_cells(run_cli, tmp_path):
@@ -136,7 +177,16 @@ def test_cli_cell_and_params(run_cli, tmp_path):
     code, _, _ = run_cli("plan", "cell", "--owners", "7", "--seed", "3", "--out", path)
     assert code == 0 and len(load_cell(path).owners) == 7
     code, stdout, _ = run_cli("plan", "params")
-    assert code == 0 and all(name in stdout for name in ("p80", "p128", "p192", "p256"))
+    assert code == 0 and all(name in stdout for name in ("rlwe", "glwe", "p80", "p128", "p192", "p256"))
+
+
+def test_cli_measure_validates_before_measuring(run_cli, tmp_path):
+    out = tmp_path / "costs.json"
+    code, _, stderr = run_cli("plan", "measure", "--scheme", "ckks", "--out", out)
+    assert code == 2 and "scheme 'ckks' is unknown" in stderr
+    code, _, stderr = run_cli("plan", "measure", "--sets", "p128,p80", "--out", out)  # p80 is GLWE's, not rlwe's
+    assert code == 2 and "'p80' is not allow-listed for scheme 'rlwe'" in stderr
+    assert not out.exists()
 
 
 def test_sweep_writes_the_plot(tmp_path):

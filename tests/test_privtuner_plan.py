@@ -1,7 +1,9 @@
 """PrivTuner's planner: branch-and-bound, the continuous solver against its oracle, the alternation, baselines.
 
-No encryption here: the cost fit shipped with hetune (measured with real GLWE) feeds
-small generated cells. Seeds are fixed; every check is an invariant, not a golden number.
+No encryption here: the cost fits shipped with hetune (measured with real encryption:
+rlwe, the default, whose sessions hold no key, and glwe, whose compression keys couple the
+owners through the worker's memory) feed small generated cells. Seeds are fixed; every
+check is an invariant, not a golden number.
 """
 
 import math
@@ -26,8 +28,21 @@ def costs():
 
 
 @pytest.fixture(scope="module")
+def glwe_costs():
+    return load_costs(scheme="glwe")
+
+
+@pytest.fixture(scope="module")
 def inst(costs):
     return build_instance(random_cell(4, seed=3), costs)
+
+
+def test_sets_are_the_schemes(inst, glwe_costs):
+    assert inst.sets == ("p128", "p192", "p256") and inst.phi.tolist() == [128, 192, 256]
+    assert (inst.mem_gib == 0).all()  # rlwe sessions hold no key
+    glwe = build_instance(random_cell(4, seed=3), glwe_costs)
+    assert glwe.sets == ("p80", "p128", "p192", "p256") and glwe.phi.tolist() == [80, 128, 192, 256]
+    assert glwe.mem_gib.tolist() == pytest.approx([48 / 1024, 128 / 1024, 0.5, 0.5], rel=1e-5)
 
 
 def test_branch_and_bound_equals_brute_force_and_prunes():
@@ -75,22 +90,28 @@ def test_branch_and_bound_is_exact_on_large_memory_bound_cells():
         assert mem_mib[choice].sum() <= budget_mib
 
 
-def test_branch_and_bound_on_a_real_cost_table(inst, costs):
-    planner = Planner(inst, 2e-3)
-    res = planner.continuous(np.zeros(inst.n, dtype=int))
-    cost, _, _ = cost_table(inst, res.alloc, 2e-3)
+def test_branch_and_bound_on_a_real_cost_table(inst, glwe_costs):
+    glwe = build_instance(random_cell(4, seed=3), glwe_costs)
+    res = Planner(glwe, 2e-3).continuous(np.zeros(glwe.n, dtype=int))
+    cost, _, _ = cost_table(glwe, res.alloc, 2e-3)
     assert np.isfinite(cost[:, 0]).all()  # the current choice stays feasible
-    budget = float(inst.mem_gib[0] * inst.n + 0.6)  # room for one big key at most
-    choice, value, _ = branch_and_bound(cost, inst.mem_gib, budget)
-    bf_choice, bf_value = brute_force(cost, inst.mem_gib, budget)
+    budget = float(glwe.mem_gib[0] * glwe.n + 0.6)  # room for one big key at most
+    choice, value, _ = branch_and_bound(cost, glwe.mem_gib, budget)
+    bf_choice, bf_value = brute_force(cost, glwe.mem_gib, budget)
     assert value == pytest.approx(bf_value, rel=1e-12) and np.array_equal(choice, bf_choice)
+    # rlwe: no keys, so whatever the memory limit each owner simply takes its cheapest set
+    res = Planner(inst, 2e-3).continuous(np.zeros(inst.n, dtype=int))
+    cost, _, _ = cost_table(inst, res.alloc, 2e-3)
+    choice, value, _ = branch_and_bound(cost, inst.mem_gib, 0.0)
+    assert np.array_equal(choice, np.argmin(cost, axis=1)) and value == pytest.approx(cost.min(axis=1).sum())
 
 
 @pytest.mark.parametrize("choice", [[0, 0, 0, 0], [1, 0, 2, 1]])
 def test_continuous_matches_the_oracle_and_satisfies_kkt(costs, choice):
     # A small server-energy weight makes the optimum unique in f_s too (with kappa_server = 0
-    # any split of spare server capacity is optimal, and only the objective can be compared).
-    inst = build_instance(random_cell(4, seed=3, deadline_s=40.0, kappa_server=1e-38), costs)
+    # any split of spare server capacity is optimal, and only the objective can be compared);
+    # rlwe's server work is small, so the weight is larger than GLWE's would need.
+    inst = build_instance(random_cell(4, seed=3, deadline_s=20.0, kappa_server=1e-36), costs)
     choice = np.array(choice)
     omega = 1e-3
     ours = Planner(inst, omega, tol=1e-12).continuous(choice)
@@ -116,10 +137,10 @@ def test_alternation_never_increases_the_objective(inst):
         assert violation(inst, plan.choice, plan.alloc) < 1e-5
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_plan_beats_every_baseline_on_generated_cells(costs, seed):
+@pytest.mark.parametrize("scheme,seed", [("rlwe", 0), ("rlwe", 1), ("glwe", 0)])
+def test_plan_beats_every_baseline_on_generated_cells(costs, glwe_costs, scheme, seed):
     cell = random_cell(4, seed=seed, server_memory_gib=1.5)
-    result = plan_cell(cell, costs, omega=2e-3)
+    result = plan_cell(cell, costs if scheme == "rlwe" else glwe_costs, omega=2e-3)
     ours = result["plan"]
     assert result["violation"] < 1e-5
     feasible = {k: v for k, v in result["baselines"].items() if v is not None}
@@ -148,12 +169,14 @@ def test_energy_is_what_the_formulas_say(inst):
     assert owner_energy(inst, np.ones(inst.n, dtype=int), a)[n] == pytest.approx(expected, rel=1e-12)
 
 
-def test_infeasible_deadline_names_the_owner_and_binding_part(costs):
+def test_infeasible_deadline_names_the_owner_and_binding_part(costs, glwe_costs):
     cell = random_cell(3, seed=0, deadline_s=2.0)
     with pytest.raises(InfeasibleCellError, match=r"owner 1: deadline 2 s < minimum .* \((uplink|server|compute|downlink)-bound"):
         check_feasible(build_instance(cell, costs))
+    small = random_cell(3, seed=0, server_memory_gib=0.1)
     with pytest.raises(InfeasibleCellError, match="server memory"):
-        check_feasible(build_instance(random_cell(3, seed=0, server_memory_gib=0.1), costs))
+        check_feasible(build_instance(small, glwe_costs))  # three 48 MiB compression keys
+    check_feasible(build_instance(small, costs))  # rlwe sessions need no memory
 
 
 def test_jointly_infeasible_cell_names_the_shared_constraint(costs):

@@ -70,7 +70,7 @@ def test_split_gradients_equal_monolithic_autograd_float64(model, cut):
 
 def test_body_server_refuses_bad_requests_and_keeps_serving():
     with _server("tiny-vit", (1, 1), max_pending=2) as server:
-        base = f"{server.url}/v1"
+        base = f"{server.url}/{wire.API_VERSION}"
         assert httpx.post(f"{base}/sessions").status_code == 401
         assert httpx.post(f"{base}/sessions", headers={"authorization": "Bearer wrong"}).status_code == 401
         link = BodyClient(server.url, TOKEN)

@@ -57,6 +57,21 @@ def test_resume_matches_uninterrupted_run(tmp_path, data_file, micro_bundle, mon
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_encrypted_steps_then_quantized_equal_a_quantized_run(tmp_path, data_file, micro_bundle):
+    """Batched RLWE is exact: 2 encrypted steps, resumed on ``quantized``, equal 4 quantized steps bit for bit."""
+    from safetensors.torch import load_file
+
+    train(config(tmp_path / "q", data_file, micro_bundle, steps=4, save_every=4, eval_every=4))
+    train(config(tmp_path / "mix", data_file, micro_bundle, backend="encrypted", steps=4, save_every=4, eval_every=4, stop_after=2))
+    assert latest_checkpoint(tmp_path / "mix").name == "step-2"
+    train(config(tmp_path / "mix", data_file, micro_bundle, steps=4, save_every=4, eval_every=4), resume=True)
+    q, mix = read_metrics(tmp_path / "q"), read_metrics(tmp_path / "mix")
+    assert [m["loss"] for m in q] == [m["loss"] for m in mix] and mix[0]["bytes_sent"] > 0 == mix[-1]["bytes_sent"]
+    wq = load_file(str(tmp_path / "q" / "adapter" / "adapter_model.safetensors"))
+    wm = load_file(str(tmp_path / "mix" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(wq[k], wm[k]) for k in wq)
+
+
 def test_loss_goes_down_and_adapter_loads_with_peft(tmp_path, data_file, micro_bundle):
     from peft import PeftModel
 
@@ -112,8 +127,10 @@ def test_worker_going_away_stops_cleanly_with_checkpoint(tmp_path, data_file, lo
         (["--backend", "quantized"], 2, "needs a bundle"),
         (["--backend", "plain", "--steps", "0"], 2, "steps=0 must be >= 1"),
         (["--backend", "remote", "--worker", "http://127.0.0.1:9"], 6, "cannot reach worker"),
-        (["--backend", "remote", "--worker", "http://127.0.0.1:9", "--param-set", "p100"], 2, "p80, p128, p192, p256"),
-        (["--backend", "plain", "--param-set", "p80"], 2, "--param-set applies to the encrypted and remote backends"),
+        (["--backend", "remote", "--worker", "http://127.0.0.1:9", "--param-set", "p100"], 2, "choose one of p128, p192, p256"),
+        (["--backend", "remote", "--worker", "http://127.0.0.1:9", "--scheme", "ckks"], 2, "scheme 'ckks' is unknown"),
+        (["--backend", "plain", "--param-set", "p80"], 2, "--param-set apply to the encrypted and remote backends"),
+        (["--backend", "remote", "--worker", "http://127.0.0.1:9", "--load-key", "/nonexistent"], 2, "--load-key /nonexistent does not exist"),
     ],
 )
 def test_train_cli_errors(run_cli, tmp_path, data_file, args, code, message, monkeypatch):

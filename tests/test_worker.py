@@ -10,16 +10,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hetune.compile.bundle import load_bundle
-from hetune.crypto.glwe import RESULT_NOISE_BOUND, GlweKeys
-from hetune.protocols.hybrid_lora import wire
+from hetune.crypto.scheme import get_scheme
 from hetune.protocols.hybrid_lora.server import ServeConfig, create_app
 
-OP = "layers.1.o"  # 32 x 32: one row costs ~0.5 s of GLWE work
+OP = "layers.1.o"  # 32 x 32
 
 
 @pytest.fixture(scope="module")
 def keys():
-    return GlweKeys.generate()
+    return get_scheme("rlwe").generate_keys()
 
 
 @pytest.fixture(scope="module")
@@ -34,41 +33,42 @@ def client(bundle):
 
 @pytest.fixture
 def session(client, keys):
-    data = client.post("/v1/sessions", content=keys.compression_key_bytes()).json()
+    data = client.post("/v2/sessions", content=keys.session_key()).json()
     return data["session_id"], {"authorization": f"Bearer {data['token']}"}
 
 
 def ciphertext(keys, rows, cols, seed=0):
     q = np.random.default_rng(seed).integers(0, 256, (rows, cols))
-    return q, bytes(keys.encrypt(q).serialize())
+    return q, keys.encrypt(q)
 
 
 def run(client, sid, headers, body, op=OP, direction="forward", rows=1, cols=32):
-    return client.post(f"/v1/sessions/{sid}/ops/{op}/{direction}", params={"rows": rows, "cols": cols}, content=body, headers=headers)
+    return client.post(f"/v2/sessions/{sid}/ops/{op}/{direction}", params={"rows": rows, "cols": cols}, content=body, headers=headers)
 
 
 def assert_still_serving(client, keys, sid, headers, bundle):
-    assert client.get("/v1/health").json()["status"] == "ok"
+    assert client.get("/v2/health").json()["status"] == "ok"
     q, body = ciphertext(keys, 1, 32, seed=1)
     r = run(client, sid, headers, body)
     assert r.status_code == 200
-    raw = keys.decrypt(keys.result_from_bytes(r.content), 32)
     exact = q @ bundle.tensors[f"{OP}.weight"].numpy().astype(np.int64).T
-    assert np.abs(raw - exact).max() <= RESULT_NOISE_BOUND
+    assert np.array_equal(keys.decrypt(r.content, 1, 32), exact)
 
 
-def test_ciphertext_size_formula_matches_real_ciphertexts(keys):
-    for rows, cols in [(1, 16), (2, 16), (3, 100), (1, 2048), (1, 2049), (2, 4097)]:
-        assert len(ciphertext(keys, rows, cols)[1]) == wire.ciphertext_bytes(rows, cols)
+def test_request_size_formula_matches_real_requests(keys):
+    scheme = get_scheme("rlwe")
+    for rows, cols in [(1, 16), (2, 16), (3, 100), (2048, 3), (2049, 2), (4097, 1)]:
+        assert len(ciphertext(keys, rows, cols)[1]) == scheme.request_bytes(keys.params, rows, cols)
 
 
 def test_info_and_codec(client, bundle):
-    info = client.get("/v1/info").json()
-    assert info["api_version"] == "v1" and len(info["manifest"]["ops"]) == len(bundle.manifest.ops)
-    assert info["manifest"]["crypto"]["result_budget_bits"] == 27
+    info = client.get("/v2/info").json()
+    assert info["api_version"] == "v2" and len(info["manifest"]["ops"]) == len(bundle.manifest.ops)
+    assert info["default"] == {"scheme": "rlwe", "param_set": "p128"}
+    assert set(info["schemes"]) == {"rlwe", "glwe"} and "p128" in info["schemes"]["rlwe"]["param_sets"]
     from safetensors.torch import load
 
-    codec = load(client.get("/v1/codec").content)
+    codec = load(client.get("/v2/codec").content)
     assert set(codec) == {f"{op.name}.{k}" for op in bundle.manifest.ops for k in ("scale", "rowsum")}
     assert not any(t.shape[0] > 1 and t.dim() > 1 for t in codec.values())  # vectors only: no weights
 
@@ -78,7 +78,7 @@ def test_info_and_codec(client, bundle):
     [
         ("no_token", 401), ("wrong_token", 401), ("unknown_session", 404), ("unknown_op", 404),
         ("bad_direction", 404), ("wrong_cols", 422), ("zero_rows", 422), ("too_many_rows", 422),
-        ("truncated", 422), ("oversized", 413), ("corrupt", 400),
+        ("truncated", 422), ("oversized", 413), ("corrupt", 400), ("other_set", 422), ("header_rows", 422),
     ],
 )
 def test_bad_requests_get_4xx_and_worker_keeps_serving(client, session, keys, bundle, case, status):
@@ -111,6 +111,10 @@ def test_bad_requests_get_4xx_and_worker_keeps_serving(client, session, keys, bu
         body = body + b"\0" * 5000
     if case == "corrupt":
         body = bytes(np.random.default_rng(3).integers(0, 256, len(body), dtype=np.uint8))
+    if case == "other_set":  # a well-formed body for another parameter set
+        body = body[:14] + b"p192".ljust(8, b"\0") + body[22:]
+    if case == "header_rows":  # the header disagrees with the query
+        body = body[:22] + (2).to_bytes(4, "little") + body[26:]
     r = run(client, sid_used, headers_used, body, **kwargs)
     assert r.status_code == status, r.text
     assert "error" in r.json()
@@ -118,36 +122,57 @@ def test_bad_requests_get_4xx_and_worker_keeps_serving(client, session, keys, bu
 
 
 def test_sessions_are_isolated_capped_and_closed(client, keys, bundle):
-    a = client.post("/v1/sessions", content=keys.compression_key_bytes()).json()
-    b = client.post("/v1/sessions", content=keys.compression_key_bytes()).json()
-    assert client.post("/v1/sessions", content=keys.compression_key_bytes()).status_code == 429
+    a = client.post("/v2/sessions", content=keys.session_key()).json()
+    b = client.post("/v2/sessions", content=keys.session_key()).json()
+    assert client.post("/v2/sessions", content=keys.session_key()).status_code == 429
     _, body = ciphertext(keys, 1, 32)
     # a's token does not open b's session
     r = run(client, b["session_id"], {"authorization": f"Bearer {a['token']}"}, body)
     assert r.status_code == 401
-    assert client.delete(f"/v1/sessions/{a['session_id']}", headers={"authorization": f"Bearer {a['token']}"}).status_code == 204
+    assert client.delete(f"/v2/sessions/{a['session_id']}", headers={"authorization": f"Bearer {a['token']}"}).status_code == 204
     assert run(client, a["session_id"], {"authorization": f"Bearer {a['token']}"}, body).status_code == 404
-    assert client.post("/v1/sessions", content=keys.compression_key_bytes()).status_code == 201  # room again
+    assert client.post("/v2/sessions", content=keys.session_key()).status_code == 201  # room again
 
 
-def test_invalid_compression_key_is_refused(client, keys):
-    assert client.post("/v1/sessions", content=b"garbage" * 100).status_code == 400
-    assert client.post("/v1/sessions", content=keys.compression_key_bytes()[:-1000]).status_code == 400
-    assert client.get("/v1/health").status_code == 200
+def test_session_requests_are_checked(client):
+    assert client.post("/v2/sessions", content=b"garbage").status_code == 413  # RLWE sessions take no key
+    r = client.post("/v2/sessions", params={"scheme": "ckks"})
+    assert r.status_code == 422 and "ckks" in r.json()["error"]
+    r = client.post("/v2/sessions", params={"param_set": "p80"})
+    assert r.status_code == 422 and "p80" in r.json()["error"]
+    r = client.post("/v2/sessions", params={"scheme": "glwe", "param_set": "p128"}, content=b"x" * 100)
+    assert r.status_code == 400 and "compression key" in r.json()["error"]
+    assert client.get("/v2/health").status_code == 200
+
+
+def test_bundle_beyond_a_sets_budget_is_refused_at_session_open(tmp_path):
+    """The server re-checks the bundle's accumulator bits against the session's scheme and set."""
+    from hetune.compile.bundle import write_bundle
+    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.models.loading import load_model
+    from hetune.quant.config import QuantConfig
+
+    compiled = compile_model(load_model("micro-llama"), CompileConfig(QuantConfig(10, 13, 13), calibration_tokens=16), progress=False)
+    assert 27 < max(op.worst_acc_bits for op in compiled.manifest.ops) <= 30
+    write_bundle(tmp_path / "b", compiled.manifest, compiled.tensors, compiled.report)
+    client = TestClient(create_app(load_bundle(tmp_path / "b")))
+    assert client.post("/v2/sessions").status_code == 201
+    r = client.post("/v2/sessions", params={"scheme": "glwe"}, content=b"")
+    assert r.status_code == 422 and "decrypts 27" in r.json()["error"]
 
 
 def test_sessions_expire(bundle, keys):
     client = TestClient(create_app(bundle, ServeConfig(session_ttl_s=0.2)))
-    s = client.post("/v1/sessions", content=keys.compression_key_bytes()).json()
+    s = client.post("/v2/sessions", content=keys.session_key()).json()
     time.sleep(0.4)
     _, body = ciphertext(keys, 1, 32)
     assert run(client, s["session_id"], {"authorization": f"Bearer {s['token']}"}, body).status_code == 404
-    assert client.get("/v1/health").json()["sessions"] == 0
+    assert client.get("/v2/health").json()["sessions"] == 0
 
 
 def test_logs_hold_no_token_or_payload(client, keys, caplog):
     caplog.set_level(logging.INFO, logger="hetune.worker")
-    s = client.post("/v1/sessions", content=keys.compression_key_bytes()).json()
+    s = client.post("/v2/sessions", content=keys.session_key()).json()
     _, body = ciphertext(keys, 1, 32)
     assert run(client, s["session_id"], {"authorization": f"Bearer {s['token']}"}, body).status_code == 200
     text = "\n".join(r.getMessage() for r in caplog.records)

@@ -8,7 +8,6 @@ temporary sibling directory and renamed into place, so a failure leaves nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,19 +19,12 @@ import torch
 
 from hetune.compile.manifest import Manifest, OpSpec
 from hetune.errors import BundleError
+from hetune.files import sha256_file
 from hetune.quant.integer import IntegerLinear
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 REPORT_FILE = "report.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

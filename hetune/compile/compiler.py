@@ -2,22 +2,22 @@
 
 For every outsourced op (q/k/v, o, gate/up, down of each block; lm_head optional):
 Brevitas quantizes the weight per output channel, the accumulator worst case is
-checked against the GLWE budget of Concrete ML's GLWE linear backend, and the
-integer weight is stored in the layout its encrypted matmul consumes. A calibration
+checked against the encryption scheme's result budget (and, for the batched RLWE
+scheme, the weight norms against its noise budget), and the integer weight is stored
+as the worker's product consumes it. A calibration
 pass on real text measures each op's forward and backward error versus float.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 
 import torch
 
 import hetune
 from hetune.compile.manifest import Manifest, MemberSpec, ModelInfo, OpSpec
-from hetune.errors import ConfigError, ModelLoadError, OverflowRiskError
+from hetune.errors import ConfigError, OverflowRiskError
 from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
 from hetune.models.loading import LoadedModel
 from hetune.quant.budget import accumulator_bound
@@ -38,6 +38,8 @@ class CompileConfig:
     include_lm_head: bool = False  # lm_head stays with the client by default
     calibration_tokens: int = 128  # real text pushed through the model to measure error
     seed: int = 0
+    scheme: str | None = None  # encryption scheme sessions use by default (None: batched RLWE)
+    param_set: str | None = None  # its parameter set (None: the scheme's default)
 
 
 @dataclass
@@ -45,22 +47,6 @@ class CompiledModel:
     manifest: Manifest
     tensors: dict[str, torch.Tensor]
     report: dict
-
-
-def glwe_parameters() -> dict:
-    """Crypto parameters and result budget of Concrete ML's GLWE linear-layer backend."""
-    from concrete.ml.quantization.linear_op_glwe_backend import GLWELinearLayerExecutor, has_glwe_backend
-
-    if not has_glwe_backend():  # pragma: no cover - concrete-ml-extensions is pinned
-        raise ConfigError("Concrete ML's GLWE backend (concrete-ml-extensions) is missing", "reinstall hetune")
-    executor = GLWELinearLayerExecutor()
-    params = json.loads(executor.glwe_crypto_params.serialize())
-    return {
-        "scheme": "GLWE matmul (concrete-ml-extensions, via concrete.ml GLWELinearLayerExecutor)",
-        "params": params,
-        "result_budget_bits": int(executor.calibrated_max_bits),
-        "packing_polynomial_size": int(executor.poly_size),
-    }
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -77,6 +63,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def group_weight(model: torch.nn.Module, group: OpGroup) -> tuple[torch.Tensor, tuple[MemberSpec, ...]]:
+    """The op's frozen weight, members' rows stacked. Biases (Qwen2's q/k/v) are left out:
+    the worker's product stays bias-free and the data owner adds them (OutsourcedLinear)."""
     if group.name == "lm_head":
         weight = model.get_output_embeddings().weight
         return weight.detach(), (MemberSpec("lm_head", 0, weight.shape[0]),)
@@ -84,8 +72,6 @@ def group_weight(model: torch.nn.Module, group: OpGroup) -> tuple[torch.Tensor, 
     weights, members, offset = [], [], 0
     for path in group.members:
         lin = member_linear(layers, path)
-        if lin.bias is not None:
-            raise ModelLoadError(f"{path} has a bias; hetune supports Llama-class linears, which have none")
         weights.append(lin.weight.detach())
         members.append(MemberSpec(path, offset, lin.out_features))
         offset += lin.out_features
@@ -164,9 +150,10 @@ def calibration_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), progress: bool = True) -> CompiledModel:
     from tqdm.auto import tqdm
 
+    from hetune.crypto.scheme import resolve_params
+
     model, qcfg = loaded.model, cfg.quant
-    crypto = glwe_parameters()
-    budget = crypto["result_budget_bits"]
+    params = resolve_params(cfg.scheme, cfg.param_set)
     config = model.config
     groups = op_groups(config.num_hidden_layers, fuse=cfg.fuse)
     if cfg.include_lm_head:
@@ -182,10 +169,11 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         spec = OpSpec(
             name=group.name, layer=group.layer, in_features=weight.shape[1], out_features=weight.shape[0],
             members=members, forward_acc_bits=bound.forward_bits, backward_acc_bits=bound.backward_bits,
-            generic_acc_bits=bound.generic_bits,
+            generic_acc_bits=bound.generic_bits, forward_l2=bound.forward_l2, backward_l2=bound.backward_l2,
         )
-        if bound.worst_bits > budget:
-            risky.append(spec)
+        why = params.check_op(spec.forward_l2, spec.backward_l2, spec.worst_acc_bits)
+        if why:
+            risky.append((spec, why))
         tensors[spec.weight_key], tensors[spec.scale_key] = qw.q, qw.scale
         w64, x, g = weight.to(torch.float64), inputs[group.name], grads[group.name]
         static = (None, None)
@@ -199,15 +187,15 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
             "forward_rel_err": _rel_err(op.forward(x), x @ w64.T),
             "backward_rel_err": _rel_err(op.backward(g), g @ w64),
             "forward_acc_bits": bound.forward_bits, "backward_acc_bits": bound.backward_bits,
-            "generic_acc_bits": bound.generic_bits,
+            "generic_acc_bits": bound.generic_bits, "forward_l2": bound.forward_l2, "backward_l2": bound.backward_l2,
         })
         ops.append(spec)
 
     if risky and not qcfg.accept_overflow_risk:
-        worst = max(risky, key=lambda s: max(s.forward_acc_bits, s.backward_acc_bits))
+        worst, why = max(risky, key=lambda r: r[0].worst_acc_bits)
         raise OverflowRiskError(
-            f"{len(risky)} op(s) can overflow the {budget}-bit GLWE accumulator; worst: {worst.name} needs "
-            f"{max(worst.forward_acc_bits, worst.backward_acc_bits)} bits (w{qcfg.bits_w}/a{qcfg.bits_a}/g{qcfg.bits_g})",
+            f"{len(risky)} op(s) cannot decrypt exactly under {params.scheme}/{params.name} "
+            f"(w{qcfg.bits_w}/a{qcfg.bits_a}/g{qcfg.bits_g}); first: {worst.name} {why}",
             "lower --bits-w/--bits-a/--bits-g, or pass --accept-overflow-risk if typical values stay far below the worst case",
         )
 
@@ -216,10 +204,12 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         id=loaded.model_id, model_type=config.model_type, weights_sha256=weights_sha256(model), total_params=total,
         config={k: getattr(config, k) for k in CONFIG_FIELDS if getattr(config, k, None) is not None},
     )
-    manifest = Manifest(hetune_version=hetune.__version__, model=info, quant=qcfg, crypto=crypto, fused=cfg.fuse, ops=tuple(ops))
+    manifest = Manifest(hetune_version=hetune.__version__, model=info, quant=qcfg,
+                        crypto={"scheme": params.scheme, "param_set": params.name}, fused=cfg.fuse, ops=tuple(ops))
     report = {
-        "budget_bits": budget, "calibration_tokens": cfg.calibration_tokens,
+        "scheme": params.scheme, "param_set": params.name, "budget_bits": params.budget_bits,
+        "calibration_tokens": cfg.calibration_tokens,
         "calibration_text": "Python standard library sources", "backward_gradients": "LM-loss output gradients on the calibration text",
-        "ops": rows, "overflow_risk_ops": [s.name for s in risky],
+        "ops": rows, "overflow_risk_ops": [s.name for s, _ in risky],
     }
     return CompiledModel(manifest, tensors, report)

@@ -1,14 +1,16 @@
-"""Human and JSON summaries of a bundle (no heavy imports: reads the manifest only)."""
+"""Human and JSON summaries of a bundle (no heavy imports: reads the manifest and the scheme registry)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from hetune.compile.bundle import read_manifest
+from hetune.crypto.scheme import resolve_params
 
 
 def bundle_summary(path: Path) -> dict:
     m = read_manifest(path)
+    params = resolve_params(m.crypto["scheme"], m.crypto["param_set"])
     weight_bytes = {op.name: op.params * (1 if m.quant.bits_w <= 8 else 2) for op in m.ops}
     return {
         "path": str(path),
@@ -17,11 +19,12 @@ def bundle_summary(path: Path) -> dict:
         "hetune_version": m.hetune_version,
         "bits": {"w": m.quant.bits_w, "a": m.quant.bits_a, "g": m.quant.bits_g},
         "fused": m.fused,
-        "crypto": {"scheme": m.crypto["scheme"], "result_budget_bits": m.crypto["result_budget_bits"],
-                   "polynomial_size": m.crypto["params"].get("polynomial_size")},
+        "crypto": {"scheme": params.scheme, "param_set": params.name, "budget_bits": params.budget_bits,
+                   "exact": params.exact, "polynomial_size": params.poly_size},
         "ops": [
             {"name": op.name, "in": op.in_features, "out": op.out_features, "members": [mm.module for mm in op.members],
-             "acc_bits": max(op.forward_acc_bits, op.backward_acc_bits), "weight_bytes": weight_bytes[op.name]}
+             "acc_bits": op.worst_acc_bits, "weight_l2": max(op.forward_l2, op.backward_l2),
+             "weight_bytes": weight_bytes[op.name]}
             for op in m.ops
         ],
         "files_bytes": sum(f["bytes"] for f in m.files.values()),
@@ -36,7 +39,7 @@ def format_summary(s: dict) -> str:
         f"bundle   {s['path']}",
         f"model    {s['model']} (sha256 {s['model_weights_sha256'][:16]}...)",
         f"bits     w{s['bits']['w']} a{s['bits']['a']} g{s['bits']['g']}, fused={s['fused']}, "
-        f"GLWE budget {s['crypto']['result_budget_bits']} bits",
+        f"{s['crypto']['scheme']}/{s['crypto']['param_set']} budget {s['crypto']['budget_bits']} bits",
         f"{'op':<22}{'in':>7}{'out':>8}{'acc bits':>10}{'bytes':>12}",
     ]
     lines += [f"{op['name']:<22}{op['in']:>7}{op['out']:>8}{op['acc_bits']:>10}{op['weight_bytes']:>12,}" for op in s["ops"]]

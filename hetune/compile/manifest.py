@@ -8,7 +8,7 @@ from hetune.errors import BundleError
 from hetune.quant.config import QuantConfig
 
 FORMAT = "hetune-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scheme-neutral crypto record, per-op weight norms
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,12 @@ class OpSpec:
     forward_acc_bits: int
     backward_acc_bits: int
     generic_acc_bits: int
+    forward_l2: float = 0.0  # largest L2 norm of a row of W_q (drives the batched-RLWE noise)
+    backward_l2: float = 0.0  # largest L2 norm of a column of W_q
+
+    @property
+    def worst_acc_bits(self) -> int:
+        return max(self.forward_acc_bits, self.backward_acc_bits)
 
     @property
     def weight_key(self) -> str:
@@ -58,7 +64,7 @@ class Manifest:
     hetune_version: str
     model: ModelInfo
     quant: QuantConfig
-    crypto: dict  # {"scheme", "params", "result_budget_bits", "source"}
+    crypto: dict  # {"scheme", "param_set"}: what sessions use unless they name another (hetune.crypto.scheme)
     fused: bool
     ops: tuple[OpSpec, ...]
     files: dict = field(default_factory=dict)  # filename -> {"sha256", "bytes"}
@@ -68,6 +74,11 @@ class Manifest:
     @property
     def outsourced_params(self) -> int:
         return sum(op.params for op in self.ops)
+
+    def problems(self, params) -> list[str]:
+        """Ops that cannot run under a scheme's parameter set (hetune.crypto.scheme.ParamSet), with why."""
+        found = [(op.name, params.check_op(op.forward_l2, op.backward_l2, op.worst_acc_bits)) for op in self.ops]
+        return [f"{name}: {why}" for name, why in found if why]
 
     def op(self, name: str) -> OpSpec:
         for op in self.ops:

@@ -1,18 +1,25 @@
-"""The GLWE matmul primitive of concrete-ml-extensions, as Concrete ML's GLWE backend uses it.
+"""Concrete ML's GLWE matmul (concrete-ml-extensions) as the ``glwe`` scheme: kept for comparison.
 
 Encrypted integer matrix (rows padded to the 2048-coefficient polynomial) times a clear
 integer matrix; results are modulus-switched and packed with the compression key.
 Integers of either sign travel as two's-complement uint64, like Concrete ML does.
-Results are approximate (absolute noise of a few tens); callers assert a bound.
+Results are approximate (absolute noise of a few tens); callers assert a bound. Each
+output value costs a packing key-switch (about 6-7 ms on 2 cores): the batched RLWE
+scheme (:mod:`hetune.crypto.rlwe`) is the default.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from hetune.crypto.glwe_params import DEFAULT_PARAM_SET, PARAM_SETS, GlweParamSet, param_set as glwe_param_set
+from hetune.crypto.scheme import ClientKeys, ParamSet, PayloadError, Scheme, register_scheme
+
+NAME = "glwe"
 
 # Absolute error bound on a decrypted result (default parameters). Measured here: noise
 # std 13..21 and max |err| 71 over 1,536 outputs of k = 128..2048 products (the spec
@@ -32,80 +39,106 @@ def _fhext():
     return fhext
 
 
-def default_crypto_params() -> dict:
-    """Concrete ML 1.9's default GLWE parameters (the ones its GLWELinearLayerExecutor uses)."""
-    return json.loads(_fhext().default_params())
+class GlweKeys(ClientKeys):
+    """Client-side keys: the secret, and the compression key the worker needs (uploaded per session)."""
 
-
-def result_budget_bits(params: dict | None = None) -> int:
-    """Signed bits a decrypted result may use: |raw| < 2^(bits-1) decrypts exactly (+ noise)."""
-    return int((params or default_crypto_params())["bits_reserved_for_computation"])
-
-
-@dataclass
-class GlweKeys:
-    """Client-side keys. ``secret`` never leaves this object unless explicitly exported."""
-
-    params: object  # fhext.MatmulCryptoParameters
-    secret: object  # fhext.PrivateKey
-    compression: object  # fhext.CpuCompressionKey (public, uploaded to the worker)
-    poly_size: int  # results are packed this many values per GLWE
-    param_set: str | None = None  # name in hetune.crypto.param_sets, told to the worker at session creation
+    def __init__(self, gp: GlweParamSet, secret: object, compression: object, params: object):
+        self.gp, self.params = gp, SCHEME.params(gp.name)
+        self._secret, self.compression, self._crypto = secret, compression, params
 
     @classmethod
-    def generate(cls, params: dict | None = None, param_set: str | None = None) -> "GlweKeys":
-        """Keys for explicit ``params``, or for a named allow-listed ``param_set`` (default: Concrete ML's)."""
-        fhext = _fhext()
-        if param_set is not None:
-            from hetune.crypto.param_sets import param_set as lookup
-            from hetune.errors import ConfigError
+    def generate(cls, param_set: str | None = None) -> "GlweKeys":
+        gp = glwe_param_set(param_set or DEFAULT_PARAM_SET)
+        p = _fhext().MatmulCryptoParameters.deserialize(json.dumps(gp.params))
+        secret, compression = _fhext().create_private_key(p)
+        return cls(gp, secret, compression, p)
 
-            if params is not None:
-                raise ConfigError("GlweKeys.generate got both params and param_set", "pass one of them")
-
-            params = lookup(param_set).params
-        params = params or default_crypto_params()
-        p = fhext.MatmulCryptoParameters.deserialize(json.dumps(params))
-        secret, compression = fhext.create_private_key(p)
-        return cls(p, secret, compression, int(params["packing_ks_polynomial_size"]), param_set)
-
-    def save(self, path: Path) -> None:
-        """Write the secret key and its compression key, only when the user asks (``--save-key``).
-
-        Layout: 8-byte little-endian secret length, secret key, compression key. The temp
-        file is created 0600 before anything is written, then renamed into place.
-        """
-        from hetune.files import write_atomic
-
-        secret, compression = bytes(self.secret.serialize()), self.compression_key_bytes()
-        write_atomic(path, len(secret).to_bytes(8, "little") + secret + compression, mode=0o600)
-
-    def compression_key_bytes(self) -> bytes:
+    def session_key(self) -> bytes:
         return bytes(self.compression.serialize())
 
-    def encrypt(self, q: np.ndarray) -> object:
-        """q: (T, k) integers -> EncryptedMatrix."""
+    def save(self, path: Path) -> None:
+        """Layout: set name (8 bytes), 8-byte little-endian secret length, secret, compression key; 0600."""
+        from hetune.files import write_atomic
+
+        secret = bytes(self._secret.serialize())
+        write_atomic(Path(path), self.gp.name.encode().ljust(8, b"\0") + len(secret).to_bytes(8, "little")
+                     + secret + self.session_key(), mode=0o600)
+
+    def encrypt(self, q) -> bytes:
+        """q: (T, k) integers -> serialized EncryptedMatrix (signed values as two's-complement uint64)."""
         data = np.ascontiguousarray(np.asarray(q, dtype=np.int64).astype(np.uint64))
-        return _fhext().encrypt_matrix(pkey=self.secret, crypto_params=self.params, data=data)
+        return bytes(_fhext().encrypt_matrix(pkey=self._secret, crypto_params=self._crypto, data=data).serialize())
 
-    @staticmethod
-    def result_from_bytes(data: bytes) -> object:
-        return _fhext().CompressedResultEncryptedMatrix.deserialize(data)
-
-    def decrypt(self, result: object, n_cols: int) -> np.ndarray:
-        valid_in_last = n_cols % self.poly_size or self.poly_size
-        return _fhext().decrypt_matrix(result, self.secret, self.params, valid_in_last).astype(np.int64)
+    def decrypt(self, result: bytes, rows: int, cols: int) -> np.ndarray:
+        fhext = _fhext()
+        packed = self.gp.packing_poly_size
+        matrix = fhext.CompressedResultEncryptedMatrix.deserialize(result)
+        return fhext.decrypt_matrix(matrix, self._secret, self._crypto, cols % packed or packed).astype(np.int64)
 
 
-def load_compression_key(data: bytes) -> object:
-    return _fhext().CpuCompressionKey.deserialize(data)
+def _guard(what: str, fn):
+    """Run an extension call; its pyo3 panics (BaseException) become a PayloadError."""
+    try:
+        return fn()
+    except BaseException as err:  # noqa: BLE001 - pyo3 panics derive from BaseException
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise PayloadError(f"{what} could not be deserialized or used (corrupt payload?)") from None
 
 
-def ciphertext_from_bytes(data: bytes) -> object:
-    return _fhext().EncryptedMatrix.deserialize(data)
+class GlweScheme(Scheme):
+    name = NAME
+    param_sets = PARAM_SETS
+    default_param_set = DEFAULT_PARAM_SET
+
+    def params(self, name: str) -> ParamSet:
+        if name not in PARAM_SETS:
+            raise self.unknown_set(name)
+        gp = glwe_param_set(name)
+        return ParamSet(
+            scheme=NAME, name=name, security=gp.security, security_source="Zama lattice-estimator curves (see glwe_params)",
+            budget_bits=gp.budget_bits, exact=False, noise_bound=RESULT_NOISE_BOUND,
+            session_key_bytes=gp.compression_key_bytes, poly_size=gp.poly_size, max_weight_l2=None,
+        )
+
+    def generate_keys(self, param_set: str | None = None) -> GlweKeys:
+        return GlweKeys.generate(self.resolve(param_set).name)
+
+    def load_keys(self, path: Path) -> GlweKeys:
+        from hetune.errors import ConfigError
+
+        data = Path(path).read_bytes()
+        name = data[:8].rstrip(b"\0").decode(errors="replace")
+        if name not in PARAM_SETS or len(data) < 16:
+            raise ConfigError(f"{path} is not a hetune GLWE secret key", "pass the file written by --save-key")
+        gp = glwe_param_set(name)
+        n = int.from_bytes(data[8:16], "little")
+        fhext = _fhext()
+        secret_type = type(fhext.create_private_key(fhext.MatmulCryptoParameters.deserialize(json.dumps(gp.params)))[0])
+        secret = _guard("the secret key", lambda: secret_type.deserialize(data[16 : 16 + n]))  # the class is not exported
+        compression = _guard("the compression key", lambda: fhext.CpuCompressionKey.deserialize(data[16 + n :]))
+        return GlweKeys(gp, secret, compression, fhext.MatmulCryptoParameters.deserialize(json.dumps(gp.params)))
+
+    def open_session(self, params: ParamSet, key: bytes) -> object:
+        if len(key) != params.session_key_bytes:
+            raise PayloadError(f"a {NAME}/{params.name} compression key is {params.session_key_bytes} bytes, got {len(key)}")
+        return _guard("the compression key", lambda: _fhext().CpuCompressionKey.deserialize(key))
+
+    def request_bytes(self, params: ParamSet, rows: int, cols: int) -> int:
+        return glwe_param_set(params.name).ciphertext_bytes(rows, cols)
+
+    def check_request(self, params: ParamSet, body: bytes, rows: int, cols: int) -> None:
+        expected = self.request_bytes(params, rows, cols)
+        if len(body) != expected:
+            raise PayloadError(f"a {rows}x{cols} {NAME}/{params.name} ciphertext is {expected} bytes, got {len(body)} (truncated, or another scheme?)", 422)
+
+    def multiply(self, params: ParamSet, session: object, body: bytes, weight: torch.Tensor, device: str = "cpu") -> bytes:
+        """Enc(X) (T, k) times W^T (k, n) -> compressed Enc(X W^T); ``session`` is the compression key."""
+        clear = np.ascontiguousarray(weight.T.numpy().astype(np.int64).astype(np.uint64))
+        fhext = _fhext()
+        ciphertext = _guard("the ciphertext", lambda: fhext.EncryptedMatrix.deserialize(body))
+        out = _guard("the ciphertext", lambda: fhext.matrix_multiplication(encrypted_matrix=ciphertext, data=clear, compression_key=session))
+        return bytes(out.serialize())
 
 
-def encrypted_matmul(ciphertext: object, weight: np.ndarray, compression_key: object) -> object:
-    """Worker side: Enc(X) (T, k) times clear integer weight (k, n) -> compressed Enc(X W)."""
-    data = np.ascontiguousarray(np.asarray(weight, dtype=np.int64).astype(np.uint64))
-    return _fhext().matrix_multiplication(encrypted_matrix=ciphertext, data=data, compression_key=compression_key)
+SCHEME = register_scheme(GlweScheme())

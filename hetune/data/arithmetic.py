@@ -16,7 +16,7 @@ THINGS = ("apples", "books", "coins", "pens", "shells", "stamps", "cards", "marb
 @dataclass(frozen=True)
 class Problem:
     question: str
-    answer: int
+    answer: int | str
 
     @property
     def prompt(self) -> str:

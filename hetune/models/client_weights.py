@@ -1,11 +1,12 @@
 """Load the data owner's part of a model without its outsourced base weights.
 
-For a checkpoint on disk (a directory or the hub cache), the model skeleton is built on
-the meta device and only the tensors the client needs (embeddings, norms, lm_head) are
-read from the safetensors files; the outsourced linears get a zero-stride placeholder
-of the right shape (4 bytes), which peft can wrap and hetune then replaces. Built-in
-models are generated from a seed, so their outsourced weights exist briefly and are
-freed when the backend is attached.
+For a checkpoint on disk (a directory, the hub cache or a GGUF file), the model skeleton
+is built on the meta device and only the tensors the client needs (embeddings, norms,
+biases, lm_head) are read from the safetensors files, or dequantized from the GGUF
+file; the outsourced linears get a zero-stride placeholder of the right shape (4
+bytes), which peft can wrap and hetune then replaces. Built-in models are generated
+from a seed, so their outsourced weights exist briefly and are freed when the backend
+is attached.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 
 from hetune.errors import ModelLoadError
 from hetune.models.builtin import BUILTIN_CONFIGS
-from hetune.models.layers import decoder_layers, member_linear
-from hetune.models.loading import LoadedModel, load_config, load_model
+from hetune.models.layers import decoder_layers, member_linear, op_groups
+from hetune.models.loading import LoadedModel, gguf_path, load_config, load_model
 
 
 def _checkpoint_dir(name_or_path: str) -> Path:
@@ -48,33 +49,43 @@ def placeholder_weight(out_features: int, in_features: int) -> torch.nn.Paramete
     return torch.nn.Parameter(torch.zeros(1).expand(out_features, in_features), requires_grad=False)
 
 
-def load_client_model(name_or_path: str, outsourced: list[str], seed: int = 0) -> LoadedModel:
-    """``outsourced``: member module paths ("layers.3.mlp.down_proj") the client must not load."""
+def load_client_model(name_or_path: str, outsourced: list[str] | None = None, seed: int = 0) -> LoadedModel:
+    """``outsourced``: member module paths ("layers.3.mlp.down_proj") the client must not load;
+    None: every block linear, which is what every bundle outsources."""
     if name_or_path in BUILTIN_CONFIGS:
         return load_model(name_or_path, seed=seed)
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = load_config(name_or_path)
-    ckpt = _checkpoint_dir(name_or_path)
+    gguf = gguf_path(name_or_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = decoder_layers(model)
+    if outsourced is None:
+        outsourced = [m for g in op_groups(config.num_hidden_layers) for m in g.members]
     skip = set()
     for path in outsourced:
         lin = member_linear(layers, path)
         lin.weight = placeholder_weight(lin.out_features, lin.in_features)
         skip.add(f"model.{path}.weight")
-    state = {}
-    for file in _safetensors_files(ckpt):
-        with safe_open(str(file), framework="pt") as fh:
-            state.update({k: fh.get_tensor(k) for k in fh.keys() if k not in skip})
+    if gguf is not None:
+        from hetune.models.gguf import read_gguf_tensors
+
+        source, state = gguf, read_gguf_tensors(gguf, model, skip)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config)
+    else:
+        source, state = _checkpoint_dir(name_or_path), {}
+        for file in _safetensors_files(source):
+            with safe_open(str(file), framework="pt") as fh:
+                state.update({k: fh.get_tensor(k) for k in fh.keys() if k not in skip})
+        tokenizer = AutoTokenizer.from_pretrained(source)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     inner = model.get_decoder()
     inner.rotary_emb = type(inner.rotary_emb)(config=config)  # non-persistent buffers: rebuild off meta
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
-        raise ModelLoadError(f"{ckpt} lacks weights the client needs: {', '.join(missing[:5])}", "use the complete checkpoint")
+        raise ModelLoadError(f"{source} lacks weights the client needs: {', '.join(missing[:5])}", "use the complete checkpoint")
     model.eval()
-    return LoadedModel(model=model, tokenizer=AutoTokenizer.from_pretrained(ckpt), model_id=name_or_path)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name_or_path)

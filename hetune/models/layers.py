@@ -1,6 +1,7 @@
 """Which linear layers of a Llama-class model are outsourced, and how they are fused.
 
-Works on a plain ``LlamaForCausalLM`` and on a peft-LoRA wrapped one (the frozen
+Works on a plain causal LM of a supported family (Llama, Mistral, Qwen2, Qwen3: same
+linear names) and on a peft-LoRA wrapped one (the frozen
 ``base_layer`` is what gets outsourced; the LoRA A/B stay with the data owner).
 """
 

@@ -1,4 +1,4 @@
-"""Load a Llama-class causal LM and its tokenizer: built-in name, local directory or hub id."""
+"""Load a supported causal LM and its tokenizer: built-in name, ``.gguf`` file, local directory or hub id."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from hetune.errors import ModelLoadError
-from hetune.models.builtin import BUILTIN_CONFIGS, builtin_config, byte_tokenizer
+from hetune.models.builtin import BUILTIN_CONFIGS, BUILTIN_GGUF, BUILTIN_NAMES, builtin_config, byte_tokenizer, packaged_gguf_path
 
-# Architectures whose blocks have exactly q/k/v/o + gate/up/down linears and no biases.
-LLAMA_CLASS_TYPES = ("llama", "mistral")
+# Families whose blocks have exactly q/k/v/o + gate/up/down linears around client-side
+# non-linearities. Qwen2's q/k/v biases are added by the data owner after the frozen
+# product; Qwen3's per-head q/k RMSNorms run on the data owner's side like every norm.
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -21,20 +23,39 @@ class LoadedModel:
     model_id: str
 
 
-def _check_llama_class(config, source: str) -> None:
+def _check_family(config, source: str) -> None:
     model_type = getattr(config, "model_type", None)
-    if model_type not in LLAMA_CLASS_TYPES:
+    if model_type not in SUPPORTED_TYPES:
         raise ModelLoadError(
             f"{source} is a '{model_type}' model, not a Llama-class causal LM",
-            f"hetune supports model types {', '.join(LLAMA_CLASS_TYPES)} "
-            "(Llama-2/3, Llama-3.2, Mistral and their fine-tunes)",
+            f"hetune supports model types {', '.join(SUPPORTED_TYPES)} "
+            "(Llama-2/3, Llama-3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2 and their fine-tunes)",
         )
+
+
+def gguf_path(name_or_path: str) -> Path | None:
+    """The GGUF file behind a built-in GGUF name or a ``.gguf`` path; None for other sources."""
+    if name_or_path in BUILTIN_GGUF:
+        return packaged_gguf_path(name_or_path)
+    if not name_or_path.endswith(".gguf"):
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {name_or_path} does not exist", "pass the path of a .gguf file")
+    return path
 
 
 def load_config(name_or_path: str):
     """The model's config only: cheap, and enough to refuse an unsupported model early."""
     if name_or_path in BUILTIN_CONFIGS:
         return builtin_config(name_or_path)
+    gguf = gguf_path(name_or_path)
+    if gguf is not None:
+        from hetune.models.gguf import load_gguf_config
+
+        config = load_gguf_config(gguf)
+        _check_family(config, name_or_path)
+        return config
     from transformers import AutoConfig
 
     path = Path(name_or_path)
@@ -42,8 +63,8 @@ def load_config(name_or_path: str):
     if looks_local and not path.is_dir():
         raise ModelLoadError(
             f"model directory {name_or_path} does not exist",
-            "pass a Hugging Face model directory (with config.json), a hub id, "
-            f"or a built-in model: {', '.join(BUILTIN_CONFIGS)}",
+            "pass a Hugging Face model directory (with config.json), a .gguf file, a hub id, "
+            f"or a built-in model: {', '.join(BUILTIN_NAMES)}",
         )
     try:
         config = AutoConfig.from_pretrained(name_or_path)
@@ -58,14 +79,14 @@ def load_config(name_or_path: str):
             "could not be reached (or the id does not exist)",
             "on a machine with internet run `huggingface-cli download "
             f"{name_or_path} --local-dir DIR`, copy DIR here and pass DIR instead of the id; "
-            f"or use a built-in model: {', '.join(BUILTIN_CONFIGS)}",
+            f"or use a built-in model: {', '.join(BUILTIN_NAMES)}",
         ) from err
-    _check_llama_class(config, name_or_path)
+    _check_family(config, name_or_path)
     return config
 
 
 def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Standard ``from_pretrained`` loading; built-ins are built from their config with ``seed``."""
+    """Standard ``from_pretrained`` loading (GGUF weights dequantized); built-ins are built from their config with ``seed``."""
     config = load_config(name_or_path)
     if name_or_path in BUILTIN_CONFIGS:
         from transformers import LlamaForCausalLM
@@ -76,9 +97,11 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        gguf = gguf_path(name_or_path)
+        source, extra = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (name_or_path, {})
         try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **extra)
+            tokenizer = AutoTokenizer.from_pretrained(source, config=config, **extra)  # config: parsed once
         except OSError as err:
             raise ModelLoadError(
                 f"could not load the weights or tokenizer of {name_or_path}: {err}",

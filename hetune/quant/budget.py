@@ -1,10 +1,11 @@
-"""Worst-case accumulator size of the worker's integer matmul versus the GLWE budget.
+"""Worst-case accumulator size and weight norms of the worker's integer product.
 
-The GLWE matmul (concrete-ml-extensions, default parameters) reserves 27 bits for the
-result: a signed result decrypts correctly while |raw| < 2^26 and wraps beyond
-(measured; see docs/design.md). Because the weights are known at compile time, the
-bound below is the exact worst case over *all* inputs for *these* weights, far
-tighter than the generic k * max|x| * max|w| bound, which is reported alongside.
+Every scheme decrypts a signed result correctly only within its budget (27 bits for
+Concrete ML's GLWE, 30 for the batched RLWE p128 set; :mod:`hetune.crypto.scheme`).
+Because the weights are known at compile time, the bound below is the exact worst case
+over *all* inputs for *these* weights, far tighter than the generic
+k * max|x| * max|w| bound, which is reported alongside. The largest row and column L2
+norms drive the batched RLWE scheme's noise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class AccumulatorBound:
     forward_bits: int  # x unsigned bits_a, over these weights
     backward_bits: int  # g signed bits_g, over these weights
     generic_bits: int  # any weights of this shape and width
+    forward_l2: float  # max_o ||W[o, :]||_2: the forward product's noise growth
+    backward_l2: float  # max_j ||W[:, j]||_2: the backward product's
 
     @property
     def worst_bits(self) -> int:
@@ -41,4 +44,6 @@ def accumulator_bound(q: torch.Tensor, bits_w: int, bits_a: int, bits_g: int) ->
     bwd = gmax * int(w.abs().sum(dim=0).max())  # contraction over the output dim
     wmax = 2 ** (bits_w - 1) - 1
     generic = max(w.shape[1] * xmax, w.shape[0] * gmax) * wmax
-    return AccumulatorBound(signed_bits(fwd), signed_bits(bwd), signed_bits(generic))
+    wf = w.to(torch.float64)
+    return AccumulatorBound(signed_bits(fwd), signed_bits(bwd), signed_bits(generic),
+                            float(wf.norm(dim=1).max()), float(wf.norm(dim=0).max()))

@@ -7,6 +7,7 @@ worker) is checked when it is built, so a missing piece fails before the first s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,13 @@ BACKENDS = ("plain", "quantized", "encrypted", "remote")
 @dataclass
 class TransferStats:
     round_trips: int = 0
-    values_out: int = 0  # output values computed by the worker (the GLWE cost driver)
+    values_out: int = 0  # output values computed by the worker
     bytes_sent: int = 0
     bytes_received: int = 0
+    encrypt_s: float = 0.0  # client: quantized integers -> request bodies
+    decrypt_s: float = 0.0  # client: result bodies -> integers
+    transport_s: float = 0.0  # from request sent to result received (worker + transfer)
+    worker_s: float = 0.0  # the worker's product alone, as it reports it
 
     def snapshot(self) -> dict:
         return dict(self.__dict__)
@@ -33,7 +38,7 @@ class FrozenBackend:
     """Frozen linear products of the outsourced ops; float in, float64 out."""
 
     name = "abstract"
-    encrypted = False  # whether products go through GLWE (and a secret key exists)
+    encrypted = False  # whether products go through an encryption scheme (and a secret key exists)
 
     def __init__(self) -> None:
         self.stats = TransferStats()
@@ -82,38 +87,50 @@ class QuantizedBackend(FrozenBackend):
         return self.ops[op].backward(g)
 
     def _count(self, values: int) -> None:
-        """Same counts an encrypted run would have: the cost model of the GLWE backends."""
+        """Same counts an encrypted run would have."""
         self.stats.round_trips += 1
         self.stats.values_out += values
 
 
-class GlweBackend(FrozenBackend):
+class EncryptedBackend(FrozenBackend):
     """Quantize per token, encrypt, let a worker multiply, decrypt, decode.
 
     ``transport`` runs the worker's product: in this process (``encrypted``) or over
-    HTTP (``remote``). The secret key never leaves this object.
+    HTTP (``remote``). ``keys`` (a scheme's :class:`~hetune.crypto.scheme.ClientKeys`)
+    default to fresh keys for the worker's default scheme and set. The secret key never
+    leaves this object. With an exact scheme the decrypted integers are the clear
+    product's, so this backend equals ``quantized`` bit for bit.
     """
 
     encrypted = True
 
     def __init__(self, codecs: dict[str, OpCodec], transport, keys=None):
-        from hetune.crypto.glwe import GlweKeys
-
         super().__init__()
         self.codecs = codecs
-        self.keys = keys or GlweKeys.generate()
         self.transport = transport
+        if keys is None:
+            from hetune.crypto.scheme import get_scheme
+
+            default = transport.default_params()
+            keys = get_scheme(default.scheme).generate_keys(default.name)
+        self.keys = keys
         self.name = transport.name
-        transport.open(self.keys.compression_key_bytes(), self.keys.param_set)  # None: the worker's default set
+        transport.open(keys.params, keys.session_key())
 
     def _round_trip(self, op: str, direction: str, tq: TokenQuant, out_cols: int) -> torch.Tensor:
-        payload = bytes(self.keys.encrypt(tq.q.numpy()).serialize())
-        result = self.transport.run(op, direction, payload, rows=tq.q.shape[0], cols=tq.q.shape[1])
-        self.stats.round_trips += 1
-        self.stats.values_out += tq.q.shape[0] * out_cols
-        self.stats.bytes_sent += len(payload)
-        self.stats.bytes_received += len(result)
-        raw = self.keys.decrypt(self.keys.result_from_bytes(result), out_cols)
+        rows, cols = tq.q.shape
+        st, t0 = self.stats, time.perf_counter()
+        payload = self.keys.encrypt(tq.q.to(torch.int64))
+        t1 = time.perf_counter()
+        result, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols)
+        t2 = time.perf_counter()
+        raw = self.keys.decrypt(result, rows, out_cols)
+        st.encrypt_s, st.transport_s, st.decrypt_s = st.encrypt_s + t1 - t0, st.transport_s + t2 - t1, st.decrypt_s + time.perf_counter() - t2
+        st.worker_s += worker_s
+        st.round_trips += 1
+        st.values_out += rows * out_cols
+        st.bytes_sent += len(payload)
+        st.bytes_received += len(result)
         return torch.from_numpy(raw).to(torch.float64)
 
     def forward(self, op, x):
@@ -124,8 +141,7 @@ class GlweBackend(FrozenBackend):
     def backward(self, op, g):
         codec = self.codecs[op]
         tq = codec.encode_grad(g)
-        in_features = self.transport.in_features(op)
-        return codec.decode_grad(self._round_trip(op, "backward", tq, in_features), tq)
+        return codec.decode_grad(self._round_trip(op, "backward", tq, self.transport.in_features(op)), tq)
 
     def close(self):
         self.transport.close()

@@ -2,6 +2,8 @@
 
 ``build_private_model`` is the one entry point the training loop, the demo and the
 tests use; the backend name picks how the frozen products are computed.
+``make_private`` does the last step on a peft model you built yourself, for your own
+training loop or ``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from hetune.compile.manifest import OpSpec
 from hetune.errors import ConfigError
 from hetune.models.layers import decoder_layers, op_groups
-from hetune.protocols.hybrid_lora.backends import FrozenBackend, GlweBackend, PlainBackend, QuantizedBackend, check_backend_name
+from hetune.protocols.hybrid_lora.backends import EncryptedBackend, FrozenBackend, PlainBackend, QuantizedBackend, check_backend_name
 from hetune.protocols.hybrid_lora.layer import OutsourcedOp, attach_backend
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,7 +40,7 @@ class LoraSettings:
 @dataclass
 class PrivateModel:
     model: torch.nn.Module  # peft model; outsourced linears hold no weights
-    tokenizer: object
+    tokenizer: object | None
     backend: FrozenBackend
     ops: dict[str, OutsourcedOp] = field(default_factory=dict)
 
@@ -66,6 +68,71 @@ def _wrap_lora(model: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.n
     return get_peft_model(model, cfg)
 
 
+def _new_keys(transport, scheme: str | None, param_set: str | None):
+    """Fresh keys for the named scheme and set; a name left None takes the worker's default."""
+    from hetune.crypto.scheme import get_scheme
+
+    default = transport.default_params()
+    chosen = get_scheme(scheme or default.scheme)
+    return chosen.generate_keys(param_set or (default.name if chosen.name == default.scheme else None))
+
+
+def _check_needs(backend: str, bundle: Path | None, workers: tuple[str, ...]) -> None:
+    """What a backend needs, checked before any model is loaded."""
+    check_backend_name(backend)
+    if backend in ("quantized", "encrypted") and bundle is None:
+        raise ConfigError(f"backend '{backend}' needs a bundle", "compile one with: hetune compile MODEL --out DIR")
+    if backend == "remote" and not workers:
+        raise ConfigError("backend 'remote' needs at least one worker URL", "pass --worker http://HOST:PORT")
+
+
+def make_private(
+    model: torch.nn.Module,
+    backend: str,
+    *,
+    bundle: Path | None = None,
+    workers: tuple[str, ...] = (),
+    keys=None,
+    scheme: str | None = None,
+    param_set: str | None = None,
+    tokenizer: object | None = None,
+) -> PrivateModel:
+    """Make a peft LoRA model private, in place: its frozen linears run on ``backend``.
+
+    The one call for training with your own loop or ``transformers.Trainer``: load a
+    supported model (``hetune.models.loading.load_model``), wrap it with peft's
+    ``get_peft_model``, call this, then train ``.model`` as usual and ``close()`` at the
+    end. The frozen weights are dropped (biases stay with the data owner); ``bundle`` must be
+    compiled from the same base model. ``keys``, ``scheme``, ``param_set``: as in
+    :func:`build_private_model`.
+    """
+    _check_needs(backend, bundle, workers)
+    if backend == "plain":
+        specs, weights = plain_ops(model)
+        engine: FrozenBackend = PlainBackend(weights)
+    elif backend == "remote":
+        from hetune.protocols.hybrid_lora.remote import HttpTransport
+
+        transport = HttpTransport(workers)
+        specs = list(transport.manifest.ops)
+        transport.check_model(model)
+        engine = EncryptedBackend(transport.codecs(), transport, keys=keys or _new_keys(transport, scheme, param_set))
+    else:
+        from hetune.compile.bundle import load_bundle
+
+        b = load_bundle(bundle)
+        specs = list(b.manifest.ops)
+        ops = {s.name: b.op(s.name) for s in specs}
+        if backend == "quantized":
+            engine = QuantizedBackend(ops)
+        else:
+            from hetune.protocols.hybrid_lora.transport import LocalTransport
+
+            transport = LocalTransport(b)
+            engine = EncryptedBackend({k: v.codec for k, v in ops.items()}, transport, keys=keys or _new_keys(transport, scheme, param_set))
+    return PrivateModel(model, tokenizer, engine, attach_backend(model, specs, engine))
+
+
 def build_private_model(
     model_id: str,
     backend: str,
@@ -75,46 +142,18 @@ def build_private_model(
     lora: LoraSettings = LoraSettings(),
     seed: int = 0,
     keys=None,
+    scheme: str | None = None,
     param_set: str | None = None,
 ) -> PrivateModel:
-    """``param_set`` (encrypted/remote): the allow-listed GLWE parameters to generate keys for, when ``keys`` is None."""
+    """Load ``model_id`` (without its outsourced weights, except on ``plain``), add LoRA, make it private.
+
+    ``scheme`` and ``param_set`` (encrypted/remote, when ``keys`` is None): what to generate keys for;
+    either left None takes the bundle's (the worker's) default."""
     from hetune.models.client_weights import load_client_model
     from hetune.models.loading import load_model
 
-    check_backend_name(backend)
-    if keys is None and param_set is not None and backend in ("encrypted", "remote"):
-        from hetune.crypto.glwe import GlweKeys
-
-        keys = GlweKeys.generate(param_set=param_set)
-    if backend == "plain":
-        loaded = load_model(model_id, seed=seed)
-        specs, weights = plain_ops(loaded.model)
-        engine: FrozenBackend = PlainBackend(weights)
-    elif backend == "remote":
-        from hetune.protocols.hybrid_lora.remote import HttpTransport
-
-        if not workers:
-            raise ConfigError("backend 'remote' needs at least one worker URL", "pass --worker http://HOST:PORT")
-        transport = HttpTransport(workers)
-        specs = transport.manifest.ops
-        loaded = load_client_model(model_id, [m.module for s in specs for m in s.members], seed=seed)
-        transport.check_model(loaded.model)
-        engine = GlweBackend(transport.codecs(), transport, keys=keys)
-    else:
-        if bundle is None:
-            raise ConfigError(f"backend '{backend}' needs a bundle", "compile one with: hetune compile MODEL --out DIR")
-        from hetune.compile.bundle import load_bundle
-
-        b = load_bundle(bundle)
-        specs = list(b.manifest.ops)
-        loaded = load_client_model(model_id, [m.module for s in specs for m in s.members], seed=seed)
-        ops = {s.name: b.op(s.name) for s in specs}
-        if backend == "quantized":
-            engine = QuantizedBackend(ops)
-        else:
-            from hetune.protocols.hybrid_lora.transport import LocalTransport
-
-            engine = GlweBackend({k: v.codec for k, v in ops.items()}, LocalTransport(b), keys=keys)
+    _check_needs(backend, bundle, workers)
+    loaded = load_model(model_id, seed=seed) if backend == "plain" else load_client_model(model_id, seed=seed)
     model = _wrap_lora(loaded.model, lora, seed)
-    handles = attach_backend(model, specs, engine)
-    return PrivateModel(model, loaded.tokenizer, engine, handles)
+    return make_private(model, backend, bundle=bundle, workers=workers, keys=keys, scheme=scheme,
+                        param_set=param_set, tokenizer=loaded.tokenizer)

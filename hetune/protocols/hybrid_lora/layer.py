@@ -5,7 +5,8 @@ Each frozen ``nn.Linear`` (inside peft's LoRA wrapper, if any) is replaced by an
 share one :class:`OutsourcedOp`: the first member's call runs the whole product once,
 the others take their slice of it; in backward, autograd sums the members' gradients
 into one ``(T, out_total)`` tensor, so the worker gets one request per op and returns
-``g_q Wq + g_k Wk + g_v Wv`` as one product.
+``g_q Wq + g_k Wk + g_v Wv`` as one product. A linear's bias (Qwen2's q/k/v) never goes
+to the worker: the data owner keeps it and adds it to its slice of the product.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from hetune.errors import ConfigError
-from hetune.models.layers import decoder_layers
+from hetune.models.layers import decoder_layers, member_linear
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -56,16 +57,17 @@ class OutsourcedOp:
 
 
 class OutsourcedLinear(torch.nn.Module):
-    """Stands where a frozen nn.Linear was; holds no weight."""
+    """Stands where a frozen nn.Linear was; holds no weight, only the linear's bias if it had one."""
 
-    def __init__(self, op: OutsourcedOp, out_offset: int, out_features: int):
+    def __init__(self, op: OutsourcedOp, out_offset: int, out_features: int, bias: torch.Tensor | None = None):
         super().__init__()
         self.op, self.out_offset = op, out_offset
         self.in_features, self.out_features = op.in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach())  # (out,) frozen, client-side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.op.output_for(x)
-        return y[..., self.out_offset : self.out_offset + self.out_features]
+        y = self.op.output_for(x)[..., self.out_offset : self.out_offset + self.out_features]
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"op={self.op.name}, out=[{self.out_offset}:{self.out_offset + self.out_features}], backend={self.op.backend.name}"
@@ -86,7 +88,8 @@ def _set_base_linear(layers: torch.nn.ModuleList, path: str, module: torch.nn.Mo
 def attach_backend(model: torch.nn.Module, ops, backend) -> dict[str, OutsourcedOp]:
     """Replace every outsourced linear named in ``ops`` (OpSpecs) by an OutsourcedLinear.
 
-    The original weights are dropped, so the client holds none of the outsourced base weights.
+    The original weights are dropped, so the client holds none of the outsourced base
+    weights; biases stay with the client.
     """
     layers = decoder_layers(model)
     handles = {}
@@ -96,6 +99,7 @@ def attach_backend(model: torch.nn.Module, ops, backend) -> dict[str, Outsourced
                               "recompile the bundle without --lm-head")
         handle = OutsourcedOp(spec.name, spec.in_features, spec.out_features, len(spec.members), backend)
         for member in spec.members:
-            _set_base_linear(layers, member.module, OutsourcedLinear(handle, member.out_offset, member.out_features))
+            bias = member_linear(layers, member.module).bias
+            _set_base_linear(layers, member.module, OutsourcedLinear(handle, member.out_offset, member.out_features, bias))
         handles[spec.name] = handle
     return handles

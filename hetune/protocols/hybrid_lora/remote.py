@@ -38,7 +38,7 @@ class WorkerClient:
         self.session_id: str | None = None
         self._token: str | None = None
         self._key: bytes | None = None
-        self._param_set: str | None = None
+        self._params = None  # the session's hetune.crypto.scheme.ParamSet
 
     def _request(self, method: str, path: str, **kwargs):
         import httpx
@@ -73,14 +73,15 @@ class WorkerClient:
 
         return load(self._checked(self._request("GET", "/codec"), "codec").content)
 
-    def open(self, compression_key: bytes, param_set: str | None = None) -> None:
-        """A new session; ``param_set`` names the key's allow-listed GLWE parameters (None: the default)."""
-        self._key, self._param_set = compression_key, param_set
-        params = {"param_set": param_set} if param_set else None
-        data = self._checked(self._request("POST", "/sessions", content=compression_key, params=params), "a new session").json()
+    def open(self, params, session_key: bytes) -> None:
+        """A new session for the keys' scheme and parameter set; ``session_key`` is b"" for batched RLWE."""
+        self._key, self._params = session_key, params
+        query = {"scheme": params.scheme, "param_set": params.name}
+        data = self._checked(self._request("POST", "/sessions", content=session_key, params=query), "a new session").json()
         self.session_id, self._token = data["session_id"], data["token"]
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> bytes:
+    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
+        """The result body and the worker's seconds (its ``x-worker-seconds`` header)."""
         path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
         for reopened in (False, True):
             response = self._request(
@@ -88,10 +89,11 @@ class WorkerClient:
                 headers={"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"},
             )
             if response.status_code == 404 and "session" in response.text and not reopened:
-                self.open(self._key, self._param_set)  # the worker restarted or the session expired
+                self.open(self._params, self._key)  # the worker restarted or the session expired
                 path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
                 continue
-            return self._checked(response, f"{op} {direction}").content
+            response = self._checked(response, f"{op} {direction}")
+            return response.content, float(response.headers.get("x-worker-seconds", 0.0))
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -100,7 +102,7 @@ class WorkerClient:
                 self.http.delete(f"/sessions/{self.session_id}", headers={"authorization": f"Bearer {self._token}"})
             except Exception:  # closing is best effort: the session expires anyway
                 pass
-        self.session_id = self._token = self._key = self._param_set = None
+        self.session_id = self._token = self._key = self._params = None
         self.http.close()
 
 
@@ -138,11 +140,16 @@ class HttpTransport:
     def in_features(self, op: str) -> int:
         return self.manifest.op(op).in_features
 
-    def open(self, compression_key: bytes, param_set: str | None = None) -> None:
-        for client in self.clients:
-            client.open(compression_key, param_set)
+    def default_params(self):
+        from hetune.crypto.scheme import resolve_params
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> bytes:
+        return resolve_params(self.manifest.crypto["scheme"], self.manifest.crypto["param_set"])
+
+    def open(self, params, session_key: bytes) -> None:
+        for client in self.clients:
+            client.open(params, session_key)
+
+    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
         return self._by_op[op].run(op, direction, payload, rows, cols)
 
     def close(self) -> None:

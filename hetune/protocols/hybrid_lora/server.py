@@ -1,10 +1,11 @@
 """``hetune serve``: the remote worker, a FastAPI app over one bundle.
 
 It loads only the bundle (integer weights; no float model, no transformers or peft),
-keeps one session per data owner (the uploaded compression key, a bearer token, an
-idle TTL), checks op, direction, shape and body size against the manifest before any
-heavy work, and answers every bad request with a 4xx JSON error. Logs carry method,
-path, status, op, rows and timing: never a key, a token or a payload.
+keeps one session per data owner (its scheme and parameter set, a bearer token, an
+idle TTL, and whatever key the scheme needs: none for batched RLWE, a compression key
+for GLWE), checks op, direction, shape, header and body size before any heavy work,
+and answers every bad request with a 4xx JSON error. Logs carry method, path, status
+and timing: never a key, a token or a payload.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from hetune.compile.bundle import Bundle
-from hetune.crypto import glwe
-from hetune.crypto.param_sets import DEFAULT_PARAM_SET, PARAM_SETS, ParamSet, param_set as lookup_param_set
+from hetune.crypto.scheme import ParamSet, PayloadError, get_scheme, scheme_names
+from hetune.errors import ConfigError
 from hetune.protocols.hybrid_lora import wire
-from hetune.protocols.hybrid_lora.worker import GlweWorker
+from hetune.protocols.hybrid_lora.worker import Worker
 from hetune.protocols.http_api import LoopbackServer, add_access_log, error, read_body, session_or_error
 from hetune.protocols.sessions import SessionLimitError, SessionStore
 
@@ -33,7 +34,7 @@ log = logging.getLogger("hetune.worker")
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    max_sessions: int = 8  # each holds a 128 MiB compression key
+    max_sessions: int = 8  # a GLWE session holds a 128 MiB compression key; an RLWE one nothing
     session_ttl_s: float = 3600.0  # idle time before a session is dropped
     max_rows: int = 4096  # tokens per request
 
@@ -41,14 +42,14 @@ class ServeConfig:
 @dataclass
 class Session:
     token: str
-    compression_key: object
-    params: ParamSet  # the data owner's GLWE parameter set (its privacy level)
+    params: ParamSet  # the data owner's scheme and parameter set (its privacy level)
+    state: object  # the scheme's per-session state (GLWE: the compression key; RLWE: None)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
-    worker = GlweWorker(bundle)
+    worker = Worker(bundle)
     sessions: SessionStore[Session] = SessionStore(cfg.max_sessions, cfg.session_ttl_s, log)
     manifest = bundle.manifest
     app = FastAPI(title="hetune worker", version=manifest.hetune_version)
@@ -67,7 +68,10 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             "hetune_version": manifest.hetune_version,
             "manifest": manifest.to_dict(),
             "limits": {"max_rows": cfg.max_rows, "max_sessions": cfg.max_sessions, "session_ttl_s": cfg.session_ttl_s},
-            "param_sets": list(PARAM_SETS),
+            "default": manifest.crypto,
+            "schemes": {name: {"param_sets": list(get_scheme(name).param_sets), "default": get_scheme(name).default_param_set}
+                        for name in scheme_names()},
+            "device": worker.device,
         }
 
     @app.get(f"{prefix}/codec")
@@ -84,29 +88,31 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         return Response(save(tensors), media_type="application/octet-stream")
 
     @app.post(f"{prefix}/sessions", status_code=201)
-    async def create_session(request: Request, param_set: str | None = None):
-        # The set fixes the key's exact size; without a name, Concrete ML's default (p128) applies.
-        param_set = DEFAULT_PARAM_SET if param_set is None else param_set
-        if param_set not in PARAM_SETS:
-            return error(422, f"param_set {param_set!r} is not allowed; choose one of {', '.join(PARAM_SETS)}")
-        chosen = lookup_param_set(param_set)
-        body = await read_body(request, chosen.compression_key_bytes)
+    async def create_session(request: Request, scheme: str | None = None, param_set: str | None = None):
+        # Without names, the bundle's scheme and set apply; the body is the scheme's session key (RLWE: empty).
+        scheme = scheme or manifest.crypto["scheme"]
+        if param_set is None and scheme == manifest.crypto["scheme"]:
+            param_set = manifest.crypto["param_set"]
+        try:
+            chosen = get_scheme(scheme).resolve(param_set)
+        except ConfigError as err:
+            return error(422, f"{err.message}; {err.hint}")
+        problems = manifest.problems(chosen)
+        if problems:
+            return error(422, f"this bundle cannot run under {scheme}/{chosen.name}: {problems[0]}")
+        body = await read_body(request, chosen.session_key_bytes)
         if isinstance(body, JSONResponse):
             return body
-        if len(body) != chosen.compression_key_bytes:
-            return error(400, f"a {param_set} compression key is {chosen.compression_key_bytes} bytes, got {len(body)}")
         try:
-            key = glwe.load_compression_key(body)
-        except BaseException as err:  # pyo3 panics derive from BaseException
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
-                raise
-            return error(400, "body is not a valid serialized compression key")
+            state = get_scheme(scheme).open_session(chosen, body)
+        except PayloadError as err:
+            return error(err.status, err.message)
         try:
-            sid, token = sessions.create(lambda token: Session(token, key, chosen))
+            sid, token = sessions.create(lambda token: Session(token, chosen, state))
         except SessionLimitError:
             return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later")
-        log.info("session %s created (%s)", sid[:8], param_set)
-        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "param_set": param_set}
+        log.info("session %s created (%s/%s)", sid[:8], scheme, chosen.name)
+        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "scheme": scheme, "param_set": chosen.name}
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
     def close_session(sid: str, request: Request):
@@ -130,25 +136,27 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             return error(422, f"{op} {direction} takes {shape.cols} columns, request says {cols}")
         if not 1 <= rows <= cfg.max_rows:
             return error(422, f"rows must be between 1 and {cfg.max_rows}, got {rows}")
-        expected = wire.ciphertext_bytes(rows, cols, got.params.poly_size, got.params.glwe_bytes)
-        body = await read_body(request, expected)
+        params = got.params
+        scheme = get_scheme(params.scheme)
+        body = await read_body(request, scheme.request_bytes(params, rows, cols))
         if isinstance(body, JSONResponse):
             return body
-        if len(body) != expected:
-            return error(422, f"ciphertext of {rows}x{cols} must be {expected} bytes, got {len(body)} (truncated?)")
+        try:
+            scheme.check_request(params, body, rows, cols)  # header and exact size, before any heavy work
+        except PayloadError as err:
+            return error(err.status, err.message)
         from starlette.concurrency import run_in_threadpool
 
-        def compute() -> bytes:
+        def compute() -> tuple[bytes, float]:
             with got.lock:  # one product at a time per session
-                return worker.run(op, direction, body, got.compression_key)
+                t0 = time.perf_counter()
+                return worker.run(op, direction, params, got.state, body), time.perf_counter() - t0
 
         try:
-            result = await run_in_threadpool(compute)
-        except BaseException as err:  # a corrupt ciphertext makes the extension panic
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
-                raise
-            return error(400, "ciphertext could not be deserialized or multiplied (corrupt payload?)")
-        return Response(result, media_type="application/octet-stream")
+            result, seconds = await run_in_threadpool(compute)
+        except PayloadError as err:  # e.g. a GLWE ciphertext the extension cannot read
+            return error(err.status, err.message)
+        return Response(result, media_type="application/octet-stream", headers={"x-worker-seconds": f"{seconds:.6f}"})
 
     return app
 

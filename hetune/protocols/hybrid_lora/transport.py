@@ -1,31 +1,47 @@
 """In-process transport for the ``encrypted`` backend: the worker's code, no network.
 
-Goes through the same serialized bytes as the remote path, so the encrypted and remote
-backends differ only in how the bytes travel.
+Goes through the same serialized bytes and the same checks as the remote path, so the
+encrypted and remote backends differ only in how the bytes travel.
 """
 
 from __future__ import annotations
 
+import time
+
 from hetune.compile.bundle import Bundle
-from hetune.crypto import glwe
-from hetune.protocols.hybrid_lora.worker import GlweWorker
+from hetune.crypto.scheme import ParamSet, get_scheme
+from hetune.errors import ConfigError
+from hetune.protocols.hybrid_lora.worker import Worker
 
 
 class LocalTransport:
     name = "encrypted"
 
     def __init__(self, bundle: Bundle):
-        self.worker = GlweWorker(bundle)
-        self._compression_key = None
+        self.worker = Worker(bundle)
+        self._params: ParamSet | None = None
+        self._session: object = None
 
-    def open(self, compression_key: bytes, param_set: str | None = None) -> None:
-        self._compression_key = glwe.load_compression_key(compression_key)
+    def default_params(self) -> ParamSet:
+        return self.worker.default_params()
+
+    def open(self, params: ParamSet, session_key: bytes) -> None:
+        problems = self.worker.bundle.manifest.problems(params)
+        if problems:
+            raise ConfigError(f"this bundle cannot run under {params.scheme}/{params.name}: {problems[0]}",
+                              "pick another --param-set or --scheme, or recompile with fewer bits")
+        self._session = get_scheme(params.scheme).open_session(params, session_key)
+        self._params = params
 
     def in_features(self, op: str) -> int:
         return self.worker.shape(op, "forward").cols
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> bytes:
-        return self.worker.run(op, direction, payload, self._compression_key)
+    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
+        """The result body and the worker's seconds."""
+        get_scheme(self._params.scheme).check_request(self._params, payload, rows, cols)
+        t0 = time.perf_counter()
+        result = self.worker.run(op, direction, self._params, self._session, payload)
+        return result, time.perf_counter() - t0
 
     def close(self) -> None:
-        self._compression_key = None
+        self._params = self._session = None

@@ -1,17 +1,18 @@
 """The worker's computation: encrypted input times the bundle's clear integer weights.
 
 Shared by the in-process ``encrypted`` backend and the HTTP server, so both run the
-same code. Imports neither transformers nor peft: the worker needs only the bundle.
+same code. Scheme-neutral: the session's scheme (:mod:`hetune.crypto.scheme`) does the
+product. Imports neither transformers nor peft: the worker needs only the bundle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+import torch
 
 from hetune.compile.bundle import Bundle
-from hetune.crypto import glwe
+from hetune.crypto.scheme import ParamSet, get_scheme
 
 
 @dataclass(frozen=True)
@@ -20,20 +21,29 @@ class OpShape:
     out_cols: int  # width of the result
 
 
-class GlweWorker:
+def default_device() -> str:
+    """The worker's GEMMs run on a GPU when one is present (float64 limbs), else on the CPU cores."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Worker:
     """Holds integer weights only; sees ciphertexts, shapes and timing, nothing else."""
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, device: str | None = None):
         self.bundle = bundle
+        self.device = device or default_device()
         self.weights = {spec.name: bundle.tensors[spec.weight_key] for spec in bundle.manifest.ops}  # (out, in)
 
     def shape(self, op: str, direction: str) -> OpShape:
         out, inp = self.weights[op].shape
         return OpShape(inp, out) if direction == "forward" else OpShape(out, inp)
 
-    def run(self, op: str, direction: str, payload: bytes, compression_key: object) -> bytes:
-        w = self.weights[op].numpy()
-        # forward: Enc(X_q) (T, in) @ W_q^T (in, out); backward: Enc(G_q) (T, out) @ W_q (out, in)
-        clear = np.ascontiguousarray(w.T if direction == "forward" else w)
-        ciphertext = glwe.ciphertext_from_bytes(payload)
-        return bytes(glwe.encrypted_matmul(ciphertext, clear, compression_key).serialize())
+    def default_params(self) -> ParamSet:
+        crypto = self.bundle.manifest.crypto
+        return get_scheme(crypto["scheme"]).params(crypto["param_set"])
+
+    def run(self, op: str, direction: str, params: ParamSet, session: object, body: bytes) -> bytes:
+        """forward: Enc(X_q) (T, in) times W_q^T; backward: Enc(G_q) (T, out) times W_q."""
+        w = self.weights[op]
+        weight = w if direction == "forward" else w.T  # (n_out, n_in) of this product
+        return get_scheme(params.scheme).multiply(params, session, body, weight, self.device)

@@ -1,17 +1,30 @@
-"""Cost model of the core protocol per GLWE parameter set, fitted from measured timings and sizes.
+"""Cost model of the core protocol per scheme and parameter set, fitted from measured timings and sizes.
 
-``measure_costs`` times our own primitives on this machine for every allow-listed set:
-client encryption (per input GLWE: one row chunk of ``N`` values), the worker's
-encrypted matmul (per output value, plus a term per output value and extra input
-chunk), client decryption (per packed output GLWE), and the serialized sizes. Seconds
-become cycles by multiplying with the measuring CPU's clock (``cpu_ghz``, read from
-/proc/cpuinfo unless given): "cycles" are therefore cycles of that CPU running the
-extension with all its cores, the unit the planner scales by each device's frequency.
+``measure_costs`` times one scheme's primitives on this machine through the
+:class:`~hetune.crypto.scheme.Scheme` interface only (the data owner's ``encrypt`` and
+``decrypt``, the worker's ``multiply``) for every allow-listed set. Ciphertext volume is
+counted in bytes of ``scheme.request_bytes``, which carries each scheme's padding (rlwe:
+ceil(T / N) blocks of N token coefficients per feature; glwe: ceil(k / N) GLWEs per token),
+so one form fits every scheme. For a product of T rows, k inputs and n outputs, with
+``in_b = request_bytes(T, k)`` and ``out_b = request_bytes(T, n)`` (the result's volume,
+as a request of its shape):
 
-``per_sample`` turns the fit into the planner's per-sample figures for a workload: one
-training sequence of ``seq_len`` tokens through one LoRA step of a Llama-class model
-(forward products of every outsourced op, backward products of every op but the first
-block's q/k/v, as the core client does).
+    client  = per_request + enc * in_b + dec * out_b
+    worker  = per_request + per_value * T n + per_mac * n in_b + per_byte * (in_b + out_b)
+    result  = result_ratio * out_b + result_overhead   (bytes)
+
+``per_value`` is GLWE's key switch per output value, ``per_mac`` the products of every
+output with the whole input (rlwe's GEMMs), ``per_byte`` reading and writing ciphertexts
+(rlwe's mask expansion and packing), ``per_request`` a call's fixed cost; non-negative
+least squares on the relative errors lets each scheme's data pick its terms. Seconds become cycles by multiplying with the measuring CPU's clock
+(``cpu_ghz``, read from /proc/cpuinfo unless given): "cycles" are cycles of that CPU
+running the scheme with all its cores, the unit the planner scales by each device's frequency.
+
+``per_sample`` turns a fit into the planner's per-sample figures for a workload: training
+sequences of ``seq_len`` tokens, ``batch`` of them per encrypted request (the client's
+micro-batch: its tokens share each request, and rlwe pads them to N), through one LoRA
+step of a Llama-class model (forward products of every outsourced op, backward products
+of every op but the first block's q/k/v, as the core client does).
 """
 
 from __future__ import annotations
@@ -23,58 +36,77 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hetune.errors import ConfigError
+from hetune.crypto.scheme import DEFAULT_SCHEME, get_scheme
+from hetune.errors import ConfigError, HetuneError
 from hetune.files import write_json
-from hetune.protocols.hybrid_lora import wire
 
-DEFAULT_COSTS = Path(__file__).with_name("default_costs.json")
+# The fits shipped with hetune, one file per scheme (a cost file holds one scheme's sets).
+SHIPPED = {DEFAULT_SCHEME: Path(__file__).with_name("default_costs.json"),
+           "glwe": Path(__file__).with_name("default_costs_glwe.json")}
+_REMEASURE = "write one with: hetune plan measure --scheme SCHEME --out costs.json"
 
 
 @dataclass(frozen=True)
 class ParamSetCosts:
-    """Fitted per-primitive costs of one parameter set (seconds on the measuring CPU, bytes)."""
+    """Fitted costs of one parameter set: seconds on the measuring CPU, bytes."""
 
     name: str
-    security_bits: int
-    poly_size: int  # input rows pad to this many values per GLWE
-    packing_poly_size: int  # results pack this many values per GLWE
-    enc_s_per_glwe: float
-    dec_s_per_glwe: float  # per packed output GLWE
-    srv_s_per_value: float  # worker seconds per output value
-    srv_s_per_value_chunk: float  # extra worker seconds per output value and input GLWE beyond the first
-    glwe_bytes: int  # one serialized input GLWE
-    result_glwe_bytes: float  # one packed output GLWE, serialized
+    client_s_per_request: float  # client, fixed per product (encryption and decryption)
+    enc_s_per_byte: float  # client, per byte of the request
+    dec_s_per_byte: float  # client, per byte of the output's volume
+    srv_s_per_request: float  # worker, fixed per product
+    srv_s_per_value: float  # worker, per clear output value
+    srv_s_per_mac_byte: float  # worker, per output column and byte of the request
+    srv_s_per_byte: float  # worker, per byte of the request and of the output's volume
+    result_ratio: float  # result bytes per byte of the output's volume
     result_overhead_bytes: float
-    key_bytes: int  # compression key, held by the worker for the session
 
 
 @dataclass(frozen=True)
 class CostModel:
+    scheme: str
     cpu_ghz: float  # clock of the measuring CPU: cycles = seconds * cpu_ghz * 1e9
     sets: dict[str, ParamSetCosts]
     measured: dict  # when, where, shapes: provenance
 
     def to_dict(self) -> dict:
-        return {"cpu_ghz": self.cpu_ghz, "measured": self.measured, "sets": {k: asdict(v) for k, v in self.sets.items()}}
+        return {"scheme": self.scheme, "cpu_ghz": self.cpu_ghz, "measured": self.measured,
+                "sets": {k: asdict(v) for k, v in self.sets.items()}}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "cost file") -> "CostModel":
         try:
+            scheme = get_scheme(data["scheme"])
             sets = {k: ParamSetCosts(**v) for k, v in data["sets"].items()}
-            return cls(float(data["cpu_ghz"]), sets, dict(data.get("measured", {})))
+            model = cls(scheme.name, float(data["cpu_ghz"]), sets, dict(data.get("measured", {})))
         except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{source} is not a hetune cost file ({err})", "write one with: hetune plan measure --out costs.json") from err
+            raise ConfigError(f"{source} is not a hetune cost file ({err!r} missing or malformed)", _REMEASURE) from err
+        for name in sets:
+            if name not in scheme.param_sets:
+                raise ConfigError(f"{source}: set {name!r} is not one of scheme {scheme.name!r}'s "
+                                  f"({', '.join(scheme.param_sets)})", _REMEASURE)
+        return model
 
 
-def load_costs(path: Path | None = None) -> CostModel:
-    path = Path(path) if path else DEFAULT_COSTS
+def load_costs(path: Path | None = None, scheme: str | None = None) -> CostModel:
+    """A cost file, or the fit shipped for ``scheme`` (default rlwe); a file of another scheme is refused."""
+    if path is None:
+        name = get_scheme(scheme).name
+        if name not in SHIPPED:
+            raise ConfigError(f"hetune ships no cost fit for scheme {name!r}", _REMEASURE.replace("SCHEME", name))
+        path = SHIPPED[name]
+    path = Path(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as err:
-        raise ConfigError(f"cost file {path} does not exist", "write one with: hetune plan measure --out costs.json") from err
+        raise ConfigError(f"cost file {path} does not exist", _REMEASURE) from err
     except json.JSONDecodeError as err:
-        raise ConfigError(f"cost file {path} is not valid JSON ({err})", "write one with: hetune plan measure --out costs.json") from err
-    return CostModel.from_dict(data, str(path))
+        raise ConfigError(f"cost file {path} is not valid JSON ({err})", _REMEASURE) from err
+    model = CostModel.from_dict(data, str(path))
+    if scheme is not None and model.scheme != get_scheme(scheme).name:
+        raise ConfigError(f"cost file {path} is for scheme {model.scheme!r}, not {scheme!r}",
+                          f"drop --scheme, or measure one: hetune plan measure --scheme {scheme} --out costs.json")
+    return model
 
 
 def save_costs(model: CostModel, path: Path) -> None:
@@ -87,14 +119,14 @@ def save_costs(model: CostModel, path: Path) -> None:
 
 @dataclass(frozen=True)
 class Product:
-    """One encrypted product per token row: (rows, k) @ (k, n_out)."""
+    """One encrypted product per request: (rows, k) @ (k, n_out)."""
 
     k: int
     n_out: int
 
 
 def workload_products(model: str) -> list[Product]:
-    """Per-token encrypted products of one LoRA training step (forward and backward) of ``model``."""
+    """Encrypted products of one LoRA training step (forward and backward) of ``model``."""
     from hetune.models.loading import load_config
 
     c = load_config(model)
@@ -119,22 +151,26 @@ class SampleCosts:
     upload_mbit: float
     server_gcycles: float
     download_mbit: float
-    key_bytes: int
+    key_bytes: int  # the session key the worker holds for the owner's session (0: none)
     security_bits: int
 
 
-def per_sample(costs: CostModel, param_set: str, model: str, seq_len: int) -> SampleCosts:
-    p = costs.sets[param_set]
+def per_sample(costs: CostModel, param_set: str, model: str, seq_len: int, batch: int = 1) -> SampleCosts:
+    """One sequence's share of the requests of a micro-batch of ``batch`` sequences (T = batch * seq_len rows)."""
+    scheme = get_scheme(costs.scheme)
+    params, p = scheme.params(param_set), costs.sets[param_set]
+    rows = batch * seq_len
     client_s = server_s = up = down = 0.0
     for prod in workload_products(model):
-        chunks = math.ceil(prod.k / p.poly_size)
-        out_glwes = math.ceil(prod.n_out / p.packing_poly_size)
-        client_s += seq_len * (chunks * p.enc_s_per_glwe + out_glwes * p.dec_s_per_glwe)
-        server_s += seq_len * prod.n_out * (p.srv_s_per_value + (chunks - 1) * p.srv_s_per_value_chunk)
-        up += wire.ciphertext_bytes(seq_len, prod.k, p.poly_size, p.glwe_bytes)
-        down += p.result_overhead_bytes + seq_len * out_glwes * p.result_glwe_bytes
-    g = costs.cpu_ghz
-    return SampleCosts(client_s * g, up * 8e-6, server_s * g, down * 8e-6, p.key_bytes, p.security_bits)
+        in_b, out_b = scheme.request_bytes(params, rows, prod.k), scheme.request_bytes(params, rows, prod.n_out)
+        client_s += p.client_s_per_request + p.enc_s_per_byte * in_b + p.dec_s_per_byte * out_b
+        server_s += (p.srv_s_per_request + p.srv_s_per_value * rows * prod.n_out + p.srv_s_per_mac_byte * prod.n_out * in_b
+                     + p.srv_s_per_byte * (in_b + out_b))
+        up += in_b
+        down += p.result_ratio * out_b + p.result_overhead_bytes
+    g = costs.cpu_ghz / batch
+    return SampleCosts(client_s * g, up * 8e-6 / batch, server_s * g, down * 8e-6 / batch,
+                       params.session_key_bytes, params.security.bits)
 
 
 # ---- measuring -----------------------------------------------------------------------
@@ -151,91 +187,105 @@ def cpu_ghz_here() -> float:
     return max(mhz) / 1000
 
 
-# (rows, k, n_out): k spans 1..3 input GLWEs at N = 1024 so the chunk term is identifiable.
-MEASURE_SHAPES = ((4, 32, 64), (2, 3000, 32), (1, 256, 256))
+# (rows, k, n_out): the ratio of output-times-input to input-plus-output volume spans 1..85
+# so per_mac and per_byte separate, and many rows of tiny products pin per_value against
+# per_request; about 850 output values in all, since GLWE pays a key switch for each.
+MEASURE_SHAPES = ((4, 32, 64), (2, 3000, 32), (1, 256, 128), (1, 16, 128), (2, 1024, 8), (32, 16, 4), (128, 8, 1))
 
 
-def _fit_nonneg(rows: list[list[float]], y: list[float]) -> list[float]:
+def _fit_nonneg(rows: list[list[float]], y: list[float]) -> tuple[list[float], float]:
+    """Non-negative coefficients minimising the relative errors (the shapes span 1 ms to seconds),
+    and the worst relative error of the fit at the measured points."""
     import numpy as np
     from scipy.optimize import nnls
 
-    return [float(v) for v in nnls(np.asarray(rows, dtype=float), np.asarray(y, dtype=float))[0]]
+    a, b = np.asarray(rows, dtype=float), np.asarray(y, dtype=float)
+    coef = nnls(a / b[:, None], np.ones_like(b))[0]
+    return [float(v) for v in coef], float(np.max(np.abs(a @ coef - b) / b))
 
 
-def measure_param_set(name: str, shapes=MEASURE_SHAPES, repeats: int = 1, echo=None) -> tuple[ParamSetCosts, dict]:
-    """Time keygen, encryption, the worker's matmul and decryption of ``shapes`` under one set."""
+def measure_param_set(scheme: str, name: str, shapes=MEASURE_SHAPES, repeats: int = 1, echo=None) -> tuple[ParamSetCosts, dict]:
+    """Time key generation, encryption, the worker's product and decryption of ``shapes`` under one set.
+
+    Each primitive keeps the fastest of ``repeats`` runs per shape (the least disturbed
+    by other load on the machine). Every decrypted result is checked against the clear
+    product within the set's noise bound (0 for an exact scheme).
+    """
     import numpy as np
+    import torch
 
-    from hetune.crypto import glwe
-    from hetune.crypto.param_sets import param_set
-
-    ps = param_set(name)
+    sch = get_scheme(scheme)
+    params = sch.params(name)
     t0 = time.perf_counter()
-    keys = glwe.GlweKeys.generate(param_set=name)
+    keys = sch.generate_keys(name)
     keygen_s = time.perf_counter() - t0
-    key_bytes = len(keys.compression_key_bytes())
+    state = sch.open_session(params, keys.session_key())
     rng = np.random.default_rng(0)
-    # warm-up: one small product, untimed
-    glwe.encrypted_matmul(keys.encrypt(rng.integers(0, 256, (1, 16))), rng.integers(-127, 128, (16, 4)), keys.compression)
-    enc_rows, enc_y, srv_rows, srv_y, dec_rows, dec_y, res = [], [], [], [], [], [], []
+    warm = rng.integers(0, 256, (1, 16))  # warm-up: one small product, untimed
+    keys.decrypt(sch.multiply(params, state, keys.encrypt(warm), torch.from_numpy(rng.integers(-127, 128, (4, 16)))), 1, 4)
+    enc, dec, srv, res = [], [], [], []
     max_err = 0
     for rows, k, n in shapes:
-        x, w = rng.integers(0, 256, (rows, k)), rng.integers(-127, 128, (k, n))
-        chunks, out_glwes = math.ceil(k / ps.poly_size), math.ceil(n / ps.packing_poly_size)
+        x, w = rng.integers(0, 256, (rows, k)), rng.integers(-127, 128, (n, k))
+        weight = torch.from_numpy(w)
+        in_b, out_b = sch.request_bytes(params, rows, k), sch.request_bytes(params, rows, n)
+        best = [math.inf] * 3
         for _ in range(repeats):
             t = time.perf_counter()
-            ct = keys.encrypt(x)
-            enc_s = time.perf_counter() - t
-            payload = bytes(ct.serialize())
-            t = time.perf_counter()
-            out = glwe.encrypted_matmul(glwe.ciphertext_from_bytes(payload), w, keys.compression)
-            srv_s = time.perf_counter() - t
-            blob = bytes(out.serialize())
-            t = time.perf_counter()
-            raw = keys.decrypt(keys.result_from_bytes(blob), n)
-            dec_s = time.perf_counter() - t
-            enc_rows.append([rows * chunks]); enc_y.append(enc_s)
-            srv_rows.append([rows * n, rows * n * (chunks - 1)]); srv_y.append(srv_s)
-            dec_rows.append([rows * out_glwes]); dec_y.append(dec_s)
-            res.append((rows * out_glwes, len(blob)))
-            max_err = max(max_err, int(np.abs(raw - x @ w).max()))
-            if len(payload) != wire.ciphertext_bytes(rows, k, ps.poly_size, ps.glwe_bytes):
-                raise AssertionError(f"{name}: ciphertext size {len(payload)} does not match the size formula")
+            body = keys.encrypt(x)
+            t1 = time.perf_counter()
+            blob = sch.multiply(params, state, body, weight)
+            t2 = time.perf_counter()
+            raw = keys.decrypt(blob, rows, n)
+            t3 = time.perf_counter()
+            best = [min(b, s) for b, s in zip(best, (t1 - t, t2 - t1, t3 - t2))]
+            if len(body) != in_b:
+                raise HetuneError(f"{scheme}/{name}: a {rows}x{k} request is {len(body)} bytes, request_bytes says {in_b}")
+            max_err = max(max_err, int(np.abs(raw - x @ w.T).max()))
+            if max_err > params.noise_bound:
+                raise HetuneError(f"{scheme}/{name}: decrypted result off by {max_err}, beyond the set's bound {params.noise_bound}")
+        enc.append(([1.0, in_b], best[0]))
+        srv.append(([1.0, rows * n, n * in_b, in_b + out_b], best[1]))
+        dec.append(([1.0, out_b], best[2]))
+        res.append(([out_b, 1.0], len(blob)))
         if echo:
-            echo(f"  {name}: ({rows}x{k}) @ ({k}x{n}): enc {enc_s * 1e3:.1f} ms, worker {srv_s:.2f} s, dec {dec_s * 1e3:.1f} ms")
-    (enc,), (srv, srv_chunk), (dec,) = _fit_nonneg(enc_rows, enc_y), _fit_nonneg(srv_rows, srv_y), _fit_nonneg(dec_rows, dec_y)
-    (res_glwe, res_over) = _fit_nonneg([[g, 1.0] for g, _ in res], [b for _, b in res])
-    costs = ParamSetCosts(name, ps.security.bits, ps.poly_size, ps.packing_poly_size, enc, dec, srv, srv_chunk,
-                          ps.glwe_bytes, res_glwe, res_over, key_bytes)
-    return costs, {"keygen_s": keygen_s, "max_abs_error": max_err}
+            echo(f"  {scheme}/{name}: ({rows}x{k}) @ ({k}x{n}): enc {best[0] * 1e3:.1f} ms, worker {best[1] * 1e3:.1f} ms, "
+                 f"dec {best[2] * 1e3:.1f} ms, {in_b:,} B up, {len(blob):,} B down")
+    fits = {what: _fit_nonneg([r for r, _ in pts], [y for _, y in pts]) for what, pts in
+            (("enc", enc), ("srv", srv), ("dec", dec), ("res", res))}
+    (e0, e), (s0, v, mac, byte), (d0, d), (ratio, over) = (fits[w][0] for w in ("enc", "srv", "dec", "res"))
+    costs = ParamSetCosts(name, e0 + d0, e, d, s0, v, mac, byte, ratio, over)
+    return costs, {"keygen_s": keygen_s, "max_abs_error": max_err,
+                   "fit_max_rel_error": {w: fits[w][1] for w in ("enc", "srv", "dec")}}
 
 
-def measure_costs(param_sets=None, cpu_ghz: float | None = None, repeats: int = 1, echo=None) -> CostModel:
-    """Measure every allow-listed set (or ``param_sets``) on this machine and fit the cost model."""
+def measure_costs(scheme: str = DEFAULT_SCHEME, param_sets=None, cpu_ghz: float | None = None, repeats: int = 1,
+                  echo=None) -> CostModel:
+    """Measure every allow-listed set of ``scheme`` (or ``param_sets``) on this machine and fit the cost model."""
     import platform
 
-    from hetune.crypto.param_sets import PARAM_SETS
-
-    names = tuple(param_sets or PARAM_SETS)
+    sch = get_scheme(scheme)
+    names = tuple(param_sets or sch.param_sets)
     ghz = cpu_ghz if cpu_ghz is not None else cpu_ghz_here()
     if ghz <= 0:
         raise ConfigError(f"cpu_ghz={ghz} must be > 0", "pass the measuring CPU's clock, e.g. --cpu-ghz 2.5")
-    sets, extra = {}, {}
+    sets, extra, load = {}, {}, os.getloadavg()[0]
     for name in names:
-        sets[name], extra[name] = measure_param_set(name, repeats=repeats, echo=echo)
+        sets[name], extra[name] = measure_param_set(sch.name, name, repeats=repeats, echo=echo)
     info = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "shapes": [list(s) for s in MEASURE_SHAPES], "repeats": repeats, "per_set": extra}
-    return CostModel(ghz, sets, info)
+            "cpu_count": os.cpu_count(), "load_avg_1m": [load, os.getloadavg()[0]], "shapes": [list(s) for s in MEASURE_SHAPES],
+            "repeats": repeats, "per_set": extra}
+    return CostModel(sch.name, ghz, sets, info)
 
 
-def measure_and_save(out: Path, param_sets=(), cpu_ghz: float | None = None, repeats: int = 1, echo=None) -> CostModel:
+def measure_and_save(out: Path, scheme: str = DEFAULT_SCHEME, param_sets=(), cpu_ghz: float | None = None,
+                     repeats: int = 1, echo=None) -> CostModel:
     """``hetune plan measure``: validate, measure, write atomically."""
-    from hetune.crypto.param_sets import param_set
-
     if repeats < 1:
         raise ConfigError(f"repeats={repeats} must be >= 1", "pass --repeats 1 or more")
+    sch = get_scheme(scheme)  # an unknown scheme or set fails before minutes of measuring
     for name in param_sets:
-        param_set(name)  # unknown names fail before minutes of measuring
-    model = measure_costs(param_sets or None, cpu_ghz, repeats, echo)
+        sch.params(name)
+    model = measure_costs(sch.name, param_sets or None, cpu_ghz, repeats, echo)
     save_costs(model, out)
     return model

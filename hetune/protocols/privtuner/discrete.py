@@ -4,8 +4,8 @@ With each owner's bandwidth ``b_n`` and server share ``f_s,n`` fixed, an owner's
 under set j is its best energy over its own power and CPU frequency (a 1-D convex
 problem in the compute time, solved by Brent's method) minus ``omega * phi_j``, or
 infinite when the deadline cannot be met. Owners then couple only through the
-server's memory for the sessions' compression keys (``sum mem_j <= M``): a
-multiple-choice knapsack. Branch-and-bound assigns owners in order; a node's lower
+server's memory for the sessions' keys (``sum mem_j <= M``: GLWE's compression keys;
+rlwe sessions hold none, and the choice separates per owner): a multiple-choice knapsack. Branch-and-bound assigns owners in order; a node's lower
 bound is its cost so far plus the LP relaxation of the rest (the multiple-choice
 knapsack's LP, solved greedily on each owner's convex hull of options; without a memory
 limit it is every unassigned owner at its cheapest set). A node is pruned when the bound

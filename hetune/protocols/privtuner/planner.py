@@ -76,7 +76,7 @@ def check_feasible(inst: Instance) -> None:
     if inst.mem_gib.min() * inst.n > c.server_memory_gib:
         raise InfeasibleCellError(
             f"cell infeasible: server memory {c.server_memory_gib:g} GiB < {inst.mem_gib.min() * inst.n:.3g} GiB "
-            f"for {inst.n} sessions at the smallest compression key",
+            f"for {inst.n} sessions at the smallest session key",
             "raise server_memory_gib or serve fewer owners",
         )
 
@@ -117,7 +117,7 @@ class Planner:
 
     def _check_memory(self, choice: np.ndarray) -> None:
         if self.inst.mem_gib[choice].sum() > self.budget * (1 + 1e-12):
-            raise ContinuousInfeasible("the sessions' compression keys exceed the server memory")
+            raise ContinuousInfeasible("the sessions' keys exceed the server memory")
 
     def alternate(self, choice: np.ndarray, name: str = "alternating") -> Plan:
         t0 = time.perf_counter()
@@ -200,7 +200,7 @@ def plan_cell(cell: Cell, costs: CostModel, omega: float, baselines: bool = True
         ours = best_alternating(planner, "privtuner", omega)
     except ContinuousInfeasible:
         raise _joint_infeasible(inst) from None
-    result = {"omega": omega, "sets": list(inst.sets), "phi": inst.phi.tolist(), "plan": ours.summary(inst),
+    result = {"omega": omega, "scheme": costs.scheme, "sets": list(inst.sets), "phi": inst.phi.tolist(), "plan": ours.summary(inst),
               "violation": violation(inst, ours.choice, ours.alloc), "baselines": {}}
     if baselines:
         for name, plan in run_baselines(inst, omega).items():
@@ -245,7 +245,7 @@ def sweep(cell: Cell, costs: CostModel, omegas=None) -> dict:
         one = plan_cell(cell, costs, float(w))
         rows.append({"omega": float(w), "privtuner": _brief(one["plan"]),
                      **{k: (_brief(v) if v else None) for k, v in one["baselines"].items()}})
-    return {"sets": list(inst.sets), "rows": rows}
+    return {"scheme": costs.scheme, "sets": list(inst.sets), "rows": rows}
 
 
 def _brief(s: dict) -> dict:

@@ -21,7 +21,8 @@ DEFAULT_OMEGA = 1e-3  # J per security bit
 class PlanConfig:
     cell: Path
     omega: float = DEFAULT_OMEGA
-    costs: Path | None = None  # None: the fit shipped with hetune (measured on the 2-core dev machine)
+    costs: Path | None = None  # None: the fit shipped with hetune for ``scheme`` (measured on the 2-core dev machine)
+    scheme: str | None = None  # None: the cost file's scheme, or rlwe for the shipped fit
     out: Path = Path("runs/privtuner")
     sweep: bool = True
     sweep_points: int = 7
@@ -50,11 +51,11 @@ def _run_plan(cfg: PlanConfig) -> dict:
     from hetune.protocols.privtuner.system import build_instance
 
     cell = load_cell(cfg.cell)
-    costs = load_costs(cfg.costs)
+    costs = load_costs(cfg.costs, cfg.scheme)
     check_feasible(build_instance(cell, costs))  # before any output exists
     result = plan_cell(cell, costs, cfg.omega)
     result["cell"] = str(cfg.cell)
-    result["costs"] = str(cfg.costs or "default (hetune/protocols/privtuner/default_costs.json)")
+    result["costs"] = str(cfg.costs or f"shipped fit for {costs.scheme}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.sweep:
         inst = build_instance(cell, costs)
@@ -67,7 +68,7 @@ def _run_plan(cfg: PlanConfig) -> dict:
 
 def format_table(result: dict) -> str:
     """The allocation per owner, then the plan against each baseline."""
-    lines = [f"omega = {result['omega']:g} J/bit", "",
+    lines = [f"scheme {result['scheme']}, omega = {result['omega']:g} J/bit", "",
              f"{'owner':>5} {'set':>5} {'bits':>4} {'B (MHz)':>9} {'p (W)':>9} {'f (GHz)':>8} {'f_s (GHz)':>10} {'energy (J)':>11}"]
     for n, o in enumerate(result["plan"]["owners"], 1):
         bits = result["phi"][result["sets"].index(o["param_set"])]

@@ -10,7 +10,8 @@ power W, time s, energy J. For owner n under parameter set j:
 
 with ``g = h / (N0 * 1e6)`` so that ``p g / b`` is the SNR. Deadline: the four times add
 up to at most ``T_max``. Shared: sum b <= B, sum f_s <= F_s, and (optional) the
-sessions' compression keys fit the server's memory. Objective: total energy minus
+sessions' keys fit the server's memory (a GLWE session holds its compression key; an
+rlwe session holds nothing, so the limit never binds there). Objective: total energy minus
 ``omega`` times the summed privacy (security bits of the chosen sets).
 """
 
@@ -34,7 +35,7 @@ class Instance:
     cell: Cell
     sets: tuple[str, ...]
     phi: np.ndarray  # (J,) security bits
-    mem_gib: np.ndarray  # (J,) compression key held by the worker
+    mem_gib: np.ndarray  # (J,) session key held by the worker (0 for rlwe)
     C: np.ndarray  # (N, J) Gcycles on the device
     S: np.ndarray  # (N, J) Mbit uplink
     G: np.ndarray  # (N, J) Gcycles on the server
@@ -57,8 +58,10 @@ class Instance:
 
 
 def build_instance(cell: Cell, costs: CostModel, sets: tuple[str, ...] | None = None) -> Instance:
-    sets = tuple(sets or sorted(costs.sets, key=lambda s: costs.sets[s].security_bits))
-    per = [per_sample(costs, s, cell.model, cell.seq_len) for s in sets]
+    """The cell under the fit's scheme and its sets (default: all the fit has), least private first."""
+    per = {s: per_sample(costs, s, cell.model, cell.seq_len, cell.batch) for s in (sets or costs.sets)}
+    sets = tuple(sorted(per, key=lambda s: per[s].security_bits))
+    per = [per[s] for s in sets]
     D = np.array([o.samples for o in cell.owners], dtype=float)[:, None]
     col = lambda attr: np.array([getattr(p, attr) for p in per])[None, :]  # noqa: E731
     n0 = cell.noise_w_per_hz * 1e6  # W per MHz

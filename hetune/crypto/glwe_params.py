@@ -1,4 +1,4 @@
-"""The allow-list of GLWE parameter sets a data owner may pick per session (its privacy level).
+"""The allow-list of GLWE parameter sets (Concrete ML's scheme, registered as ``glwe``) a data owner may pick per session (its privacy level).
 
 Each set is Concrete ML's default GLWE matmul parameters with a few fields changed,
 checked here to encrypt, multiply and decrypt within the same noise bound as the
@@ -43,10 +43,12 @@ PARAM_SETS = tuple(_OVERRIDES)
 # objects in the tests.
 _GLWE_OVERHEAD_BYTES = 88
 _KEY_OVERHEAD_BYTES = 80
+_ROW_OVERHEAD_BYTES = 16  # EncryptedMatrix: 24 bytes, then 16 per row, around the GLWEs
+_MATRIX_OVERHEAD_BYTES = 24
 
 
 @dataclass(frozen=True)
-class ParamSet:
+class GlweParamSet:
     name: str
     params: dict  # the full JSON dict concrete-ml-extensions takes
 
@@ -62,6 +64,14 @@ class ParamSet:
     def glwe_bytes(self) -> int:
         """Bytes of one serialized input GLWE ciphertext (one row chunk of poly_size values)."""
         return math.ceil(self.poly_size * self.params["input_storage_ciphertext_modulus"] / 8) + _GLWE_OVERHEAD_BYTES
+
+    @property
+    def budget_bits(self) -> int:
+        return int(self.params["bits_reserved_for_computation"])
+
+    def ciphertext_bytes(self, rows: int, cols: int) -> int:
+        """Serialized EncryptedMatrix: each row split into ceil(cols / N) GLWEs, plus bincode length prefixes."""
+        return _MATRIX_OVERHEAD_BYTES + rows * (_ROW_OVERHEAD_BYTES + math.ceil(cols / self.poly_size) * self.glwe_bytes)
 
     @property
     def compression_key_bytes(self) -> int:
@@ -85,7 +95,7 @@ def _default_params_json() -> str:
     return fhext.default_params()
 
 
-def param_set(name: str) -> ParamSet:
+def param_set(name: str) -> GlweParamSet:
     """The named set; a name outside the allow-list raises ConfigError."""
     if name not in _OVERRIDES:
         from hetune.errors import ConfigError
@@ -93,19 +103,4 @@ def param_set(name: str) -> ParamSet:
         raise ConfigError(f"GLWE parameter set {name!r} is not in the allow-list", f"choose one of {', '.join(PARAM_SETS)}")
     params = json.loads(_default_params_json())
     params.update(_OVERRIDES[name])
-    return ParamSet(name, params)
-
-
-def describe_param_sets() -> str:
-    """One line per allow-listed set: name, security, dimensions, noise, sizes."""
-    lines = [f"{'set':<5} {'bits':>4} {'N':>5} {'log2 sigma (ct/key)':>20} {'ks level x base':>16} {'GLWE bytes':>10} {'key MiB':>8}"]
-    for name in PARAM_SETS:
-        ps = param_set(name)
-        p, sec = ps.params, ps.security
-        noise = f"{math.log2(p['glwe_encryption_noise_distribution_stdev']):.2f}/{math.log2(p['pks_noise_distrubution_stdev']):.2f}"
-        mark = "*" if sec.extrapolated else ""
-        lines.append(f"{name:<5} {sec.bits:>3}{mark:1} {ps.poly_size:>5} {noise:>20} {p['packing_ks_level']:>8} x {p['packing_ks_base_log']:<5} "
-                     f"{ps.glwe_bytes:>10} {ps.compression_key_bytes / 2**20:>8.0f}")
-    lines.append("bits: largest lattice-estimator curve level met (Concrete's security curves, q = 2^64, binary keys);")
-    lines.append("* dimension beyond the curves' fitted range (n <= 2048): extrapolated, cross-checked with the HE standard")
-    return "\n".join(lines)
+    return GlweParamSet(name, params)

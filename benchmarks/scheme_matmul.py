@@ -1,0 +1,109 @@
+"""Worker time and bytes per value of one encrypted product, batched RLWE beside Concrete ML's GLWE.
+
+Question: how much cheaper is the batched RLWE scheme's product than Concrete ML's GLWE
+matmul, per output value, at the shapes of real training steps?
+
+Both schemes run through the same interface (hetune.crypto.scheme), in one run, on
+random 8-bit weights and activations: in/out widths from {576, 2048, 8192} (SmolLM2's
+hidden size, Llama-3.2-1B's hidden and MLP sizes), T from {1, 64, 512, 2048} tokens.
+RLWE is measured at every shape (client encryption, worker product, client decryption,
+bytes) and checked exact against the integer product. GLWE costs about 6-7 ms per
+output value, so it is measured on one token and a few hundred output values per input
+width, and its time at the other shapes is *extrapolated* as seconds per value x values
+(its cost follows output values, not tokens); its request bytes come from its exact
+size formula, its result bytes per value from the measured result.
+
+    .venv/bin/python benchmarks/scheme_matmul.py            # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/scheme_matmul.py --quick    # widths {576, 2048}, T {64, 2048}
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import environment, write_json
+
+from hetune.crypto.scheme import get_scheme
+
+WIDTHS = (576, 2048, 8192)
+TOKENS = (1, 64, 512, 2048)
+GLWE_VALUES = 256  # output values measured per input width
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def rlwe_row(keys, t: int, n_in: int, n_out: int, gen: torch.Generator) -> dict:
+    scheme = get_scheme("rlwe")
+    x = torch.randint(0, 256, (t, n_in), generator=gen)
+    w = torch.randint(-127, 128, (n_out, n_in), generator=gen)
+    body, enc_s = timed(lambda: keys.encrypt(x))
+    result, worker_s = timed(lambda: scheme.multiply(keys.params, None, body, w))
+    raw, dec_s = timed(lambda: keys.decrypt(result, t, n_out))
+    exact = np.array_equal(raw, (x.double() @ w.T.double()).long().numpy())
+    values = t * n_out
+    return {"scheme": "rlwe", "tokens": t, "n_in": n_in, "n_out": n_out, "measured": True, "exact": exact,
+            "worker_s": worker_s, "worker_us_per_value": worker_s / values * 1e6,
+            "encrypt_us_per_input_value": enc_s / (t * n_in) * 1e6, "decrypt_us_per_value": dec_s / values * 1e6,
+            "bytes_per_input_value": len(body) / (t * n_in), "bytes_per_output_value": len(result) / values}
+
+
+def glwe_per_value(keys, n_in: int, gen: torch.Generator) -> dict:
+    """GLWE measured on one token x GLWE_VALUES outputs at this input width."""
+    scheme = get_scheme("glwe")
+    session = scheme.open_session(keys.params, keys.session_key())
+    x = torch.randint(0, 256, (1, n_in), generator=gen)
+    w = torch.randint(-127, 128, (GLWE_VALUES, n_in), generator=gen)
+    body = keys.encrypt(x)
+    result, worker_s = timed(lambda: scheme.multiply(keys.params, session, body, w))
+    err = np.abs(keys.decrypt(result, 1, GLWE_VALUES) - (x.double() @ w.T.double()).long().numpy()).max()
+    return {"n_in": n_in, "values": GLWE_VALUES, "worker_s": worker_s, "s_per_value": worker_s / GLWE_VALUES,
+            "result_bytes_per_value": len(result) / GLWE_VALUES, "max_abs_error": int(err)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="widths {576, 2048}, T {64, 2048}")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scheme_matmul.json")
+    args = parser.parse_args()
+    widths, tokens = ((576, 2048), (64, 2048)) if args.quick else (WIDTHS, TOKENS)
+    gen = torch.Generator().manual_seed(0)
+    rlwe_keys, glwe_keys = get_scheme("rlwe").generate_keys(), get_scheme("glwe").generate_keys()
+    glwe = {n_in: glwe_per_value(glwe_keys, n_in, gen) for n_in in widths}
+    for g in glwe.values():
+        print(f"glwe n_in={g['n_in']:>5}: {g['s_per_value'] * 1e3:.2f} ms per output value (measured on {g['values']})", flush=True)
+    rows = []
+    glwe_scheme = get_scheme("glwe")
+    for n_in in widths:
+        for n_out in widths:
+            for t in tokens:
+                r = rlwe_row(rlwe_keys, t, n_in, n_out, gen)
+                g = glwe[n_in]
+                glwe_row = {"scheme": "glwe", "tokens": t, "n_in": n_in, "n_out": n_out, "measured": False,
+                            "worker_s": g["s_per_value"] * t * n_out, "worker_us_per_value": g["s_per_value"] * 1e6,
+                            "bytes_per_input_value": glwe_scheme.request_bytes(glwe_keys.params, t, n_in) / (t * n_in),
+                            "bytes_per_output_value": g["result_bytes_per_value"]}
+                r["speedup_vs_glwe"] = glwe_row["worker_us_per_value"] / r["worker_us_per_value"]
+                rows += [r, glwe_row]
+                print(f"T={t:>4} {n_in:>5}->{n_out:<5} rlwe {r['worker_us_per_value']:8.3f} us/value "
+                      f"(exact={r['exact']}), glwe {glwe_row['worker_us_per_value']:8.0f} us/value: x{r['speedup_vs_glwe']:,.0f}", flush=True)
+    target = [r for r in rows if r["scheme"] == "rlwe" and r["tokens"] == 2048 and r["n_in"] == 2048]
+    summary = {"target": "at T = 2048, n_in = 2048 the batched worker is >= 5,000x faster per output value",
+               "speedups_at_target_shape": {r["n_out"]: r["speedup_vs_glwe"] for r in target},
+               "met": all(r["speedup_vs_glwe"] >= 5000 for r in target), "all_exact": all(r.get("exact", True) for r in rows)}
+    write_json(args.out, {"benchmark": "scheme_matmul", "environment": environment(), "glwe_measured": list(glwe.values()),
+                          "rows": rows, "summary": summary})
+    print(summary)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

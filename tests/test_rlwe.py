@@ -1,0 +1,231 @@
+"""The batched RLWE scheme: exact kernels, exact decryption, noise headroom, randomness, wire checks.
+
+Everything here runs in seconds: the scheme's products are integer GEMMs.
+"""
+
+import math
+import secrets
+
+import numpy as np
+import pytest
+import torch
+
+from hetune.crypto import randomness, rlwe, rlwe_wire
+from hetune.crypto.ring import BinaryPolyMultiplier, gemm_mod_2_64, limb_plan, negacyclic_mul_reference, split_signed
+from hetune.crypto.rlwe_params import PARAM_SETS, WORST_WEIGHT_L2
+from hetune.crypto.scheme import PayloadError, get_scheme
+
+SCHEME = rlwe.SCHEME
+
+
+def random_words(*shape) -> torch.Tensor:
+    return torch.frombuffer(bytearray(secrets.token_bytes(8 * math.prod(shape))), dtype=torch.int64).view(*shape)
+
+
+def as_u64(t: torch.Tensor) -> list[int]:
+    return [int(v) % 2**64 for v in t.flatten()]
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return SCHEME.generate_keys()
+
+
+def roundtrip(keys, x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
+    params = keys.params
+    body = keys.encrypt(x)
+    SCHEME.check_request(params, body, *x.shape)
+    return keys.decrypt(SCHEME.multiply(params, None, body, w), x.shape[0], w.shape[0])
+
+
+def exact(x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
+    return (x.to(torch.float64) @ w.T.to(torch.float64)).to(torch.int64).numpy()
+
+
+@pytest.mark.parametrize("n", [4, 16, 256, 2048])
+def test_negacyclic_product_equals_schoolbook(n):
+    s = randomness.binary_secret(n)
+    a = random_words(3, n)
+    got = BinaryPolyMultiplier(s).mul(a)
+    for row in range(3 if n <= 256 else 1):
+        assert as_u64(got[row]) == negacyclic_mul_reference(as_u64(a[row]), s.tolist())
+
+
+def test_gemm_mod_2_64_equals_python_integers():
+    for n_in, value_bits, wmax in [(7, 64, 127), (300, 64, 127), (64, 48, 2047), (33, 64, 1)]:
+        w = torch.randint(-wmax, wmax + 1, (5, n_in))
+        x = random_words(n_in, 6) if value_bits == 64 else random_words(n_in, 6) >> (64 - value_bits)
+        got = gemm_mod_2_64(w, x, value_bits)
+        for o in range(5):
+            for c in range(6):
+                ref = sum(int(w[o, j]) * int(x[j, c]) for j in range(n_in)) % 2**64
+                assert int(got[o, c]) % 2**64 == ref
+
+
+def test_limbs_recombine_and_stay_inside_float64():
+    x = random_words(1000)
+    for bits, n in [(32, 2), (22, 3), (16, 4)]:
+        limbs = split_signed(x, bits, n)
+        assert all(int(limb.abs().max()) <= 2 ** (bits - 1) for limb in limbs)
+        back = sum(limb * (1 << (bits * k)) for k, limb in enumerate(limbs))  # wraps mod 2^64
+        assert torch.equal(back, x)
+    limb_bits, n_limbs = limb_plan(64, 16384, 127)
+    assert n_limbs * limb_bits >= 64 and 16384 * 127 * 2 ** (limb_bits - 1) < 2**53
+
+
+@pytest.mark.parametrize("rows", [1, 5, 2048, 2100, 4097])  # T < N, T = N, T > N (several blocks)
+@pytest.mark.parametrize("signed", [False, True])
+def test_decryption_is_exact(keys, rows, signed):
+    gen = torch.Generator().manual_seed(rows)
+    lo, hi = (-127, 128) if signed else (0, 256)
+    x = torch.randint(lo, hi, (rows, 24), generator=gen)
+    w = torch.randint(-127, 128, (40, 24), generator=gen)
+    assert np.array_equal(roundtrip(keys, x, w), exact(x, w))
+
+
+@pytest.mark.parametrize("name", ["p192", "p256"])
+def test_larger_ring_sets_are_exact(name):
+    keys = SCHEME.generate_keys(name)
+    assert keys.params.poly_size == 4096 and keys.params.security.bits == int(name[1:])
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randint(0, 256, (4100, 16), generator=gen), torch.randint(-127, 128, (8, 16), generator=gen)
+    assert np.array_equal(roundtrip(keys, x, w), exact(x, w))
+
+
+def test_results_at_the_edge_of_the_budget_decode_and_beyond_it_wrap(keys):
+    half = 2 ** (keys.params.budget_bits - 1)  # results in [-half, half) decode
+    x = torch.full((1, 4), half // 4, dtype=torch.int64)
+    w = torch.tensor([[-1, -1, -1, -1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    got = roundtrip(keys, x, w)[0]
+    assert got[0] == -half and got[1] == 3 * half // 4  # inside the budget: exact
+    assert got[2] == -half  # +half is one past the range: it wraps
+
+
+def worst_case_noise_check(keys, n_values: int):
+    """|w| = 127 everywhere at the widest unfused input: the largest noise the analysis allows."""
+    params, n_in = keys.params, 8192
+    sign = torch.randint(0, 2, (n_values // 2048, n_in)) * 2 - 1
+    w = sign * 127  # (n_out, n_in): every row has L2 norm 127 sqrt(8192)
+    assert float(w.double().norm(dim=1).max()) == pytest.approx(WORST_WEIGHT_L2) and WORST_WEIGHT_L2 <= params.max_weight_l2
+    x = torch.randint(-1, 2, (2048, n_in))  # results stay far inside the budget: only the noise is worst-case
+    got = roundtrip(keys, x, w)
+    assert got.size >= n_values
+    assert np.array_equal(got, exact(x, w))
+
+
+def test_worst_case_weights_decode_exactly_over_a_million_values(keys):
+    worst_case_noise_check(keys, 2**20)
+
+
+@pytest.mark.slow
+def test_worst_case_weights_decode_exactly_over_ten_million_values(keys):
+    for _ in range(5):
+        worst_case_noise_check(keys, 2**21)
+
+
+def test_output_width_follows_the_weight_norm():
+    rp = PARAM_SETS["p128"]
+    assert rp.log2_delta == 34 and rp.budget_bits == 30
+    assert rp.output_bytes(100.0) < rp.output_bytes(WORST_WEIGHT_L2) <= 8
+    with pytest.raises(ValueError, match="exceeds"):
+        rp.output_bytes(rp.max_weight_l2 * 1.01)
+
+
+def test_ciphertexts_look_random_and_carry_no_plaintext_or_key(keys):
+    x = torch.randint(0, 256, (64, 32))
+    first, second = keys.encrypt(x), keys.encrypt(x)
+    h1 = rlwe_wire.Header.parse(first, rlwe_wire.REQUEST, "rlwe", "p128")
+    h2 = rlwe_wire.Header.parse(second, rlwe_wire.REQUEST, "rlwe", "p128")
+    assert h1.seed != h2.seed  # a fresh mask seed per request
+    body1, body2 = first[rlwe_wire.HEADER_BYTES :], second[rlwe_wire.HEADER_BYTES :]
+    assert body1 != body2
+    same = np.frombuffer(body1, np.uint8) == np.frombuffer(body2, np.uint8)
+    assert same.mean() < 0.01  # bytes agree by chance only (~1/256)
+    secret = np.packbits(keys._secret.numpy().astype(np.uint8)).tobytes()
+    for body in (first, second):
+        for i in range(0, len(secret) - 16, 16):
+            assert secret[i : i + 16] not in body
+        for row in x:
+            for dtype in (np.uint8, np.int16, np.int32, np.int64):
+                assert row.numpy().astype(dtype).tobytes() not in body
+    assert abs(float(np.frombuffer(body1, np.uint8).mean()) - 127.5) < 2  # bytes spread over 0..255
+
+
+def test_wrong_key_decrypts_to_garbage(keys):
+    x, w = torch.randint(0, 256, (16, 8)), torch.randint(-127, 128, (4, 8))
+    result = SCHEME.multiply(keys.params, None, keys.encrypt(x), w)
+    other = SCHEME.generate_keys()
+    wrong = other.decrypt(result, 16, 4)
+    assert (wrong != exact(x, w)).mean() > 0.99
+
+
+def test_secret_key_file_is_0600_and_loads_back(keys, tmp_path):
+    import stat
+
+    path = tmp_path / "rlwe.key"
+    keys.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = SCHEME.load_keys(path)
+    x, w = torch.randint(0, 256, (8, 8)), torch.randint(-127, 128, (4, 8))
+    assert np.array_equal(again.decrypt(SCHEME.multiply(keys.params, None, keys.encrypt(x), w), 8, 4), exact(x, w))
+    (tmp_path / "bad.key").write_bytes(b"not a key")
+    with pytest.raises(Exception, match="not a hetune RLWE secret key"):
+        SCHEME.load_keys(tmp_path / "bad.key")
+
+
+@pytest.mark.parametrize(
+    "damage,status,message",
+    [
+        ("truncated", 422, "truncated"),
+        ("extended", 422, "bytes"),
+        ("magic", 400, "not a batched-RLWE request"),
+        ("version", 400, "version"),
+        ("set", 422, "rlwe/p192, this session uses rlwe/p128"),
+        ("scheme", 422, "glwe/p128, this session uses rlwe/p128"),
+        ("rows", 422, "header says"),
+        ("value_bytes", 400, "carry 6-byte values"),
+        ("empty", 400, "not a batched-RLWE request"),
+    ],
+)
+def test_malformed_requests_are_refused_before_any_work(keys, damage, status, message):
+    body = bytearray(keys.encrypt(torch.randint(0, 256, (3, 8))))
+    if damage == "truncated":
+        body = body[:-5]
+    elif damage == "extended":
+        body += b"\0" * 6
+    elif damage == "magic":
+        body[:4] = b"XXXX"
+    elif damage == "version":
+        body[4] = 9
+    elif damage == "set":
+        body[14:22] = b"p192".ljust(8, b"\0")
+    elif damage == "scheme":
+        body[6:14] = b"glwe".ljust(8, b"\0")
+    elif damage == "rows":
+        body[22:26] = (4).to_bytes(4, "little")
+    elif damage == "value_bytes":
+        body[30] = 8
+    elif damage == "empty":
+        body = b""
+    with pytest.raises(PayloadError, match=message) as info:
+        SCHEME.check_request(keys.params, bytes(body), 3, 8)
+    assert info.value.status == status
+
+
+def test_registry_names_both_schemes_and_refuses_unknown_ones():
+    from hetune.errors import ConfigError
+
+    assert get_scheme().name == "rlwe" and get_scheme("glwe").name == "glwe"
+    with pytest.raises(ConfigError, match="choose one of glwe, rlwe|choose one of rlwe, glwe"):
+        get_scheme("ckks")
+    with pytest.raises(ConfigError, match="not allow-listed for scheme 'rlwe'"):
+        SCHEME.params("p80")
+
+
+def test_noise_comes_from_the_os_csprng_not_torch(monkeypatch):
+    torch.manual_seed(0)
+    a = randomness.rounded_gaussian(1000, 50000.0)
+    torch.manual_seed(0)
+    b = randomness.rounded_gaussian(1000, 50000.0)
+    assert not torch.equal(a, b)  # seeding torch does not reproduce it
+    assert 45000 < float(a.double().std()) < 55000
