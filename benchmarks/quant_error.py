@@ -11,6 +11,13 @@ standard-normal output gradients.
 
     .venv/bin/python benchmarks/quant_error.py            # about 4 minutes on 2 cores
     .venv/bin/python benchmarks/quant_error.py --model tiny-llama --out /tmp/q.json
+
+With ``--levers`` it compares, at 8-bit weights, the configurations of ``hetune converge
+--levers`` (8-bit inputs, per-token clipping, Hadamard rotation, 12-bit inputs, both) on
+a real model:
+
+    .venv/bin/python benchmarks/quant_error.py --model smollm2-135m --levers \
+        --out benchmarks/results/quant_error_smollm2.json
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from common import environment, write_json
 
 from hetune.compile.compiler import CompileConfig, compile_model
 from hetune.models.loading import load_model
+from hetune.protocols.hybrid_lora.converge import lever_configs, quant_label
 from hetune.quant.config import QuantConfig
 
 
@@ -45,6 +53,7 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3.2-1b-shape")
     parser.add_argument("--bits", default="4,6,8", help="comma-separated; weights, activations and gradients alike")
     parser.add_argument("--tokens", type=int, default=128, help="calibration tokens of real text")
+    parser.add_argument("--levers", action="store_true", help="8-bit weights with each lever instead of --bits")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_error.json")
     args = parser.parse_args()
 
@@ -52,15 +61,18 @@ def main() -> None:
     loaded = load_model(args.model, seed=0)
     load_s = time.perf_counter() - t0
     results = {}
-    for b in (int(x) for x in args.bits.split(",")):
+    if args.levers:
+        quants = {quant_label(q): q for q in lever_configs(QuantConfig(accept_overflow_risk=True))}
+    else:
+        quants = {b: QuantConfig(int(b), int(b), int(b), accept_overflow_risk=True) for b in args.bits.split(",")}
+    for b, quant in quants.items():
         t = time.perf_counter()
-        cfg = CompileConfig(quant=QuantConfig(b, b, b, accept_overflow_risk=True), calibration_tokens=args.tokens)
-        compiled = compile_model(loaded, cfg, progress=False)
+        compiled = compile_model(loaded, CompileConfig(quant=quant, calibration_tokens=args.tokens), progress=False)
         budget = compiled.report["budget_bits"]
-        results[str(b)] = {"summary": summarize(compiled.report["ops"], budget), "ops": compiled.report["ops"],
-                           "compile_s": time.perf_counter() - t}
-        s = results[str(b)]["summary"]
-        print(f"{b}-bit: fwd err mean {s['forward_rel_err_mean']:.2e} max {s['forward_rel_err_max']:.2e}, "
+        results[b] = {"summary": summarize(compiled.report["ops"], budget), "ops": compiled.report["ops"],
+                      "compile_s": time.perf_counter() - t}
+        s = results[b]["summary"]
+        print(f"{b}: fwd err mean {s['forward_rel_err_mean']:.2e} max {s['forward_rel_err_max']:.2e}, "
               f"bwd err mean {s['backward_rel_err_mean']:.2e}, acc bits max {s['acc_bits_max']} "
               f"(any weights {s['generic_acc_bits_max']}), ops over {budget}-bit budget: {s['ops_over_budget']}")
     write_json(args.out, {

@@ -77,16 +77,14 @@ def main() -> None:
     widths, tokens = ((576, 2048), (64, 2048)) if args.quick else (WIDTHS, TOKENS)
     gen = torch.Generator().manual_seed(0)
     rlwe_keys, glwe_keys = get_scheme("rlwe").generate_keys(), get_scheme("glwe").generate_keys()
-    glwe = {n_in: glwe_per_value(glwe_keys, n_in, gen) for n_in in widths}
-    for g in glwe.values():
-        print(f"glwe n_in={g['n_in']:>5}: {g['s_per_value'] * 1e3:.2f} ms per output value (measured on {g['values']})", flush=True)
-    rows = []
+    rows, glwe = [], {}
     glwe_scheme = get_scheme("glwe")
     for n_in in widths:
+        g = glwe[n_in] = glwe_per_value(glwe_keys, n_in, gen)  # right before the RLWE rows it is compared with
+        print(f"glwe n_in={n_in:>5}: {g['s_per_value'] * 1e3:.2f} ms per output value (measured on {g['values']})", flush=True)
         for n_out in widths:
             for t in tokens:
                 r = rlwe_row(rlwe_keys, t, n_in, n_out, gen)
-                g = glwe[n_in]
                 glwe_row = {"scheme": "glwe", "tokens": t, "n_in": n_in, "n_out": n_out, "measured": False,
                             "worker_s": g["s_per_value"] * t * n_out, "worker_us_per_value": g["s_per_value"] * 1e6,
                             "bytes_per_input_value": glwe_scheme.request_bytes(glwe_keys.params, t, n_in) / (t * n_in),

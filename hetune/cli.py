@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from hetune.errors import HetuneError
+from hetune.quant.config import QuantConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -19,8 +20,10 @@ app = typer.Typer(
 )
 federate_app = typer.Typer(no_args_is_help=True, help="Federated relatives of the core protocol, run on Flower's simulation engine.")
 plan_app = typer.Typer(no_args_is_help=True, help="Resource planning for encrypted fine-tuning.")
+keys_app = typer.Typer(no_args_is_help=True, help="Data owners' API keys for a worker's admission (`serve --api-keys`).")
 app.add_typer(federate_app, name="federate")
 app.add_typer(plan_app, name="plan")
+app.add_typer(keys_app, name="keys")
 _state = {"debug": False}
 
 
@@ -36,6 +39,8 @@ def compile(
     bits_w: int = typer.Option(8, "--bits-w", help="Signed weight bits, per output channel (2..16)."),
     bits_a: int = typer.Option(8, "--bits-a", help="Unsigned activation bits, per token (2..16)."),
     bits_g: int = typer.Option(8, "--bits-g", help="Signed gradient bits, per token (2..16)."),
+    rotation: str = typer.Option(QuantConfig.rotation, "--rotation", help="none, or hadamard: rotate op inputs to spread outlier features (exact in float)."),
+    clip_a: float = typer.Option(QuantConfig.clip_a, "--clip-a", help="Per-token activation range ratio in (0, 1]; 1 does not clip."),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="Fuse q/k/v and gate/up into one op each (shared input)."),
     lm_head: bool = typer.Option(False, "--lm-head", help="Also outsource lm_head (kept on the client by default)."),
     accept_overflow_risk: bool = typer.Option(False, "--accept-overflow-risk", help="Compile even if the worst case can exceed the scheme's result or noise budget."),
@@ -49,10 +54,9 @@ def compile(
     from hetune.compile.bundle import check_output_dir, write_bundle
     from hetune.compile.compiler import CompileConfig, compile_model
     from hetune.models.loading import load_model
-    from hetune.quant.config import QuantConfig
 
     cfg = CompileConfig(
-        quant=QuantConfig(bits_w, bits_a, bits_g, accept_overflow_risk), fuse=fuse,
+        quant=QuantConfig(bits_w, bits_a, bits_g, accept_overflow_risk, rotation=rotation, clip_a=clip_a), fuse=fuse,
         include_lm_head=lm_head, calibration_tokens=calibration_tokens, seed=seed, scheme=scheme, param_set=param_set,
     )
     check_output_dir(out, overwrite)
@@ -85,14 +89,42 @@ def serve(
     max_sessions: int = typer.Option(8, "--max-sessions", help="Concurrent data-owner sessions (a GLWE one holds a 128 MiB key; an RLWE one nothing)."),
     session_ttl: float = typer.Option(3600.0, "--session-ttl", help="Seconds of inactivity before a session expires."),
     max_rows: int = typer.Option(4096, "--max-rows", help="Largest number of tokens in one request."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate (chain): serve https (with --tls-key)."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="Data owners' hashed API keys (`hetune keys new`); without it anyone who reaches the port may open sessions."),
+    owner_sessions: int = typer.Option(2, "--owner-sessions", help="With --api-keys: concurrent sessions per data owner."),
+    owner_rpm: int = typer.Option(600, "--owner-rpm", help="With --api-keys: requests per minute per data owner (429 with Retry-After past it)."),
+    on_ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve: stateless replicas behind one endpoint (rlwe sessions only)."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --ray: a running cluster (auto, HOST:PORT); deploy and return. Default: start a local one and serve until Ctrl-C."),
+    replicas: int = typer.Option(1, "--replicas", help="With --ray: replicas (of each deployment)."),
+    min_replicas: Optional[int] = typer.Option(None, "--min-replicas", help="With --ray and --max-replicas: autoscale between these bounds."),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="With --ray: upper autoscaling bound."),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", help="With --ray: CPUs per replica (also its torch threads)."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="With --ray: GPUs per replica."),
+    layer_ranges: Optional[str] = typer.Option(None, "--layer-ranges", help="With --ray: split ops by decoder blocks over deployments, e.g. 0:8,8:16 (each loads only its slice)."),
+    session_key_file: Optional[Path] = typer.Option(None, "--session-key-file", help="With --ray: key the replicas sign session tokens with, same path on every node (default: $HETUNE_SESSION_KEY; a random one for a local cluster)."),
 ) -> None:
     """Run a remote worker on a bundle: encrypted products only, no float model."""
     from hetune.compile.bundle import load_bundle
+    from hetune.protocols.admission import OwnerLimits
     from hetune.protocols.hybrid_lora.server import ServeConfig, serve as run_server
 
+    cfg = ServeConfig(host=host, port=port, max_sessions=max_sessions, session_ttl_s=session_ttl, max_rows=max_rows,
+                      tls_cert=tls_cert, tls_key=tls_key, api_keys=api_keys, owner_limits=OwnerLimits(owner_sessions, owner_rpm))
+    if on_ray:
+        try:
+            from hetune.protocols.hybrid_lora.ray_serve import RayServeConfig, parse_layer_ranges, serve_on_ray
+        except ImportError as err:
+            from hetune.errors import ConfigError
+
+            raise ConfigError(f"--ray needs Ray Serve ({err})", 'install the fed extra: pip install -c constraints.txt -e ".[fed]"') from err
+        rc = RayServeConfig(replicas, min_replicas, max_replicas, num_cpus, num_gpus, parse_layer_ranges(layer_ranges or ""), session_key_file)
+        typer.echo(f"deploying {bundle} on Ray Serve ({address or 'local cluster'}) behind {cfg.url}", err=True)
+        serve_on_ray(bundle, cfg, rc, address)
+        return
     loaded = load_bundle(bundle)
-    typer.echo(f"serving {bundle} ({len(loaded.manifest.ops)} ops of {loaded.manifest.model.id}) on http://{host}:{port}", err=True)
-    run_server(loaded, ServeConfig(host=host, port=port, max_sessions=max_sessions, session_ttl_s=session_ttl, max_rows=max_rows))
+    typer.echo(f"serving {bundle} ({len(loaded.manifest.ops)} ops of {loaded.manifest.model.id}) on {cfg.url}", err=True)
+    run_server(loaded, cfg)
 
 
 @app.command()
@@ -123,6 +155,9 @@ def train(
     load_key: Optional[Path] = typer.Option(None, "--load-key", help="Use a secret key saved by --save-key (same --scheme)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="Encryption scheme: rlwe (batched RLWE, default) or glwe (Concrete ML's, ~7 ms per output value)."),
     param_set: Optional[str] = typer.Option(None, "--param-set", help="The scheme's parameter set (privacy level), e.g. p128 (default), p192, p256; see `hetune plan params`."),
+    ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="PEM of the CA that signed the workers' certificates (default: the system's trust store)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow plain http:// to a worker that is not on loopback."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File holding the worker's API key for you (default: $HETUNE_API_KEY)."),
 ) -> None:
     """Fine-tune LoRA adapters privately: frozen products on a backend, everything else here."""
     from hetune.protocols.hybrid_lora.client import LoraSettings
@@ -133,7 +168,8 @@ def train(
         text_field=text_field, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm, eval_every=eval_every,
         save_every=save_every, lora=LoraSettings(r=lora_r, alpha=lora_alpha), seed=seed, save_key=save_key,
-        load_key=load_key, scheme=scheme, param_set=param_set, stop_after=stop_after,
+        load_key=load_key, scheme=scheme, param_set=param_set, stop_after=stop_after, ca_cert=ca_cert, insecure=insecure,
+        api_key_file=api_key_file,
     )
     summary = run_training(cfg, resume=resume)
     typer.echo(f"final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
@@ -143,14 +179,18 @@ def train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the bundle, runs, plot and adapter go."),
-    steps: int = typer.Option(4, "--steps", help="Private LoRA steps (each about a minute of encryption)."),
-    seq_len: int = typer.Option(12, "--seq-len", help="Tokens per step."),
-    seed: int = typer.Option(0, "--seed", help="Seed shared by the encrypted and plaintext runs."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Base model: the built-in SmolLM2 by default, or any supported model."),
+    steps: int = typer.Option(24, "--steps", help="LoRA steps of the private and the plaintext run."),
+    encrypted_steps: int = typer.Option(1, "--encrypted-steps", help="Steps through the encrypted worker; the rest run on the bit-exact quantized backend."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per block."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Blocks per step."),
+    seed: int = typer.Option(0, "--seed", help="Seed shared by the private and plaintext runs."),
 ) -> None:
-    """The whole protocol offline: compile, worker on loopback, encrypted vs plaintext LoRA steps."""
+    """The main job, offline: privately teach SmolLM2 a fictional company's facts, beside plaintext."""
     from hetune.protocols.hybrid_lora.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, steps=steps, seq_len=seq_len, seed=seed), echo=typer.echo)
+    run_demo(DemoConfig(out=out, model=model, steps=steps, encrypted_steps=encrypted_steps, seq_len=seq_len,
+                        batch_size=batch_size, seed=seed), echo=typer.echo)
 
 
 @app.command()
@@ -173,29 +213,46 @@ def pretrain(
 def converge(
     model: str = typer.Option(..., "--model", help="Base model (directory from `hetune pretrain`, hub id, .gguf file or built-in)."),
     out: Path = typer.Option(Path("runs/converge"), "--out", "-o", help="Where runs, converge.json and converge.png go."),
-    data: list[str] = typer.Option(["arithmetic"], "--data", help="'arithmetic' (built-in task with exact match) or json/jsonl/txt files."),
+    data: list[str] = typer.Option(["arithmetic"], "--data", help="A built-in task: arithmetic or knowledge (exact match), stdlib (real text); or json/jsonl/txt files."),
     steps: int = typer.Option(200, "--steps", help="Optimizer steps per backend."),
     backends: str = typer.Option("plain,quantized", "--backends", help="Comma-separated, starting with plain: plain,quantized[,encrypted]."),
     bits_w: int = typer.Option(8, "--bits-w", help="Weight bits."),
     bits_a: int = typer.Option(8, "--bits-a", help="Activation bits."),
     bits_g: int = typer.Option(8, "--bits-g", help="Gradient bits."),
+    rotation: str = typer.Option(QuantConfig.rotation, "--rotation", help="none or hadamard (see `hetune compile --help`)."),
+    clip_a: float = typer.Option(QuantConfig.clip_a, "--clip-a", help="Per-token activation range ratio in (0, 1]."),
     ablation: bool = typer.Option(False, "--ablation", help="Also run static per-tensor 8-bit, and 6- and 4-bit, on quantized."),
+    levers: bool = typer.Option(False, "--levers", help="Also run, at --bits-w: 8-bit inputs, clipping, Hadamard rotation, 12-bit inputs, both."),
     seq_len: int = typer.Option(64, "--seq-len", help="Tokens per block."),
     batch_size: int = typer.Option(8, "--batch-size", help="Blocks per step."),
     lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate."),
+    warmup_steps: int = typer.Option(20, "--warmup-steps", help="Linear warm-up steps before the cosine decay."),
     eval_every: int = typer.Option(50, "--eval-every", help="Steps between eval-loss measurements."),
     seed: int = typer.Option(0, "--seed", help="Seed shared by every backend."),
 ) -> None:
     """Fine-tune the same way on each backend and compare with plaintext (loss curves, gap, task metric)."""
     from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge as run_converge
-    from hetune.quant.config import QuantConfig
 
     cfg = ConvergeConfig(
         model=model, out=out, data=tuple(data), steps=steps, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
-        quant=QuantConfig(bits_w, bits_a, bits_g), ablation=ablation, seq_len=seq_len, batch_size=batch_size, lr=lr,
-        eval_every=eval_every, seed=seed,
+        quant=QuantConfig(bits_w, bits_a, bits_g, rotation=rotation, clip_a=clip_a), ablation=ablation, levers=levers,
+        seq_len=seq_len, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every, seed=seed,
     )
     run_converge(cfg, echo=typer.echo)
+
+
+@keys_app.command("new")
+def keys_new(
+    owner: str = typer.Option(..., "--owner", help="Data owner's name (letters, digits, '.', '_', '-')."),
+    keys_file: Path = typer.Option(..., "--keys-file", help="The worker's --api-keys file: its hash is appended (created 0600)."),
+) -> None:
+    """Make a data owner's API key: printed once here, only its SHA-256 kept in --keys-file."""
+    from hetune.protocols.admission import add_owner
+
+    key = add_owner(keys_file, owner)
+    typer.echo(key)
+    typer.echo(f"added {owner} to {keys_file}; hand this key to {owner} over a private channel (it is stored nowhere). "
+               "They pass it as $HETUNE_API_KEY or in a file to --api-key-file. Restart the worker to admit them.", err=True)
 
 
 # ---- federate she-lora (issue 5) ----

@@ -109,3 +109,16 @@ def loopback_worker(micro_bundle):
     yield start
     for w in workers:
         w.stop()
+
+
+@pytest.fixture(scope="session")
+def train_jsonl(tmp_path_factory):
+    """A small training file (Python standard library text, 400-character records) for `hetune train` runs."""
+    import json
+
+    from hetune.data.corpus import stdlib_text
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    text = stdlib_text(4_000)
+    path.write_text("".join(json.dumps({"text": text[i : i + 400]}) + "\n" for i in range(0, len(text), 400)))
+    return path

@@ -168,3 +168,21 @@ def test_weights_quantization_matches_brevitas_in_bundle(compiled, tiny):
     qw = quantize_weight(lin.weight, 8)
     assert torch.equal(compiled.tensors[spec.weight_key], qw.q)
     assert torch.equal(compiled.tensors[spec.scale_key], qw.scale)
+
+
+def test_rotated_bundle_records_its_rotation_and_stays_exact_in_float(tiny, tmp_path):
+    """A Hadamard bundle stores W R; the manifest names R (kind and seed), so the client's codec rotates alike."""
+    quant = QuantConfig(rotation="hadamard", rotation_seed=5)
+    compiled = compile_model(tiny, CompileConfig(quant=quant, calibration_tokens=32), progress=False)
+    write_bundle(tmp_path / "b", compiled.manifest, compiled.tensors, compiled.report)
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.manifest.quant == quant and compiled.report["quant"]["rotation"] == "hadamard"
+    spec = bundle.manifest.op("layers.1.down")
+    op = bundle.op(spec.name)
+    assert op.rotation is not None and op.rotation.n == spec.in_features and op.rotation.seed == 5
+    weight = member_linear(decoder_layers(tiny.model), "layers.1.mlp.down_proj").weight.detach().to(torch.float64)
+    dequantized = op.rotation.invert(op.q.to(torch.float64) * op.scale.to(torch.float64)[:, None])  # W_q s R^T ~ W
+    assert float((dequantized - weight).norm() / weight.norm()) < 0.01
+    x = torch.randn(16, spec.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert float((op.forward(x) - x @ weight.T).norm() / (x @ weight.T).norm()) < 0.02
+    assert all(r["forward_rel_err"] < 0.05 and r["backward_rel_err"] < 0.05 for r in compiled.report["ops"])

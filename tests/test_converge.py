@@ -95,3 +95,20 @@ def test_eight_bit_converges_like_plaintext_and_static_does_not(tmp_path):
     by_name = {r["name"]: r for r in report["results"]}
     assert abs(by_name["quantized w8a8g8"]["eval_gap_vs_plain"]) < 0.01
     assert by_name["quantized static per-tensor w8a8g8"]["eval_gap_vs_plain"] > abs(by_name["quantized w8a8g8"]["eval_gap_vs_plain"])
+
+
+@pytest.mark.parametrize("task,levers", [("knowledge", True), ("stdlib", False)])
+def test_converge_on_builtin_tasks(tmp_path, task, levers):
+    """The knowledge task (exact match) with the real-weights ablation's variants; the real-text task."""
+    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge
+
+    report = converge(ConvergeConfig(model="micro-llama", out=tmp_path, data=(task,), steps=2, eval_every=2, seq_len=32,
+                                     batch_size=2, levers=levers, progress=False), echo=lambda *_: None)
+    names = [r["name"] for r in report["results"]]
+    assert names == ["plain", "quantized w8a8g8"] + levers * ["quantized w8a8g8 clip0.9", "quantized w8a8g8 hadamard",
+                                                             "quantized w8a12g12", "quantized w8a12g12 hadamard"]
+    assert all(abs(r["eval_gap_vs_plain"]) < 0.05 for r in report["results"])
+    assert all(("exact_match" in r) == (task == "knowledge") for r in report["results"])
+    if levers:
+        rotated = json.loads((tmp_path / "bundles" / "dynamic-w8a12g12-hadamard" / "manifest.json").read_text())
+        assert rotated["quant"]["rotation"] == "hadamard" and rotated["quant"]["bits_a"] == 12

@@ -172,3 +172,36 @@ def test_bundle_with_lm_head_is_refused_by_the_client(tmp_path):
     write_bundle(tmp_path / "b", compiled.manifest, compiled.tensors, compiled.report)
     with pytest.raises(ConfigError, match="without --lm-head"):
         build_private_model("micro-llama", "quantized", bundle=tmp_path / "b")
+
+
+@pytest.fixture(scope="module")
+def rotated_bundle(tmp_path_factory):
+    """micro-llama compiled with the Hadamard rotation (inputs 32 = 2^5 and 64 wide)."""
+    from hetune.compile.bundle import write_bundle
+    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.models.loading import load_model
+    from hetune.quant.config import QuantConfig
+
+    compiled = compile_model(load_model("micro-llama", seed=0), CompileConfig(quant=QuantConfig(rotation="hadamard"), calibration_tokens=32),
+                             progress=False)
+    out = tmp_path_factory.mktemp("micro-rotated") / "bundle"
+    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
+    return out
+
+
+def test_rotated_steps_equal_quantized_bit_for_bit_in_process_and_remote(reference, rotated_bundle, keys):
+    """The rotation is the client codec's business: encrypted and remote (codec from the worker's manifest) stay exact."""
+    from hetune.protocols.hybrid_lora.server import LoopbackWorker
+
+    plain, unrotated = reference
+    quantized = lora_grads(build_private_model("micro-llama", "quantized", bundle=rotated_bundle))
+    assert 0 < rel(quantized, plain) < 0.05 and not torch.equal(flat(quantized), flat(unrotated))
+    assert_equal_grads(lora_grads(build_private_model("micro-llama", "encrypted", bundle=rotated_bundle, keys=keys)), quantized)
+    worker = LoopbackWorker(load_bundle(rotated_bundle))
+    try:
+        pm = build_private_model("micro-llama", "remote", workers=(worker.url,), keys=keys)
+        assert all(c.rotation is not None for c in pm.backend.codecs.values())
+        assert_equal_grads(lora_grads(pm), quantized)
+        pm.close()
+    finally:
+        worker.stop()

@@ -21,6 +21,7 @@ from hetune.compile.manifest import Manifest, OpSpec
 from hetune.errors import BundleError
 from hetune.files import sha256_file
 from hetune.quant.integer import IntegerLinear
+from hetune.quant.rotation import input_rotation
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -79,7 +80,8 @@ class Bundle:
         spec = self.manifest.op(name)
         q = self.manifest.quant
         return IntegerLinear(self.tensors[spec.weight_key], self.tensors[spec.scale_key], q.bits_a, q.bits_g,
-                             self.tensors.get(f"{name}.static_input"), self.tensors.get(f"{name}.static_grad"))
+                             self.tensors.get(f"{name}.static_input"), self.tensors.get(f"{name}.static_grad"),
+                             input_rotation(q, spec.in_features), q.clip_a)
 
     def report(self) -> dict:
         return json.loads((self.path / REPORT_FILE).read_text())
@@ -108,10 +110,13 @@ def _check_tensor(tensors: dict, key: str, shape: tuple, spec: OpSpec) -> None:
         raise BundleError(f"{key} has shape {tuple(tensors[key].shape)}, manifest says {shape}", "recompile the bundle")
 
 
-def load_bundle(path: Path, verify: bool = True) -> Bundle:
-    """Load and check a bundle: file sizes, sha256 (``verify``), tensor names and shapes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_bundle(path: Path, verify: bool = True, layers: range | None = None) -> Bundle:
+    """Load and check a bundle: file sizes, sha256 (``verify``), tensor names and shapes.
+
+    ``layers``: read only the ops of these decoder blocks (:meth:`Manifest.layer_slice`), so a
+    worker that serves one slice of a model never holds the rest in memory.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -124,8 +129,12 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
             raise BundleError(f"{fpath} is truncated or altered: {size} bytes, manifest says {meta['bytes']}", "copy the bundle again, or recompile")
         if verify and sha256_file(fpath) != meta["sha256"]:
             raise BundleError(f"{fpath} is corrupted: sha256 does not match the manifest", "copy the bundle again, or recompile")
+    if layers is not None:
+        manifest = manifest.layer_slice(layers)
+    wanted = {spec.name for spec in manifest.ops}
     try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:  # keys are "<op>.<tensor>"
+            tensors = {k: f.get_tensor(k) for k in f.keys() if layers is None or k.rsplit(".", 1)[0] in wanted}
     except (SafetensorError, OSError, ValueError) as err:
         raise BundleError(f"{path / WEIGHTS_FILE} cannot be read: {err}", "copy the bundle again, or recompile") from err
     for spec in manifest.ops:

@@ -1,7 +1,8 @@
 """Compile a Llama-class model into a worker bundle.
 
 For every outsourced op (q/k/v, o, gate/up, down of each block; lm_head optional):
-Brevitas quantizes the weight per output channel, the accumulator worst case is
+Brevitas quantizes the weight per output channel (after rotating its input dimension
+when the QuantConfig asks for it, :mod:`hetune.quant.rotation`), the accumulator worst case is
 checked against the encryption scheme's result budget (and, for the batched RLWE
 scheme, the weight norms against its noise budget), and the integer weight is stored
 as the worker's product consumes it. A calibration
@@ -11,18 +12,19 @@ pass on real text measures each op's forward and backward error versus float.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 import hetune
 from hetune.compile.manifest import Manifest, MemberSpec, ModelInfo, OpSpec
-from hetune.errors import ConfigError, OverflowRiskError
+from hetune.errors import OverflowRiskError
 from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
 from hetune.models.loading import LoadedModel
 from hetune.quant.budget import accumulator_bound
 from hetune.quant.config import QuantConfig
 from hetune.quant.integer import IntegerLinear
+from hetune.quant.rotation import input_rotation
 from hetune.quant.weights import quantize_weight
 
 CONFIG_FIELDS = (
@@ -164,7 +166,9 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
     ops, tensors, rows, risky = [], {}, [], []
     for group in tqdm(groups, desc="compile", unit="op", disable=not progress):
         weight, members = group_weight(model, group)
-        qw = quantize_weight(weight, qcfg.bits_w, per_channel=qcfg.scheme == "dynamic")
+        rotation = input_rotation(qcfg, weight.shape[1])
+        stored = weight.to(torch.float64) if rotation is None else rotation.apply(weight)  # W or W R: what W_q quantizes
+        qw = quantize_weight(stored, qcfg.bits_w, per_channel=qcfg.scheme == "dynamic")
         bound = accumulator_bound(qw.q, qcfg.bits_w, qcfg.bits_a, qcfg.bits_g)
         spec = OpSpec(
             name=group.name, layer=group.layer, in_features=weight.shape[1], out_features=weight.shape[0],
@@ -180,10 +184,10 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         if qcfg.scheme == "static":
             static = _static_ranges(x, g * qw.scale.to(torch.float64), qcfg)
             tensors[f"{spec.name}.static_input"], tensors[f"{spec.name}.static_grad"] = static
-        op = IntegerLinear(qw.q, qw.scale, qcfg.bits_a, qcfg.bits_g, *static)
+        op = IntegerLinear(qw.q, qw.scale, qcfg.bits_a, qcfg.bits_g, *static, rotation, qcfg.clip_a)
         rows.append({
             "op": spec.name, "in": spec.in_features, "out": spec.out_features,
-            "weight_rel_err": _rel_err(qw.dequantize().to(torch.float64), w64),
+            "weight_rel_err": _rel_err(qw.dequantize().to(torch.float64), stored),  # R orthogonal: same as vs W
             "forward_rel_err": _rel_err(op.forward(x), x @ w64.T),
             "backward_rel_err": _rel_err(op.backward(g), g @ w64),
             "forward_acc_bits": bound.forward_bits, "backward_acc_bits": bound.backward_bits,
@@ -207,7 +211,7 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
     manifest = Manifest(hetune_version=hetune.__version__, model=info, quant=qcfg,
                         crypto={"scheme": params.scheme, "param_set": params.name}, fused=cfg.fuse, ops=tuple(ops))
     report = {
-        "scheme": params.scheme, "param_set": params.name, "budget_bits": params.budget_bits,
+        "scheme": params.scheme, "param_set": params.name, "budget_bits": params.budget_bits, "quant": asdict(qcfg),
         "calibration_tokens": cfg.calibration_tokens,
         "calibration_text": "Python standard library sources", "backward_gradients": "LM-loss output gradients on the calibration text",
         "ops": rows, "overflow_risk_ops": [s.name for s, _ in risky],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hetune.errors import BundleError
 from hetune.quant.config import QuantConfig
@@ -79,6 +79,11 @@ class Manifest:
         """Ops that cannot run under a scheme's parameter set (hetune.crypto.scheme.ParamSet), with why."""
         found = [(op.name, params.check_op(op.forward_l2, op.backward_l2, op.worst_acc_bits)) for op in self.ops]
         return [f"{name}: {why}" for name, why in found if why]
+
+    def layer_slice(self, layers: range) -> Manifest:
+        """The ops of these decoder blocks, for a worker that holds one slice of a model (lm_head goes with the last block)."""
+        last = max(op.layer for op in self.ops)
+        return replace(self, ops=tuple(op for op in self.ops if (op.layer if op.layer >= 0 else last) in layers))
 
     def op(self, name: str) -> OpSpec:
         for op in self.ops:

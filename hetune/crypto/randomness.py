@@ -43,8 +43,8 @@ def binary_secret(n: int) -> torch.Tensor:
 def rounded_gaussian(count: int, sigma: float) -> torch.Tensor:
     """``count`` samples of round(N(0, sigma^2)) (int64), Box-Muller over AES-CTR words from a secret OS seed."""
     words = aes_ctr_words(new_seed(), 2 * ((count + 1) // 2)).view(2, -1)
-    # top 53 bits -> uniforms in (0, 1]; 1 - u keeps log() finite
-    u = ((words >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0**-53
+    # a signed word, rounded to float64's 53 bits, mapped onto [0, 1); 1 - u > 0 keeps log() finite
+    u = torch.clamp(words.to(torch.float64) * 2.0**-64 + 0.5, max=1.0 - 2.0**-53)
     radius = torch.sqrt(-2.0 * torch.log1p(-u[0])) * sigma
     angle = (2 * math.pi) * u[1]
     z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]

@@ -1,6 +1,6 @@
 """Wire format of the batched RLWE scheme: a fixed header, then packed 64-bit values.
 
-Header (little-endian, 48 bytes): magic ``HTRL``, format version, kind (request or
+Header (little-endian, 47 bytes): magic ``HTRL``, format version, kind (request or
 result), scheme and parameter-set names (8 bytes each, NUL-padded), rows (tokens) and
 columns (features) as uint32, bytes per value, and the 16-byte mask seed (zero in
 results). A request body is b for every (feature, block) ciphertext, each coefficient

@@ -49,20 +49,23 @@ def write_jsonl(problems: list[Problem], path) -> None:
     write_atomic(path, "".join(json.dumps({"text": p.text}) + "\n" for p in problems))
 
 
-def exact_match(model, tokenizer, problems: list[Problem], max_new_tokens: int = 4) -> float:
-    """Share of problems whose greedy answer (digits after ``A:``) equals the true number."""
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 4) -> str:
+    """The first word the model writes after ``prompt``, decoding greedily."""
     import torch
 
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    words = tokenizer.decode(ids[0, -max_new_tokens:]).strip().split()
+    return words[0].rstrip(".,;!?") if words else ""
+
+
+def exact_match(model, tokenizer, problems: list[Problem], max_new_tokens: int = 4) -> float:
+    """Share of problems whose greedy answer (the first word after ``A:``) equals the true answer."""
     was_training = model.training
     model.eval()
-    correct = 0
-    with torch.no_grad():
-        for p in problems:
-            ids = torch.tensor([tokenizer(p.prompt, add_special_tokens=False)["input_ids"]])
-            for _ in range(max_new_tokens):
-                next_id = model(input_ids=ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-            completion = tokenizer.decode(ids[0, -max_new_tokens:]).strip().split()
-            correct += bool(completion) and completion[0] == str(p.answer)
+    correct = sum(greedy_answer(model, tokenizer, p.prompt, max_new_tokens) == str(p.answer) for p in problems)
     model.train(was_training)
     return correct / max(1, len(problems))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -67,10 +68,14 @@ def add_access_log(app: FastAPI, log: logging.Logger) -> None:
 class LoopbackServer:
     """An app served by uvicorn in a background thread on 127.0.0.1 (port chosen by the OS), for tests and demos."""
 
-    def __init__(self, app: FastAPI, what: str, thread_name: str, start_timeout_s: float = 30.0):
+    def __init__(self, app: FastAPI, what: str, thread_name: str, start_timeout_s: float = 30.0,
+                 tls: tuple[Path, Path] | None = None):
+        """``tls``: (certificate, private key) PEM files to serve https instead of http."""
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        cert, key = (str(tls[0]), str(tls[1])) if tls else (None, None)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    ssl_certfile=cert, ssl_keyfile=key))
         self.thread = threading.Thread(target=self.server.run, name=thread_name, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + start_timeout_s
@@ -78,7 +83,7 @@ class LoopbackServer:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the loopback {what} did not start")
             time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -69,7 +69,8 @@ class SessionStore(Generic[S]):
         session = self._sessions.get(sid)
         if session is None:
             return None
-        if token is None or not hmac.compare_digest(session.token, token):
+        # as bytes: compare_digest refuses str with non-ASCII characters, which any client can put in a header
+        if token is None or not hmac.compare_digest(session.token.encode(), token.encode()):
             return False
         session.last_used = time.monotonic()
         return session
@@ -85,3 +86,8 @@ class SessionStore(Generic[S]):
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def __contains__(self, sid: str) -> bool:
+        """Whether the session exists (and has not expired)."""
+        self.expire()
+        return sid in self._sessions

@@ -8,6 +8,7 @@ from hetune.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 16
 SCHEMES = ("dynamic", "static")
+ROTATIONS = ("none", "hadamard")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,13 @@ class QuantConfig:
     scheme: "dynamic" (per-channel weights, per-token inputs: the default, what converges) or
         "static" (one weight scale per tensor, input and gradient ranges fixed at compile
         time on calibration data): kept only to reproduce Concrete ML's ablation.
+    rotation: "hadamard" rotates every op's input dimension by a seeded randomized Hadamard
+        transform (weights at compile time, inputs and input gradients on the client), which
+        spreads outlier features before per-token quantization (:mod:`hetune.quant.rotation`).
+    rotation_seed: seed of its random signs; worker bundle and client must agree, so it is
+        recorded here, in the manifest.
+    clip_a: each token's activation range [min, max] is scaled by this ratio before
+        quantizing (values outside saturate); 1.0 keeps the whole range.
     """
 
     bits_w: int = 8
@@ -28,10 +36,19 @@ class QuantConfig:
     bits_g: int = 8
     accept_overflow_risk: bool = False
     scheme: str = "dynamic"
+    rotation: str = "none"
+    rotation_seed: int = 0
+    clip_a: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ConfigError(f"scheme={self.scheme!r} is unknown", f"choose one of {', '.join(SCHEMES)}")
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"rotation={self.rotation!r} is unknown", f"choose one of {', '.join(ROTATIONS)}")
+        if not 0.0 < self.clip_a <= 1.0:
+            raise ConfigError(f"clip_a={self.clip_a!r} is out of range", "choose a ratio in (0, 1]; 1.0 does not clip")
+        if self.scheme == "static" and (self.rotation != "none" or self.clip_a != 1.0):
+            raise ConfigError("the static ablation takes no rotation or clipping", "use scheme='dynamic'")
         for field in ("bits_w", "bits_a", "bits_g"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or not MIN_BITS <= value <= MAX_BITS:

@@ -2,7 +2,8 @@
 
 client:  encode (quantize per token)  ->  [worker: raw = X_q W_q^T  or  G_q W_q]  ->  decode
 :class:`OpCodec` is the client half: it needs only public per-channel data (scales and
-row sums of W_q), never the weights. :class:`IntegerLinear` adds the worker's integer
+row sums of W_q) and the manifest's settings, never the weights. With a rotation R the
+worker's W_q quantizes W R, the codec encodes x R and decodes the input gradient times R^T. :class:`IntegerLinear` adds the worker's integer
 product. The ``quantized`` backend runs that product in the clear; the encrypted
 backends replace only that step, so a clear run is bit-for-bit the worker's computation.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hetune.quant.rotation import HadamardRotation
 from hetune.quant.tokens import TokenQuant, quantize_activations, quantize_gradients, quantize_static
 
 
@@ -31,6 +33,8 @@ class OpCodec:
     bits_g: int
     static_input: torch.Tensor | None = None  # (2,) scale, zero point: the "static" ablation only
     static_grad: torch.Tensor | None = None  # (1,) scale: the "static" ablation only
+    rotation: HadamardRotation | None = None  # of the input dimension (QuantConfig.rotation)
+    clip_a: float = 1.0  # per-token activation range ratio (QuantConfig.clip_a)
 
     @property
     def out_features(self) -> int:
@@ -40,7 +44,9 @@ class OpCodec:
         if self.static_input is not None:
             scale, zero_point = self.static_input.tolist()
             return quantize_static(x, scale, zero_point, 0, 2**self.bits_a - 1)
-        return quantize_activations(x, self.bits_a)  # uint per token, zero point on client
+        if self.rotation is not None:
+            x = self.rotation.apply(x.detach().reshape(-1, x.shape[-1]))  # (T, in): x R, outliers spread
+        return quantize_activations(x, self.bits_a, self.clip_a)  # uint per token, zero point on client
 
     def decode_output(self, raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
         """raw (T, out) -> float (T, out): remove the input zero point, apply both scales."""
@@ -58,9 +64,10 @@ class OpCodec:
             return quantize_static(g, float(self.static_grad), 0.0, -qmax, qmax)
         return quantize_gradients(g, self.bits_g)
 
-    @staticmethod
-    def decode_grad(raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
-        return raw * tq.scale
+    def decode_grad(self, raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
+        """raw (T, in) -> dL/dx: the gradient scale, then R^T (dL/dx = g W = (g W R) R^T)."""
+        dx = raw * tq.scale
+        return dx if self.rotation is None else self.rotation.invert(dx)
 
 
 @dataclass
@@ -73,11 +80,14 @@ class IntegerLinear:
     bits_g: int
     static_input: torch.Tensor | None = None
     static_grad: torch.Tensor | None = None
+    rotation: HadamardRotation | None = None  # q quantizes W R; see OpCodec
+    clip_a: float = 1.0
     codec: OpCodec = field(init=False)
 
     def __post_init__(self) -> None:
         rowsum = self.q.to(torch.float64).sum(dim=1)
-        self.codec = OpCodec(self.scale, rowsum, self.bits_a, self.bits_g, self.static_input, self.static_grad)
+        self.codec = OpCodec(self.scale, rowsum, self.bits_a, self.bits_g, self.static_input, self.static_grad,
+                             self.rotation, self.clip_a)
 
     @property
     def out_features(self) -> int:

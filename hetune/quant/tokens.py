@@ -23,12 +23,16 @@ class TokenQuant:
     zero_point: torch.Tensor  # (T, 1) float64, 0 for signed
 
 
-def quantize_activations(x: torch.Tensor, bits: int) -> TokenQuant:
-    """Unsigned asymmetric per-row quantization; the range always contains 0 so 0 is exact."""
+def quantize_activations(x: torch.Tensor, bits: int, clip: float = 1.0) -> TokenQuant:
+    """Unsigned asymmetric per-row quantization; the range always contains 0 so 0 is exact.
+
+    ``clip`` < 1 shrinks each row's range [min, max] by that ratio: the few values beyond
+    saturate, the rest get a finer step.
+    """
     x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])  # (T, k)
     qmax = 2**bits - 1
-    rmin = x.amin(dim=1, keepdim=True).clamp(max=0.0)
-    rmax = x.amax(dim=1, keepdim=True).clamp(min=0.0)
+    rmin = x.amin(dim=1, keepdim=True).clamp(max=0.0) * clip
+    rmax = x.amax(dim=1, keepdim=True).clamp(min=0.0) * clip
     scale = (rmax - rmin) / qmax  # 0 only for an all-zero row
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.round(-rmin / safe)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from hetune.errors import ConfigError
 from hetune.models.layers import decoder_layers, op_groups
 from hetune.protocols.hybrid_lora.backends import EncryptedBackend, FrozenBackend, PlainBackend, QuantizedBackend, check_backend_name
 from hetune.protocols.hybrid_lora.layer import OutsourcedOp, attach_backend
+
+if TYPE_CHECKING:
+    from hetune.protocols.hybrid_lora.remote import WorkerAccess
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -96,6 +100,7 @@ def make_private(
     scheme: str | None = None,
     param_set: str | None = None,
     tokenizer: object | None = None,
+    access: WorkerAccess | None = None,
 ) -> PrivateModel:
     """Make a peft LoRA model private, in place: its frozen linears run on ``backend``.
 
@@ -103,7 +108,7 @@ def make_private(
     supported model (``hetune.models.loading.load_model``), wrap it with peft's
     ``get_peft_model``, call this, then train ``.model`` as usual and ``close()`` at the
     end. The frozen weights are dropped (biases stay with the data owner); ``bundle`` must be
-    compiled from the same base model. ``keys``, ``scheme``, ``param_set``: as in
+    compiled from the same base model. ``keys``, ``scheme``, ``param_set``, ``access``: as in
     :func:`build_private_model`.
     """
     _check_needs(backend, bundle, workers)
@@ -113,7 +118,7 @@ def make_private(
     elif backend == "remote":
         from hetune.protocols.hybrid_lora.remote import HttpTransport
 
-        transport = HttpTransport(workers)
+        transport = HttpTransport(workers, access)
         specs = list(transport.manifest.ops)
         transport.check_model(model)
         engine = EncryptedBackend(transport.codecs(), transport, keys=keys or _new_keys(transport, scheme, param_set))
@@ -144,11 +149,14 @@ def build_private_model(
     keys=None,
     scheme: str | None = None,
     param_set: str | None = None,
+    access: WorkerAccess | None = None,
 ) -> PrivateModel:
     """Load ``model_id`` (without its outsourced weights, except on ``plain``), add LoRA, make it private.
 
     ``scheme`` and ``param_set`` (encrypted/remote, when ``keys`` is None): what to generate keys for;
-    either left None takes the bundle's (the worker's) default."""
+    either left None takes the bundle's (the worker's) default. ``access`` (remote): a
+    :class:`~hetune.protocols.hybrid_lora.remote.WorkerAccess` (CA to trust, API key); None: the
+    system's trust store, no key."""
     from hetune.models.client_weights import load_client_model
     from hetune.models.loading import load_model
 
@@ -156,4 +164,4 @@ def build_private_model(
     loaded = load_model(model_id, seed=seed) if backend == "plain" else load_client_model(model_id, seed=seed)
     model = _wrap_lora(loaded.model, lora, seed)
     return make_private(model, backend, bundle=bundle, workers=workers, keys=keys, scheme=scheme,
-                        param_set=param_set, tokenizer=loaded.tokenizer)
+                        param_set=param_set, tokenizer=loaded.tokenizer, access=access)

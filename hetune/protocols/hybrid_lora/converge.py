@@ -2,17 +2,22 @@
 
 The same LoRA fine-tuning (same seed, same data order) on each requested backend, then
 loss curves (JSON + PNG), final train and eval loss, the relative gap to ``plain``, and
-the task metric when the task has one (exact match on the built-in arithmetic task,
-measured with the trained adapter on the float base model, greedy decoding). With
+the task metric when the task has one (exact match on the built-in arithmetic and
+knowledge tasks, measured with the trained adapter on the float base model, greedy
+decoding). Built-in tasks: ``arithmetic`` (word problems), ``stdlib`` (real text: Python
+standard library sources, files the compiler's calibration does not read) and
+``knowledge`` (a fictional company's facts, :mod:`hetune.data.knowledge`). With
 ``ablation`` it also reruns the quantization study Concrete ML reports, on the bit-exact
 ``quantized`` backend: per-token inputs with per-channel weights versus static
-per-tensor scales, and 8 versus fewer bits.
+per-tensor scales, and 8 versus fewer bits. With ``levers`` it measures what closes the
+gap on real weights at the same weight bits: wider activations and gradients (the batched
+RLWE budget), a Hadamard rotation of op inputs, per-token clipping.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hetune.errors import ConfigError
@@ -20,7 +25,9 @@ from hetune.files import write_json
 from hetune.protocols.hybrid_lora.backends import check_backend_name
 from hetune.quant.config import QuantConfig
 
-ARITHMETIC = "arithmetic"  # the built-in task
+ARITHMETIC, STDLIB, KNOWLEDGE = "arithmetic", "stdlib", "knowledge"  # the built-in tasks
+TASKS = (ARITHMETIC, STDLIB, KNOWLEDGE)
+STDLIB_FILES = slice(20, 120)  # ~1.5 MB of sources; calibration reads the first files' start only
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class ConvergeConfig:
     backends: tuple[str, ...] = ("plain", "quantized")
     quant: QuantConfig = QuantConfig()
     ablation: bool = False
+    levers: bool = False
     seq_len: int = 64
     batch_size: int = 8
     lr: float = 3e-3
@@ -47,6 +55,8 @@ class ConvergeConfig:
             raise ConfigError(f"backends={','.join(self.backends)} must start with plain", "the gap is measured against plain")
         for b in self.backends:
             check_backend_name(b)
+        if len(self.data) > 1 and set(self.data) & set(TASKS):
+            raise ConfigError(f"data={','.join(self.data)} mixes a built-in task with files", "pass one built-in task or files only")
         if "remote" in self.backends:
             raise ConfigError("converge runs backends in this process; 'remote' is not one of them",
                               "use encrypted (same GLWE arithmetic, no network), or hetune train --backend remote")
@@ -59,15 +69,32 @@ class Variant:
     quant: QuantConfig | None  # None for plain
 
 
+def quant_label(q: QuantConfig) -> str:
+    """w8a8g8, then the levers in use: 'w8a12g12 hadamard clip0.9'."""
+    parts = [f"w{q.bits_w}a{q.bits_a}g{q.bits_g}"]
+    parts += ["hadamard"] if q.rotation == "hadamard" else []
+    parts += [f"clip{q.clip_a:g}"] if q.clip_a < 1 else []
+    return " ".join(parts)
+
+
+def lever_configs(q: QuantConfig) -> list[QuantConfig]:
+    """At the weight bits of ``q``: 8-bit inputs without levers, each lever alone, then together."""
+    base = replace(q, bits_a=8, bits_g=8, rotation="none", clip_a=1.0)
+    wide = replace(base, bits_a=12, bits_g=12)  # 4 more bits each fit the 30-bit RLWE budget at 8-bit weights
+    return [base, replace(base, clip_a=0.9), replace(base, rotation="hadamard"), wide, replace(wide, rotation="hadamard")]
+
+
 def variants(cfg: ConvergeConfig) -> list[Variant]:
     q = cfg.quant
-    found = [Variant(b if b == "plain" else f"{b} w{q.bits_w}a{q.bits_a}g{q.bits_g}", b, None if b == "plain" else q) for b in cfg.backends]
+    found = [Variant(b if b == "plain" else f"{b} {quant_label(q)}", b, None if b == "plain" else q) for b in cfg.backends]
     if cfg.ablation:
         found += [
             Variant("quantized static per-tensor w8a8g8", "quantized", QuantConfig(8, 8, 8, scheme="static")),
             Variant("quantized w6a6g6", "quantized", QuantConfig(6, 6, 6)),
             Variant("quantized w4a4g4", "quantized", QuantConfig(4, 4, 4)),
         ]
+    if cfg.levers:
+        found += [Variant(f"quantized {quant_label(lq)}", "quantized", lq) for lq in lever_configs(q)]
     unique = {}
     for v in found:
         unique.setdefault((v.backend, v.quant), v)
@@ -80,7 +107,7 @@ def _bundle_for(cfg: ConvergeConfig, quant: QuantConfig, cache: dict) -> Path:
     from hetune.models.loading import load_model
 
     if quant not in cache:
-        out = cfg.out / "bundles" / f"{quant.scheme}-w{quant.bits_w}a{quant.bits_a}g{quant.bits_g}"
+        out = cfg.out / "bundles" / f"{quant.scheme}-{quant_label(quant).replace(' ', '-')}"
         out.parent.mkdir(parents=True, exist_ok=True)
         compiled = compile_model(load_model(cfg.model, seed=cfg.seed), CompileConfig(quant=quant, seed=cfg.seed), progress=False)
         write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=True)
@@ -89,14 +116,27 @@ def _bundle_for(cfg: ConvergeConfig, quant: QuantConfig, cache: dict) -> Path:
 
 
 def _task_data(cfg: ConvergeConfig):
-    """Training files, and the held-out problems for the metric (None for user data)."""
-    if cfg.data != (ARITHMETIC,):
-        return cfg.data, None
+    """Training files, and the held-out problems for the metric (None for text without one)."""
     from hetune.data.arithmetic import make_problems, write_jsonl
 
-    path = cfg.out / "data" / "arithmetic_train.jsonl"
-    write_jsonl(make_problems(cfg.train_problems, seed=cfg.seed), path)
-    return (str(path),), make_problems(cfg.eval_problems, seed=cfg.seed + 1_000_003)
+    path = cfg.out / "data" / f"{cfg.data[0]}_train.jsonl"
+    if cfg.data == (ARITHMETIC,):
+        write_jsonl(make_problems(cfg.train_problems, seed=cfg.seed), path)
+        return (str(path),), make_problems(cfg.eval_problems, seed=cfg.seed + 1_000_003)
+    if cfg.data == (KNOWLEDGE,):
+        from hetune.data.knowledge import make_knowledge_task
+
+        task = make_knowledge_task(seed=cfg.seed, repeats=16)  # ~5k tokens: eval blocks to spare at seq_len 128
+        write_jsonl(task.train, path)
+        return (str(path),), task.held_out
+    if cfg.data == (STDLIB,):
+        from hetune.data.corpus import stdlib_files
+        from hetune.files import write_atomic
+
+        docs = [f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files()[STDLIB_FILES]]
+        write_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))  # one document per file
+        return (str(path),), None
+    return cfg.data, None
 
 
 def _exact_match(cfg: ConvergeConfig, adapter: str, problems) -> float:
@@ -106,7 +146,8 @@ def _exact_match(cfg: ConvergeConfig, adapter: str, problems) -> float:
     from hetune.models.loading import load_model
 
     base = load_model(cfg.model, seed=cfg.seed)
-    return exact_match(PeftModel.from_pretrained(base.model, adapter), base.tokenizer, problems)
+    tokens = max(4, *(len(base.tokenizer(f" {p.answer}", add_special_tokens=False)["input_ids"]) for p in problems))
+    return exact_match(PeftModel.from_pretrained(base.model, adapter), base.tokenizer, problems, max_new_tokens=tokens)
 
 
 def converge(cfg: ConvergeConfig, echo=print) -> dict:

@@ -1,40 +1,106 @@
 """HTTP transport for the ``remote`` backend: one or more workers serving the same bundle.
 
 Ops are spread over the workers by decoder layer. A lost connection or a 5xx is
-retried with exponential backoff, an expired session is re-opened once, and a worker
-that stays away raises :class:`WorkerError` naming it.
+retried with exponential backoff, a 429 with ``Retry-After`` after the time the worker
+names, an expired session is re-opened once, and a worker that stays away raises
+:class:`WorkerError` naming it. Workers are reached over https verified against the
+system's trust store or ``--ca-cert``; plain http only on loopback or with ``--insecure``.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
 from hetune.compile.manifest import Manifest
-from hetune.errors import WorkerError
+from hetune.errors import ConfigError, WorkerError
 from hetune.protocols.hybrid_lora import wire
 from hetune.quant.integer import OpCodec
+from hetune.quant.rotation import input_rotation
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    retries: int = 4  # after the first try; waits backoff_s * 2^attempt between tries
+    retries: int = 6  # after the first try; waits backoff_s * 2^attempt between tries (31.5 s in all: a worker restart)
     backoff_s: float = 0.5
     timeout_s: float = 600.0  # one request; a big encrypted product takes minutes on CPU
 
 
 DEFAULT_RETRY = RetryPolicy()
+API_KEY_ENV = "HETUNE_API_KEY"
+_API_KEY_HINT = f"set {API_KEY_ENV} or pass --api-key-file with the key the worker's operator made with `hetune keys new`"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class WorkerAccess:
+    """How the data owner reaches its workers: whom to trust over https, and its admission key."""
+
+    ca_cert: Path | None = None  # trust only this CA (PEM) for https; None: the system's trust store
+    insecure: bool = False  # allow plain http:// to a host other than loopback
+    api_key: str | None = field(default=None, repr=False)  # sent only to open a session
+
+    @classmethod
+    def load(cls, ca_cert: Path | None = None, insecure: bool = False, api_key_file: Path | None = None) -> "WorkerAccess":
+        """The API key comes from ``api_key_file``, else from $HETUNE_API_KEY: never from the command line, where `ps` shows it."""
+        if api_key_file is not None:
+            try:
+                key = Path(api_key_file).read_text().strip()
+            except OSError as err:
+                raise ConfigError(f"cannot read --api-key-file {api_key_file}: {err.strerror or err}", _API_KEY_HINT) from err
+        else:
+            key = os.environ.get(API_KEY_ENV, "").strip()
+        return cls(ca_cert, insecure, key or None)
+
+    def check_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"worker URL {url!r} is not an http(s) address", "pass --worker https://HOST:PORT")
+        if parts.scheme == "http" and not self.insecure and not _is_loopback(parts.hostname):
+            raise ConfigError(
+                f"worker URL {url} is plain http to a host other than loopback: its session token, API key and "
+                "timing would cross the network unauthenticated and in the clear",
+                "serve the worker with --tls-cert/--tls-key and pass --worker https://..., or pass --insecure to accept this",
+            )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        try:
+            return ssl.create_default_context(cafile=str(self.ca_cert) if self.ca_cert else None)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(f"cannot use --ca-cert {self.ca_cert}: {err}", "pass the PEM certificate of the CA that signed the worker's") from err
+
+
+def _certificate_failure(err: BaseException) -> bool:
+    while err is not None:
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 class WorkerClient:
-    def __init__(self, url: str, retry: RetryPolicy | None = None):
+    def __init__(self, url: str, retry: RetryPolicy | None = None, access: WorkerAccess | None = None):
         import httpx
 
         self.url = url.rstrip("/")
         self.retry = retry or DEFAULT_RETRY
-        self.http = httpx.Client(base_url=f"{self.url}/{wire.API_VERSION}", timeout=self.retry.timeout_s)
+        self._access = access or WorkerAccess()
+        self._access.check_url(self.url)
+        self.http = httpx.Client(base_url=f"{self.url}/{wire.API_VERSION}", timeout=self.retry.timeout_s,
+                                 verify=self._access.ssl_context())
         self.session_id: str | None = None
         self._token: str | None = None
         self._key: bytes | None = None
@@ -44,25 +110,32 @@ class WorkerClient:
         import httpx
 
         for attempt in range(self.retry.retries + 1):
+            wait = self.retry.backoff_s * 2**attempt
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as err:
+                if _certificate_failure(err):  # retrying cannot help, and the worker may be an impostor
+                    raise WorkerError(f"worker {self.url} has a certificate this client does not trust: {err}",
+                                      "pass --ca-cert FILE with the CA that signed the worker's certificate") from err
                 problem = f"cannot reach worker {self.url}: {err}"
             else:
-                if response.status_code < 500:
+                retry_after = response.headers.get("retry-after", "")
+                if response.status_code < 500 and not (response.status_code == 429 and retry_after.isdigit()
+                                                       and attempt < self.retry.retries):
                     return response
                 problem = f"worker {self.url} answered {response.status_code}"
+                wait = float(retry_after) if retry_after.isdigit() else wait  # a 429 says when to come back
             if attempt < self.retry.retries:
-                time.sleep(self.retry.backoff_s * 2**attempt)
+                time.sleep(wait)
         raise WorkerError(problem, "check that `hetune serve` is running there, then resume from the last checkpoint")
 
-    def _checked(self, response, what: str):
+    def _checked(self, response, what: str, hint: str | None = None):
         if response.status_code >= 400:
             try:
                 detail = response.json().get("error", response.text)
             except ValueError:
                 detail = response.text
-            raise WorkerError(f"worker {self.url} refused {what}: {response.status_code} {detail}")
+            raise WorkerError(f"worker {self.url} refused {what}: {response.status_code} {detail}", hint)
         return response
 
     def info(self) -> dict:
@@ -77,7 +150,9 @@ class WorkerClient:
         """A new session for the keys' scheme and parameter set; ``session_key`` is b"" for batched RLWE."""
         self._key, self._params = session_key, params
         query = {"scheme": params.scheme, "param_set": params.name}
-        data = self._checked(self._request("POST", "/sessions", content=session_key, params=query), "a new session").json()
+        admission = {"authorization": f"Bearer {self._access.api_key}"} if self._access.api_key else {}
+        response = self._request("POST", "/sessions", content=session_key, params=query, headers=admission)
+        data = self._checked(response, "a new session", _API_KEY_HINT if response.status_code == 401 else None).json()
         self.session_id, self._token = data["session_id"], data["token"]
 
     def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
@@ -109,8 +184,8 @@ class WorkerClient:
 class HttpTransport:
     name = "remote"
 
-    def __init__(self, urls: tuple[str, ...] | list[str]):
-        self.clients = [WorkerClient(u) for u in urls]
+    def __init__(self, urls: tuple[str, ...] | list[str], access: WorkerAccess | None = None):
+        self.clients = [WorkerClient(u, access=access) for u in urls]
         infos = [c.info() for c in self.clients]
         self.manifest = Manifest.from_dict(infos[0]["manifest"])
         for client, info in zip(self.clients[1:], infos[1:]):
@@ -123,7 +198,8 @@ class HttpTransport:
         q = self.manifest.quant
         return {
             op.name: OpCodec(tensors[f"{op.name}.scale"], tensors[f"{op.name}.rowsum"], q.bits_a, q.bits_g,
-                             tensors.get(f"{op.name}.static_input"), tensors.get(f"{op.name}.static_grad"))
+                             tensors.get(f"{op.name}.static_input"), tensors.get(f"{op.name}.static_grad"),
+                             input_rotation(q, op.in_features), q.clip_a)
             for op in self.manifest.ops
         }
 

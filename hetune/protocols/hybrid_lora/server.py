@@ -5,7 +5,9 @@ keeps one session per data owner (its scheme and parameter set, a bearer token, 
 idle TTL, and whatever key the scheme needs: none for batched RLWE, a compression key
 for GLWE), checks op, direction, shape, header and body size before any heavy work,
 and answers every bad request with a 4xx JSON error. Logs carry method, path, status
-and timing: never a key, a token or a payload.
+and timing: never a key, a token or a payload. On a network it serves https
+(``tls_cert``/``tls_key``) and admits data owners by API key with per-owner limits
+(``api_keys``, :mod:`hetune.protocols.admission`); without keys it is open, and says so.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,9 +25,11 @@ from hetune.compile.bundle import Bundle
 from hetune.crypto.scheme import ParamSet, PayloadError, get_scheme, scheme_names
 from hetune.errors import ConfigError
 from hetune.protocols.hybrid_lora import wire
-from hetune.protocols.hybrid_lora.worker import Worker
+from hetune.protocols.admission import OPEN_ADMISSION, Admission, OwnerLimits, read_keys_file
+from hetune.protocols.hybrid_lora.worker import OpRunner, Worker
 from hetune.protocols.http_api import LoopbackServer, add_access_log, error, read_body, session_or_error
 from hetune.protocols.sessions import SessionLimitError, SessionStore
+from hetune.protocols.signed_sessions import SignedSessions
 
 log = logging.getLogger("hetune.worker")
 
@@ -37,6 +42,26 @@ class ServeConfig:
     max_sessions: int = 8  # a GLWE session holds a 128 MiB compression key; an RLWE one nothing
     session_ttl_s: float = 3600.0  # idle time before a session is dropped
     max_rows: int = 4096  # tokens per request
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key the worker serves https
+    tls_key: Path | None = None
+    api_keys: Path | None = None  # `owner sha256hex` lines; None: admission open (loopback, development)
+    owner_limits: OwnerLimits = OwnerLimits()  # per API-key owner; apply only with api_keys
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together", "pass both PEM files (certificate chain and its private key)")
+        if self.tls_cert is not None:
+            import ssl
+
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key)
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigError(f"cannot use --tls-cert {self.tls_cert} with --tls-key {self.tls_key}: {err}",
+                                  "pass a PEM certificate (chain) and the private key that matches it") from err
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls_cert else 'http'}://{self.host}:{self.port}"
 
 
 @dataclass
@@ -48,13 +73,26 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
-    worker = Worker(bundle)
-    sessions: SessionStore[Session] = SessionStore(cfg.max_sessions, cfg.session_ttl_s, log)
+def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunner | None = None,
+               sessions: SignedSessions[Session] | None = None) -> FastAPI:
+    """``worker`` computes the products (default: this process, on ``bundle``'s weights); ``sessions``
+    in signed tokens let replicas share them (``hetune serve --ray``), else they live in this process."""
+    worker = worker or Worker(bundle)
+    if sessions is None:  # not `or`: an empty store is falsy
+        sessions = SessionStore(cfg.max_sessions, cfg.session_ttl_s, log)
     manifest = bundle.manifest
     app = FastAPI(title="hetune worker", version=manifest.hetune_version)
     prefix = f"/{wire.API_VERSION}"
 
+    admission = None
+    if cfg.api_keys is not None:
+        admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits, f"{prefix}/sessions", sessions.__contains__)
+
+        @app.middleware("http")
+        async def admit(request: Request, call_next):  # added before the access log, so refusals are logged too
+            return admission.check(request) or await call_next(request)
+
+    app.state.admission = admission
     add_access_log(app, log)
 
     @app.get(f"{prefix}/health")
@@ -79,13 +117,7 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         """Public per-channel data the client needs to decode: scales and row sums of W_q."""
         from safetensors.torch import save
 
-        tensors = {}
-        for spec in manifest.ops:
-            codec = bundle.op(spec.name).codec
-            tensors[f"{spec.name}.scale"], tensors[f"{spec.name}.rowsum"] = codec.scale, codec.rowsum
-            if codec.static_input is not None:  # the static ablation's fixed ranges
-                tensors[f"{spec.name}.static_input"], tensors[f"{spec.name}.static_grad"] = codec.static_input, codec.static_grad
-        return Response(save(tensors), media_type="application/octet-stream")
+        return Response(save(worker.codec_tensors()), media_type="application/octet-stream")
 
     @app.post(f"{prefix}/sessions", status_code=201)
     async def create_session(request: Request, scheme: str | None = None, param_set: str | None = None):
@@ -100,6 +132,8 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         problems = manifest.problems(chosen)
         if problems:
             return error(422, f"this bundle cannot run under {scheme}/{chosen.name}: {problems[0]}")
+        if chosen.session_key_bytes and isinstance(sessions, SignedSessions):  # a token cannot carry a key
+            return error(422, f"scheme {scheme} needs per-session keys; use rlwe with --ray")
         body = await read_body(request, chosen.session_key_bytes)
         if isinstance(body, JSONResponse):
             return body
@@ -111,6 +145,10 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             sid, token = sessions.create(lambda token: Session(token, chosen, state))
         except SessionLimitError:
             return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later")
+        refusal = admission and admission.opened(sid, request.state.owner)
+        if refusal:
+            sessions.close(sid)
+            return refusal
         log.info("session %s created (%s/%s)", sid[:8], scheme, chosen.name)
         return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "scheme": scheme, "param_set": chosen.name}
 
@@ -124,10 +162,12 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.post(f"{prefix}/sessions/{{sid}}/ops/{{op}}/{{direction}}")
     async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0):
-        got = session_or_error(sessions, sid, request)
+        from starlette.concurrency import run_in_threadpool
+
+        got = await run_in_threadpool(session_or_error, sessions, sid, request)  # signed sessions ask the revocation list
         if isinstance(got, JSONResponse):
             return got
-        if op not in worker.weights:
+        if op not in worker.ops:
             return error(404, f"unknown op {op!r}")
         if direction not in wire.DIRECTIONS:
             return error(404, f"unknown direction {direction!r}; use forward or backward")
@@ -145,7 +185,6 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             scheme.check_request(params, body, rows, cols)  # header and exact size, before any heavy work
         except PayloadError as err:
             return error(err.status, err.message)
-        from starlette.concurrency import run_in_threadpool
 
         def compute() -> tuple[bytes, float]:
             with got.lock:  # one product at a time per session
@@ -165,11 +204,15 @@ class LoopbackWorker(LoopbackServer):
     """The worker app in a background thread on 127.0.0.1 (port chosen by the OS), for tests and the demo."""
 
     def __init__(self, bundle: Bundle, cfg: ServeConfig = ServeConfig(), start_timeout_s: float = 30.0):
-        super().__init__(create_app(bundle, cfg), "worker", "hetune-worker", start_timeout_s)
+        tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+        super().__init__(create_app(bundle, cfg), "worker", "hetune-worker", start_timeout_s, tls)
 
 
 def serve(bundle: Bundle, cfg: ServeConfig = ServeConfig()) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(bundle, cfg), host=cfg.host, port=cfg.port, log_level="warning")
+    app = create_app(bundle, cfg)
+    log.info("worker on %s; %s", cfg.url, app.state.admission.describe() if app.state.admission else OPEN_ADMISSION)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
+                ssl_certfile=str(cfg.tls_cert) if cfg.tls_cert else None, ssl_keyfile=str(cfg.tls_key) if cfg.tls_key else None)

@@ -56,6 +56,9 @@ class TrainConfig:
     load_key: Path | None = None  # use this saved secret key (e.g. to resume with the same key)
     scheme: str | None = None  # encryption scheme (None: the bundle's, batched RLWE by default)
     param_set: str | None = None  # its allow-listed parameter set (privacy level); None: the bundle's
+    ca_cert: Path | None = None  # remote: the CA that signed the workers' certificates; None: the system's store
+    insecure: bool = False  # remote: allow plain http:// to a worker that is not on loopback
+    api_key_file: Path | None = None  # remote: the admission key (else $HETUNE_API_KEY); the key itself is never in the config
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,6 +84,14 @@ class TrainConfig:
                 raise scheme.unknown_set(self.param_set)
         if self.load_key is not None and not Path(self.load_key).is_file():
             raise ConfigError(f"--load-key {self.load_key} does not exist", "pass the file written by --save-key")
+        if self.backend == "remote":
+            from hetune.protocols.hybrid_lora.remote import WorkerAccess
+
+            for url in self.workers:
+                WorkerAccess(insecure=self.insecure).check_url(url)
+        for flag, path in (("--ca-cert", self.ca_cert), ("--api-key-file", self.api_key_file)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{flag} {path} does not exist", f"pass an existing file to {flag}")
 
 
 def _rng_state() -> dict:
@@ -195,9 +206,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         from hetune.crypto.scheme import get_scheme
 
         keys = get_scheme(cfg.scheme).load_keys(cfg.load_key)
+    access = None
+    if cfg.backend == "remote":
+        from hetune.protocols.hybrid_lora.remote import WorkerAccess
+
+        access = WorkerAccess.load(cfg.ca_cert, cfg.insecure, cfg.api_key_file)
     pm = build_private_model(
         cfg.model, cfg.backend, bundle=cfg.bundle, workers=cfg.workers, lora=cfg.lora, seed=cfg.seed,
-        keys=keys, scheme=cfg.scheme, param_set=cfg.param_set,
+        keys=keys, scheme=cfg.scheme, param_set=cfg.param_set, access=access,
     )
     try:
         blocks = pack(texts, pm.tokenizer, cfg.seq_len)

@@ -7,7 +7,9 @@ product. Imports neither transformers nor peft: the worker needs only the bundle
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -26,6 +28,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class OpRunner(Protocol):
+    """What the HTTP server needs from whatever computes the products: a :class:`Worker` in this
+    process, or a router over layer-range slices on other replicas (``ray_serve.SliceRouter``)."""
+
+    device: str
+
+    @property
+    def ops(self) -> Collection[str]: ...
+
+    def shape(self, op: str, direction: str) -> OpShape: ...
+
+    def codec_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def run(self, op: str, direction: str, params: ParamSet, session: object, body: bytes) -> bytes: ...
+
+
 class Worker:
     """Holds integer weights only; sees ciphertexts, shapes and timing, nothing else."""
 
@@ -33,6 +51,20 @@ class Worker:
         self.bundle = bundle
         self.device = device or default_device()
         self.weights = {spec.name: bundle.tensors[spec.weight_key] for spec in bundle.manifest.ops}  # (out, in)
+
+    @property
+    def ops(self) -> Collection[str]:
+        return self.weights.keys()
+
+    def codec_tensors(self) -> dict[str, torch.Tensor]:
+        """Public per-channel data the client decodes with: scales and row sums of W_q (no weights)."""
+        tensors = {}
+        for name in self.weights:
+            codec = self.bundle.op(name).codec
+            tensors[f"{name}.scale"], tensors[f"{name}.rowsum"] = codec.scale, codec.rowsum
+            if codec.static_input is not None:  # the static ablation's fixed ranges
+                tensors[f"{name}.static_input"], tensors[f"{name}.static_grad"] = codec.static_input, codec.static_grad
+        return tensors
 
     def shape(self, op: str, direction: str) -> OpShape:
         out, inp = self.weights[op].shape

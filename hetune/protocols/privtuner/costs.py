@@ -208,8 +208,9 @@ def measure_param_set(scheme: str, name: str, shapes=MEASURE_SHAPES, repeats: in
     """Time key generation, encryption, the worker's product and decryption of ``shapes`` under one set.
 
     Each primitive keeps the fastest of ``repeats`` runs per shape (the least disturbed
-    by other load on the machine). Every decrypted result is checked against the clear
-    product within the set's noise bound (0 for an exact scheme).
+    by other load on the machine); the repeats go round all shapes in turn, so a burst of
+    load spoils one run of several shapes, not every run of one. Every decrypted result is
+    checked against the clear product within the set's noise bound (0 for an exact scheme).
     """
     import numpy as np
     import torch
@@ -223,39 +224,41 @@ def measure_param_set(scheme: str, name: str, shapes=MEASURE_SHAPES, repeats: in
     rng = np.random.default_rng(0)
     warm = rng.integers(0, 256, (1, 16))  # warm-up: one small product, untimed
     keys.decrypt(sch.multiply(params, state, keys.encrypt(warm), torch.from_numpy(rng.integers(-127, 128, (4, 16)))), 1, 4)
-    enc, dec, srv, res = [], [], [], []
+    data = [(rng.integers(0, 256, (rows, k)), rng.integers(-127, 128, (n, k))) for rows, k, n in shapes]
+    best = [[math.inf] * 3 for _ in shapes]  # (enc, worker, dec) seconds per shape
+    result_bytes = [0] * len(shapes)
     max_err = 0
-    for rows, k, n in shapes:
-        x, w = rng.integers(0, 256, (rows, k)), rng.integers(-127, 128, (n, k))
-        weight = torch.from_numpy(w)
-        in_b, out_b = sch.request_bytes(params, rows, k), sch.request_bytes(params, rows, n)
-        best = [math.inf] * 3
-        for _ in range(repeats):
+    for _ in range(repeats):
+        for i, ((rows, k, n), (x, w)) in enumerate(zip(shapes, data)):
             t = time.perf_counter()
             body = keys.encrypt(x)
             t1 = time.perf_counter()
-            blob = sch.multiply(params, state, body, weight)
+            blob = sch.multiply(params, state, body, torch.from_numpy(w))
             t2 = time.perf_counter()
             raw = keys.decrypt(blob, rows, n)
             t3 = time.perf_counter()
-            best = [min(b, s) for b, s in zip(best, (t1 - t, t2 - t1, t3 - t2))]
-            if len(body) != in_b:
-                raise HetuneError(f"{scheme}/{name}: a {rows}x{k} request is {len(body)} bytes, request_bytes says {in_b}")
+            best[i] = [min(b, s) for b, s in zip(best[i], (t1 - t, t2 - t1, t3 - t2))]
+            if len(body) != (want := sch.request_bytes(params, rows, k)):
+                raise HetuneError(f"{scheme}/{name}: a {rows}x{k} request is {len(body)} bytes, request_bytes says {want}")
+            result_bytes[i] = len(blob)
             max_err = max(max_err, int(np.abs(raw - x @ w.T).max()))
             if max_err > params.noise_bound:
                 raise HetuneError(f"{scheme}/{name}: decrypted result off by {max_err}, beyond the set's bound {params.noise_bound}")
-        enc.append(([1.0, in_b], best[0]))
-        srv.append(([1.0, rows * n, n * in_b, in_b + out_b], best[1]))
-        dec.append(([1.0, out_b], best[2]))
-        res.append(([out_b, 1.0], len(blob)))
+    enc, dec, srv, res = [], [], [], []
+    for (rows, k, n), (te, ts, td), size in zip(shapes, best, result_bytes):
+        in_b, out_b = sch.request_bytes(params, rows, k), sch.request_bytes(params, rows, n)
+        enc.append(([1.0, in_b], te))
+        srv.append(([1.0, rows * n, n * in_b, in_b + out_b], ts))
+        dec.append(([1.0, out_b], td))
+        res.append(([out_b, 1.0], size))
         if echo:
-            echo(f"  {scheme}/{name}: ({rows}x{k}) @ ({k}x{n}): enc {best[0] * 1e3:.1f} ms, worker {best[1] * 1e3:.1f} ms, "
-                 f"dec {best[2] * 1e3:.1f} ms, {in_b:,} B up, {len(blob):,} B down")
+            echo(f"  {scheme}/{name}: ({rows}x{k}) @ ({k}x{n}): enc {te * 1e3:.1f} ms, worker {ts * 1e3:.1f} ms, "
+                 f"dec {td * 1e3:.1f} ms, {in_b:,} B up, {size:,} B down")
     fits = {what: _fit_nonneg([r for r, _ in pts], [y for _, y in pts]) for what, pts in
             (("enc", enc), ("srv", srv), ("dec", dec), ("res", res))}
     (e0, e), (s0, v, mac, byte), (d0, d), (ratio, over) = (fits[w][0] for w in ("enc", "srv", "dec", "res"))
     costs = ParamSetCosts(name, e0 + d0, e, d, s0, v, mac, byte, ratio, over)
-    return costs, {"keygen_s": keygen_s, "max_abs_error": max_err,
+    return costs, {"keygen_s": keygen_s, "max_abs_error": max_err, "enc_worker_dec_s": best,
                    "fit_max_rel_error": {w: fits[w][1] for w in ("enc", "srv", "dec")}}
 
 

@@ -72,7 +72,7 @@ class BodyService:
             cfg.max_sessions, cfg.session_ttl_s, log, on_drop=self._count_closed)
 
     def admit(self, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(token, self._access_token)
+        return token is not None and hmac.compare_digest(token.encode(), self._access_token.encode())  # bytes: a header may hold non-ASCII
 
     def _count_closed(self, session: BodySession) -> None:
         """Called by the store as a session closes or expires, so total_bytes still counts it."""

@@ -1,0 +1,180 @@
+"""Admission of data owners by API key, with per-owner limits on sessions and request rate.
+
+Why: a worker reachable over a network serves whoever finds its port. With
+``hetune serve --api-keys FILE`` only holders of a listed key open sessions (401
+otherwise), each owner has at most ``sessions`` sessions at once and ``requests_per_minute``
+requests (both 429 with ``Retry-After``). The file holds one ``owner sha256hex`` line per
+owner: the worker never stores a key, and since a key is 256 random bits its plain
+SHA-256 is safe to keep (there is nothing to brute-force).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from hetune.errors import ConfigError
+from hetune.protocols.http_api import bearer, error
+
+KEY_PREFIX = "htk_"  # so a leaked key is recognisable in a scan
+_OWNER = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HEX = re.compile(r"[0-9a-f]{64}")
+_HINT_KEYS = "each line is `OWNER SHA256HEX`; add owners with `hetune keys new --owner NAME --keys-file FILE`"
+
+
+@dataclass(frozen=True)
+class OwnerLimits:
+    sessions: int = 2  # concurrent sessions per owner
+    requests_per_minute: int = 600  # sustained rate; a burst of up to a minute's worth is allowed
+
+    def __post_init__(self) -> None:
+        for name in ("sessions", "requests_per_minute"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"owner {name}={getattr(self, name)} must be >= 1", "pass a positive --owner-sessions / --owner-rpm")
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def read_keys_file(path: Path) -> dict[str, str]:
+    """owner -> SHA-256 hex of its key; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise ConfigError(f"cannot read API keys file {path}: {err.strerror or err}", _HINT_KEYS) from err
+    keys: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not _OWNER.fullmatch(fields[0]) or not _HEX.fullmatch(fields[1]):
+            raise ConfigError(f"{path} line {number} is not `OWNER SHA256HEX`", _HINT_KEYS)
+        if fields[0] in keys:
+            raise ConfigError(f"{path} line {number}: owner {fields[0]!r} is listed twice", "keep one line per owner")
+        keys[fields[0]] = fields[1]
+    return keys
+
+
+def add_owner(path: Path, owner: str) -> str:
+    """A new random key for ``owner``; appends its hash to ``path`` (created 0600) and returns the key, which is kept nowhere."""
+    if not _OWNER.fullmatch(owner):
+        raise ConfigError(f"owner name {owner!r} is not allowed", "use 1 to 64 letters, digits, '.', '_' or '-'")
+    path = Path(path)
+    if path.exists() and owner in read_keys_file(path):
+        raise ConfigError(f"owner {owner!r} already has a key in {path}", "delete its line to revoke it, or pick another name")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(f"{owner} {key_hash(key)}\n")
+    except OSError as err:
+        raise ConfigError(f"cannot write API keys file {path}: {err.strerror or err}", "check the directory exists and is writable") from err
+    return key
+
+
+class _Bucket:
+    """Token bucket: ``rate`` per second, holding at most ``capacity``."""
+
+    def __init__(self, capacity: float, rate: float):
+        self.capacity, self.rate, self.tokens, self.stamp = capacity, rate, capacity, time.monotonic()
+
+    def take(self) -> float:
+        """0 if a request may go now (and counts it), else the seconds until one may."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+def _too_many(message: str, retry_after_s: float) -> JSONResponse:
+    response = error(429, message)
+    response.headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+    return response
+
+
+class Admission:
+    """Who may open sessions, and each owner's limits; the worker's middleware calls :meth:`check`.
+
+    ``alive(sid)`` tells whether a session still exists (closed and expired ones stop counting).
+    """
+
+    SESSION_FULL_RETRY_S = 5  # an owner at its session cap: a previous run's session may be closing
+
+    def __init__(self, keys: dict[str, str], limits: OwnerLimits, sessions_path: str, alive: Callable[[str], bool]):
+        self.keys, self.limits, self.sessions_path, self._alive = keys, limits, sessions_path, alive
+        self._buckets = {owner: _Bucket(limits.requests_per_minute, limits.requests_per_minute / 60) for owner in keys}
+        self._owner_of: dict[str, str] = {}  # session id -> owner
+        self._lock = threading.Lock()
+
+    def owner(self, key: str | None) -> str | None:
+        """The owner whose key this is; every entry is compared, in constant time."""
+        if not key:
+            return None
+        digest, found = key_hash(key), None
+        for owner, expected in self.keys.items():
+            if hmac.compare_digest(digest, expected):
+                found = owner
+        return found
+
+    def _sessions_of(self, owner: str) -> int:
+        self._owner_of = {sid: o for sid, o in self._owner_of.items() if self._alive(sid)}
+        return sum(o == owner for o in self._owner_of.values())
+
+    def _room(self, owner: str) -> JSONResponse | None:
+        if self._sessions_of(owner) >= self.limits.sessions:
+            return _too_many(f"owner {owner} is at its limit of {self.limits.sessions} concurrent sessions; "
+                             "close one or let it expire", self.SESSION_FULL_RETRY_S)
+        return None
+
+    def _charge(self, owner: str) -> JSONResponse | None:
+        wait = self._buckets[owner].take()
+        if wait:
+            return _too_many(f"owner {owner} is over its limit of {self.limits.requests_per_minute} requests per minute", wait)
+        return None
+
+    def check(self, request: Request) -> JSONResponse | None:
+        """None to let the request through; a 401 or 429 answer otherwise. Sets ``request.state.owner`` on a session open."""
+        path = request.url.path
+        with self._lock:
+            if request.method == "POST" and path.rstrip("/") == self.sessions_path:
+                owner = self.owner(bearer(request))
+                if owner is None:
+                    return error(401, "missing or unknown API key: send `Authorization: Bearer <key>` to open a session")
+                request.state.owner = owner
+                return self._charge(owner) or self._room(owner)
+            if path.startswith(self.sessions_path + "/"):
+                owner = self._owner_of.get(path[len(self.sessions_path) + 1 :].split("/")[0])
+                return self._charge(owner) if owner else None  # an unknown session gets its 404 from the handler
+        return None
+
+    def opened(self, sid: str, owner: str) -> JSONResponse | None:
+        """Record a new session; a 429 (and the caller closes it) if concurrent opens filled the owner's cap meanwhile."""
+        with self._lock:
+            refusal = self._room(owner)
+            if refusal is None:
+                self._owner_of[sid] = owner
+            return refusal
+
+    def describe(self) -> str:
+        return (f"admission by API key ({len(self.keys)} owners; each at most {self.limits.sessions} sessions and "
+                f"{self.limits.requests_per_minute} requests per minute)")
+
+
+OPEN_ADMISSION = ("admission open (no --api-keys): anyone who reaches this address can open sessions; "
+                  "fine on loopback or a private dev network only")

@@ -1,0 +1,250 @@
+"""The worker on Ray Serve: stateless replicas behind one endpoint give the bit-exact step of one process.
+
+The cluster tests start a local Ray (2 CPUs, no dashboard) once per module: 15-25 s to
+start it and deploy two replicas on these 2-core CPUs, then 2-10 s per step through the
+proxy and about 10 s per further deployment. The replica-restart test waits for Serve to
+start a new replica and is in the slow tier.
+"""
+
+import collections
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from test_hybrid_lora import assert_equal_grads, lora_grads
+
+from hetune.compile.bundle import load_bundle, read_manifest
+from hetune.crypto.scheme import get_scheme, resolve_params
+from hetune.errors import ConfigError
+from hetune.protocols.hybrid_lora.client import build_private_model
+from hetune.protocols.hybrid_lora.remote import WorkerClient
+from hetune.protocols.hybrid_lora.server import ServeConfig, Session, create_app
+from hetune.protocols.signed_sessions import Claims, SessionTokens, SignedSessions, load_session_key
+
+serve = pytest.importorskip("ray.serve")
+ray_serve = pytest.importorskip("hetune.protocols.hybrid_lora.ray_serve")
+
+KEY = b"k" * 32
+OP = "layers.1.o"  # 32 x 32
+
+
+@pytest.fixture(scope="module")
+def ciphertext():
+    """A real 1 x 32 request body: a token that passes gets a 200."""
+    return get_scheme("rlwe").generate_keys().encrypt(np.arange(32)[None, :])
+
+
+class SetRevocations:
+    def __init__(self):
+        self.closed = set()
+
+    def revoke(self, session_id, until):
+        self.closed.add(session_id)
+
+    def is_revoked(self, session_id):
+        return session_id in self.closed
+
+
+def signed_store():
+    return SignedSessions(SessionTokens(KEY), 60.0, SetRevocations(),
+                          lambda c, token: Session(token, resolve_params(c.scheme, c.param_set), None))
+
+
+# ---- tokens and slices, in this process ----
+
+def test_tokens_carry_their_claims_and_refuse_tampering():
+    tokens = SessionTokens(KEY)
+    claims = Claims("ab" * 16, "rlwe", "p192", 2_000_000_000)
+    token = tokens.issue(claims)
+    assert tokens.verify(token) == claims
+    version, body, tag = token.split(".")
+    forged = SessionTokens(b"x" * 32).issue(claims)
+    other_claims = tokens.issue(Claims("ab" * 16, "rlwe", "p80", 2_000_000_000)).split(".")[1]
+    for bad in (forged, f"{version}.{other_claims}.{tag}", f"v2.{body}.{tag}", token[:-2], "", None, "a.b"):
+        assert tokens.verify(bad) is None
+    assert KEY.decode() not in repr(tokens)
+
+
+def test_session_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("HETUNE_SESSION_KEY", raising=False)
+    assert load_session_key() is None
+    monkeypatch.setenv("HETUNE_SESSION_KEY", "e" * 40)
+    assert load_session_key() == b"e" * 40
+    (tmp_path / "key").write_text("f" * 40 + "\n")
+    assert load_session_key(tmp_path / "key") == b"f" * 40
+    (tmp_path / "short").write_text("too short")
+    with pytest.raises(ConfigError, match="at least 32"):
+        load_session_key(tmp_path / "short")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_session_key(tmp_path / "missing")
+
+
+def test_signed_sessions_in_the_app(micro_bundle, ciphertext):
+    """A token of ours opens its session; another key's, another session's, an expired one or a closed session's do not."""
+    client = TestClient(create_app(load_bundle(micro_bundle), sessions=signed_store()))
+    s = client.post("/v2/sessions").json()
+    sid = s["session_id"]
+    assert s["token"].startswith("v1.") and client.get("/v2/health").json()["sessions"] == 1
+
+    def status(token):
+        return client.post(f"/v2/sessions/{sid}/ops/{OP}/forward", params={"rows": 1, "cols": 32}, content=ciphertext,
+                           headers={"authorization": f"Bearer {token}"}).status_code
+
+    assert status(s["token"]) == 200
+    assert status(SessionTokens(b"x" * 32).issue(Claims(sid, "rlwe", "p128", 2_000_000_000))) == 401
+    assert status(SessionTokens(KEY).issue(Claims("cd" * 16, "rlwe", "p128", 2_000_000_000))) == 401
+    assert status(SessionTokens(KEY).issue(Claims(sid, "rlwe", "p128", int(time.time()) - 1))) == 404
+    assert status("nope") == 401
+    assert client.delete(f"/v2/sessions/{sid}", headers={"authorization": f"Bearer {s['token']}"}).status_code == 204
+    assert status(s["token"]) == 404 and client.get("/v2/health").json()["sessions"] == 0
+    p192 = client.post("/v2/sessions", params={"param_set": "p192"}).json()["token"]
+    assert SessionTokens(KEY).verify(p192).param_set == "p192"
+    r = client.post("/v2/sessions", params={"scheme": "glwe"})
+    assert r.status_code == 422 and "use rlwe with --ray" in r.json()["error"]
+
+
+def test_a_slice_loads_only_its_blocks(micro_bundle):
+    full = load_bundle(micro_bundle)
+    first, second = (load_bundle(micro_bundle, layers=range(lo, hi)) for lo, hi in ((0, 1), (1, 2)))
+    assert {op.layer for op in first.manifest.ops} == {0} and {op.layer for op in second.manifest.ops} == {1}
+    assert set(first.tensors) | set(second.tensors) == set(full.tensors) and not set(first.tensors) & set(second.tensors)
+    for name, tensor in second.tensors.items():
+        assert torch.equal(tensor, full.tensors[name])
+
+
+def test_ray_config_is_checked(micro_bundle):
+    assert ray_serve.parse_layer_ranges("0:1, 1:2") == ((0, 1), (1, 2))
+    with pytest.raises(ConfigError, match="START:STOP"):
+        ray_serve.parse_layer_ranges("0-1")
+    for bad in ({"layer_ranges": ((0, 1), (2, 3))}, {"layer_ranges": ((1, 2),)}, {"replicas": 0},
+                {"min_replicas": 2}, {"min_replicas": 3, "max_replicas": 2}, {"num_cpus": 0}):
+        with pytest.raises(ConfigError):
+            ray_serve.RayServeConfig(**bad)
+    with pytest.raises(ConfigError, match="the bundle has 2 blocks"):
+        ray_serve.RayServeConfig(layer_ranges=((0, 1),)).check_covers(read_manifest(micro_bundle))
+    assert ray_serve.RayServeConfig(min_replicas=1, max_replicas=4, num_cpus=2).scaling() == {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}}
+    with pytest.raises(ConfigError, match="app args need"):
+        ray_serve.app_builder({"bundle": str(micro_bundle), "replica": "2"})
+    assert isinstance(ray_serve.app_builder({"bundle": str(micro_bundle), "replicas": 2, "layer_ranges": "0:1,1:2"}),
+                      serve.Application)
+
+
+# ---- on a local Ray cluster ----
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray with Serve's proxy on a free loopback port; yields (base URL, key file)."""
+    import ray
+
+    key_file = tmp_path_factory.mktemp("ray") / "session.key"
+    key_file.write_text("s" * 43)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}", key_file
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(cluster, bundle, name, **rc):
+    """One app per test case under /<name>; 0.25 logical CPU per replica so several fit on 2."""
+    url, key_file = cluster
+    app = ray_serve.build_app(bundle, ServeConfig(), ray_serve.RayServeConfig(num_cpus=0.25, session_key_file=key_file, **rc))
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    return f"{url}/{name}"
+
+
+@pytest.fixture(scope="module")
+def two_replicas(cluster, micro_bundle):
+    return deploy(cluster, micro_bundle, "two", replicas=2)
+
+
+@pytest.fixture(scope="module")
+def quantized(micro_bundle):
+    return lora_grads(build_private_model("micro-llama", "quantized", bundle=micro_bundle))
+
+
+@pytest.fixture
+def replicas_seen(monkeypatch):
+    """Which replica answered each request (its x-worker-replica header), in order."""
+    seen = []
+    original = WorkerClient._request
+
+    def recording(self, method, path, **kwargs):
+        response = original(self, method, path, **kwargs)
+        seen.append(response.headers.get(ray_serve.REPLICA_HEADER))
+        return response
+
+    monkeypatch.setattr(WorkerClient, "_request", recording)
+    return seen
+
+
+def test_two_replicas_give_the_quantized_step_bit_for_bit(two_replicas, quantized, replicas_seen):
+    pm = build_private_model("micro-llama", "remote", workers=(two_replicas,))
+    assert_equal_grads(lora_grads(pm), quantized)
+    pm.close()
+    assert len(set(replicas_seen)) == 2, collections.Counter(replicas_seen)  # both served
+
+
+def test_forged_expired_and_closed_tokens_are_refused_by_every_replica(two_replicas, cluster, ciphertext):
+    import httpx
+
+    api = f"{two_replicas}/v2"
+    s = httpx.post(f"{api}/sessions").json()
+    sid = s["session_id"]
+    key = load_session_key(cluster[1])
+    forged = SessionTokens(b"x" * 32).issue(Claims(sid, "rlwe", "p128", 2_000_000_000))
+    expired = SessionTokens(key).issue(Claims(sid, "rlwe", "p128", int(time.time()) - 1))
+
+    def answers(token):
+        """Status per replica, asking until both have answered."""
+        got = {}
+        for _ in range(40):
+            r = httpx.post(f"{api}/sessions/{sid}/ops/{OP}/forward", params={"rows": 1, "cols": 32}, content=ciphertext,
+                           headers={"authorization": f"Bearer {token}"})
+            got.setdefault(r.headers[ray_serve.REPLICA_HEADER], set()).add(r.status_code)
+            if len(got) == 2:
+                return got
+        raise AssertionError(f"only one replica answered: {got}")
+
+    assert all(codes == {200} for codes in answers(s["token"]).values())
+    assert all(codes == {401} for codes in answers(forged).values())
+    assert all(codes == {404} for codes in answers(expired).values())
+    assert httpx.delete(f"{api}/sessions/{sid}", headers={"authorization": f"Bearer {s['token']}"}).status_code == 204
+    assert all(codes == {404} for codes in answers(s["token"]).values())
+
+
+@pytest.mark.slow
+def test_a_killed_replica_is_restarted_and_the_step_completes(cluster, micro_bundle, quantized, replicas_seen, monkeypatch):
+    """The only replica, killed after a few ops of the step: the client's retries wait for Serve's restart."""
+    import ray
+
+    url = deploy(cluster, micro_bundle, "restart", replicas=1)
+    killed = []
+    original = WorkerClient.run
+
+    def kill_once(self, *args, **kwargs):
+        if not killed and len(replicas_seen) >= 6:  # info, codec, session and a few ops in
+            ray.kill(ray.get_actor(f"SERVE_REPLICA::restart#WorkerIngress#{replicas_seen[-1]}", namespace="serve"),
+                     no_restart=True)
+            killed.append(replicas_seen[-1])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WorkerClient, "run", kill_once)
+    grads = lora_grads(build_private_model("micro-llama", "remote", workers=(url,)))
+    assert killed and replicas_seen[-1] != killed[0]  # a new replica finished the step
+    assert_equal_grads(grads, quantized)
+    serve.delete("restart")
+
+
+def test_a_layer_split_gives_the_same_step(cluster, micro_bundle, quantized, replicas_seen):
+    """Blocks 0 and 1 on two deployments behind one router: the same bits as one deployment (= quantized)."""
+    url = deploy(cluster, micro_bundle, "split", layer_ranges=((0, 1), (1, 2)))
+    assert_equal_grads(lora_grads(build_private_model("micro-llama", "remote", workers=(url,))), quantized)
+    serve.delete("split")
