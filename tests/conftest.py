@@ -112,13 +112,37 @@ def loopback_worker(micro_bundle):
 
 
 @pytest.fixture(scope="session")
-def train_jsonl(tmp_path_factory):
-    """A small training file (Python standard library text, 400-character records) for `hetune train` runs."""
+def stdlib_jsonl(tmp_path_factory):
+    """Factory: a jsonl file of ``chars`` characters of Python standard library text, in 400-character records."""
     import json
 
     from hetune.data.corpus import stdlib_text
 
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    text = stdlib_text(4_000)
-    path.write_text("".join(json.dumps({"text": text[i : i + 400]}) + "\n" for i in range(0, len(text), 400)))
-    return path
+    def make(chars: int):
+        path = tmp_path_factory.mktemp("data") / "train.jsonl"
+        text = stdlib_text(chars)
+        path.write_text("".join(json.dumps({"text": text[i : i + 400]}) + "\n" for i in range(0, len(text), 400)))
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_jsonl(stdlib_jsonl):
+    """A small training file for `hetune train` runs."""
+    return stdlib_jsonl(4_000)
+
+
+@pytest.fixture(scope="session")
+def rlwe_keys():
+    from hetune.crypto.scheme import get_scheme
+
+    return get_scheme("rlwe").generate_keys()
+
+
+@pytest.fixture(scope="session")
+def micro(micro_bundle):
+    """The micro bundle, loaded."""
+    from hetune.compile.bundle import load_bundle
+
+    return load_bundle(micro_bundle)

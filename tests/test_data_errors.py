@@ -22,13 +22,8 @@ SETTINGS = dict(seq_len=32, batch_size=2, steps=4, warmup_steps=1, save_every=2,
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    from hetune.data.corpus import stdlib_text
-
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    text = stdlib_text(6_000)
-    path.write_text("".join(json.dumps({"text": text[i : i + 400]}) + "\n" for i in range(0, len(text), 400)))
-    return path
+def data_file(stdlib_jsonl):
+    return stdlib_jsonl(6_000)
 
 
 def config(out: Path, data: Path) -> TrainConfig:

@@ -1,6 +1,5 @@
 """The training loop: checkpoints and exact resume, peft-loadable adapter, worker loss, CLI errors."""
 
-import json
 
 import pytest
 import torch
@@ -10,13 +9,8 @@ from hetune.protocols.hybrid_lora.train import TrainConfig, latest_checkpoint, r
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    from hetune.data.corpus import stdlib_text
-
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    text = stdlib_text(12_000)
-    path.write_text("".join(json.dumps({"text": text[i : i + 400]}) + "\n" for i in range(0, len(text), 400)))
-    return path
+def data_file(stdlib_jsonl):
+    return stdlib_jsonl(12_000)
 
 
 def config(out, data_file, micro_bundle, **kw):

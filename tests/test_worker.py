@@ -16,60 +16,50 @@ from hetune.protocols.hybrid_lora.server import ServeConfig, create_app
 OP = "layers.1.o"  # 32 x 32
 
 
-@pytest.fixture(scope="module")
-def keys():
-    return get_scheme("rlwe").generate_keys()
-
-
-@pytest.fixture(scope="module")
-def bundle(micro_bundle):
-    return load_bundle(micro_bundle)
+@pytest.fixture
+def client(micro):
+    return TestClient(create_app(micro, ServeConfig(max_sessions=2, max_rows=8)))
 
 
 @pytest.fixture
-def client(bundle):
-    return TestClient(create_app(bundle, ServeConfig(max_sessions=2, max_rows=8)))
-
-
-@pytest.fixture
-def session(client, keys):
-    data = client.post("/v2/sessions", content=keys.session_key()).json()
+def session(client, rlwe_keys):
+    data = client.post("/v2/sessions", content=rlwe_keys.session_key()).json()
     return data["session_id"], {"authorization": f"Bearer {data['token']}"}
 
 
-def ciphertext(keys, rows, cols, seed=0):
+def ciphertext(rlwe_keys, rows, cols, seed=0):
     q = np.random.default_rng(seed).integers(0, 256, (rows, cols))
-    return q, keys.encrypt(q)
+    return q, rlwe_keys.encrypt(q)
 
 
 def run(client, sid, headers, body, op=OP, direction="forward", rows=1, cols=32):
     return client.post(f"/v2/sessions/{sid}/ops/{op}/{direction}", params={"rows": rows, "cols": cols}, content=body, headers=headers)
 
 
-def assert_still_serving(client, keys, sid, headers, bundle):
+def assert_still_serving(client, rlwe_keys, sid, headers, micro):
     assert client.get("/v2/health").json()["status"] == "ok"
-    q, body = ciphertext(keys, 1, 32, seed=1)
+    q, body = ciphertext(rlwe_keys, 1, 32, seed=1)
     r = run(client, sid, headers, body)
     assert r.status_code == 200
-    exact = q @ bundle.tensors[f"{OP}.weight"].numpy().astype(np.int64).T
-    assert np.array_equal(keys.decrypt(r.content, 1, 32), exact)
+    exact = q @ micro.tensors[f"{OP}.weight"].numpy().astype(np.int64).T
+    assert np.array_equal(rlwe_keys.decrypt(r.content, 1, 32), exact)
 
 
-def test_request_size_formula_matches_real_requests(keys):
+def test_request_size_formula_matches_real_requests(rlwe_keys):
     scheme = get_scheme("rlwe")
     for rows, cols in [(1, 16), (2, 16), (3, 100), (2048, 3), (2049, 2), (4097, 1)]:
-        assert len(ciphertext(keys, rows, cols)[1]) == scheme.request_bytes(keys.params, rows, cols)
+        assert len(ciphertext(rlwe_keys, rows, cols)[1]) == scheme.request_bytes(rlwe_keys.params, rows, cols)
 
 
-def test_info_and_codec(client, bundle):
+def test_info_and_codec(client, micro):
     info = client.get("/v2/info").json()
-    assert info["api_version"] == "v2" and len(info["manifest"]["ops"]) == len(bundle.manifest.ops)
+    assert info["api_version"] == "v2" and len(info["manifest"]["ops"]) == len(micro.manifest.ops)
     assert info["default"] == {"scheme": "rlwe", "param_set": "p128"}
     assert set(info["schemes"]) == {"rlwe", "glwe"} and "p128" in info["schemes"]["rlwe"]["param_sets"]
     from safetensors.torch import load
 
     codec = load(client.get("/v2/codec").content)
-    assert set(codec) == {f"{op.name}.{k}" for op in bundle.manifest.ops for k in ("scale", "rowsum")}
+    assert set(codec) == {f"{op.name}.{k}" for op in micro.manifest.ops for k in ("scale", "rowsum")}
     assert not any(t.shape[0] > 1 and t.dim() > 1 for t in codec.values())  # vectors only: no weights
 
 
@@ -81,9 +71,9 @@ def test_info_and_codec(client, bundle):
         ("truncated", 422), ("oversized", 413), ("corrupt", 400), ("other_set", 422), ("header_rows", 422),
     ],
 )
-def test_bad_requests_get_4xx_and_worker_keeps_serving(client, session, keys, bundle, case, status):
+def test_bad_requests_get_4xx_and_worker_keeps_serving(client, session, rlwe_keys, micro, case, status):
     sid, headers = session
-    _, body = ciphertext(keys, 1, 32)
+    _, body = ciphertext(rlwe_keys, 1, 32)
     kwargs = {}
     if case == "no_token":
         headers_used = {}
@@ -118,20 +108,20 @@ def test_bad_requests_get_4xx_and_worker_keeps_serving(client, session, keys, bu
     r = run(client, sid_used, headers_used, body, **kwargs)
     assert r.status_code == status, r.text
     assert "error" in r.json()
-    assert_still_serving(client, keys, sid, headers, bundle)
+    assert_still_serving(client, rlwe_keys, sid, headers, micro)
 
 
-def test_sessions_are_isolated_capped_and_closed(client, keys, bundle):
-    a = client.post("/v2/sessions", content=keys.session_key()).json()
-    b = client.post("/v2/sessions", content=keys.session_key()).json()
-    assert client.post("/v2/sessions", content=keys.session_key()).status_code == 429
-    _, body = ciphertext(keys, 1, 32)
+def test_sessions_are_isolated_capped_and_closed(client, rlwe_keys, micro):
+    a = client.post("/v2/sessions", content=rlwe_keys.session_key()).json()
+    b = client.post("/v2/sessions", content=rlwe_keys.session_key()).json()
+    assert client.post("/v2/sessions", content=rlwe_keys.session_key()).status_code == 429
+    _, body = ciphertext(rlwe_keys, 1, 32)
     # a's token does not open b's session
     r = run(client, b["session_id"], {"authorization": f"Bearer {a['token']}"}, body)
     assert r.status_code == 401
     assert client.delete(f"/v2/sessions/{a['session_id']}", headers={"authorization": f"Bearer {a['token']}"}).status_code == 204
     assert run(client, a["session_id"], {"authorization": f"Bearer {a['token']}"}, body).status_code == 404
-    assert client.post("/v2/sessions", content=keys.session_key()).status_code == 201  # room again
+    assert client.post("/v2/sessions", content=rlwe_keys.session_key()).status_code == 201  # room again
 
 
 def test_session_requests_are_checked(client):
@@ -161,19 +151,19 @@ def test_bundle_beyond_a_sets_budget_is_refused_at_session_open(tmp_path):
     assert r.status_code == 422 and "decrypts 27" in r.json()["error"]
 
 
-def test_sessions_expire(bundle, keys):
-    client = TestClient(create_app(bundle, ServeConfig(session_ttl_s=0.2)))
-    s = client.post("/v2/sessions", content=keys.session_key()).json()
+def test_sessions_expire(micro, rlwe_keys):
+    client = TestClient(create_app(micro, ServeConfig(session_ttl_s=0.2)))
+    s = client.post("/v2/sessions", content=rlwe_keys.session_key()).json()
     time.sleep(0.4)
-    _, body = ciphertext(keys, 1, 32)
+    _, body = ciphertext(rlwe_keys, 1, 32)
     assert run(client, s["session_id"], {"authorization": f"Bearer {s['token']}"}, body).status_code == 404
     assert client.get("/v2/health").json()["sessions"] == 0
 
 
-def test_logs_hold_no_token_or_payload(client, keys, caplog):
+def test_logs_hold_no_token_or_payload(client, rlwe_keys, caplog):
     caplog.set_level(logging.INFO, logger="hetune.worker")
-    s = client.post("/v2/sessions", content=keys.session_key()).json()
-    _, body = ciphertext(keys, 1, 32)
+    s = client.post("/v2/sessions", content=rlwe_keys.session_key()).json()
+    _, body = ciphertext(rlwe_keys, 1, 32)
     assert run(client, s["session_id"], {"authorization": f"Bearer {s['token']}"}, body).status_code == 200
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert s["token"] not in text and s["session_id"] not in text

@@ -15,9 +15,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hetune.compile.bundle import load_bundle
 from hetune.crypto import rlwe_wire
-from hetune.crypto.scheme import get_scheme
 from hetune.protocols.hybrid_lora.server import ServeConfig, create_app
 
 OP = "layers.1.o"  # 32 x 32
@@ -25,30 +23,20 @@ ROWS = 2
 
 
 @pytest.fixture(scope="module")
-def keys():
-    return get_scheme("rlwe").generate_keys()
+def client(micro):
+    return TestClient(create_app(micro, ServeConfig(max_sessions=4, max_rows=8)))
 
 
 @pytest.fixture(scope="module")
-def bundle(micro_bundle):
-    return load_bundle(micro_bundle)
-
-
-@pytest.fixture(scope="module")
-def client(bundle):
-    return TestClient(create_app(bundle, ServeConfig(max_sessions=4, max_rows=8)))
-
-
-@pytest.fixture(scope="module")
-def session(client, keys):
+def session(client, rlwe_keys):
     data = client.post("/v2/sessions").json()
     return data["session_id"], {"authorization": f"Bearer {data['token']}"}
 
 
 @pytest.fixture(scope="module")
-def valid(keys):
+def valid(rlwe_keys):
     q = np.random.default_rng(0).integers(0, 256, (ROWS, 32))
-    return q, keys.encrypt(q)
+    return q, rlwe_keys.encrypt(q)
 
 
 def post_op(client, sid, headers, body, op=OP, direction="forward", rows=ROWS, cols=32):
@@ -63,13 +51,13 @@ def assert_answered(response, allowed=None):
         assert "error" in response.json() or "detail" in response.json()  # ours, or FastAPI's query validation
 
 
-def assert_still_serving(client, keys, bundle, session, valid):
+def assert_still_serving(client, rlwe_keys, micro, session, valid):
     sid, headers = session
     q, body = valid
     r = post_op(client, sid, headers, body)
     assert r.status_code == 200
-    exact = q @ bundle.tensors[f"{OP}.weight"].numpy().astype(np.int64).T
-    assert np.array_equal(keys.decrypt(r.content, ROWS, 32), exact)
+    exact = q @ micro.tensors[f"{OP}.weight"].numpy().astype(np.int64).T
+    assert np.array_equal(rlwe_keys.decrypt(r.content, ROWS, 32), exact)
 
 
 # ---- a corpus of malformed request bodies ----
@@ -124,14 +112,14 @@ CORPUS = {
 
 
 @pytest.mark.parametrize("case", list(CORPUS))
-def test_malformed_request_corpus(client, keys, bundle, session, valid, case):
+def test_malformed_request_corpus(client, rlwe_keys, micro, session, valid, case):
     mutate, allowed = CORPUS[case]
     sid, headers = session
     assert_answered(post_op(client, sid, headers, mutate(valid[1])), allowed)
-    assert_still_serving(client, keys, bundle, session, valid)
+    assert_still_serving(client, rlwe_keys, micro, session, valid)
 
 
-def test_a_result_sent_back_as_a_request_is_refused(client, keys, bundle, session, valid):
+def test_a_result_sent_back_as_a_request_is_refused(client, rlwe_keys, micro, session, valid):
     sid, headers = session
     result = post_op(client, sid, headers, valid[1]).content
     assert_answered(post_op(client, sid, headers, result[: len(valid[1])]), {400})
@@ -212,30 +200,30 @@ def fuzz_routes(client, examples: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def admitted(bundle, tmp_path_factory):
+def admitted(micro, tmp_path_factory):
     """A worker that admits by API key (a tight request rate, so 429s come up too) and one owner's key."""
     from hetune.protocols.admission import OwnerLimits, add_owner
 
-    path = tmp_path_factory.mktemp("keys") / "keys.txt"
+    path = tmp_path_factory.mktemp("rlwe_keys") / "rlwe_keys.txt"
     key = add_owner(path, "clinic")
     cfg = ServeConfig(max_sessions=4, max_rows=8, api_keys=path, owner_limits=OwnerLimits(sessions=2, requests_per_minute=30))
-    return TestClient(create_app(bundle, cfg)), key
+    return TestClient(create_app(micro, cfg)), key
 
 
-def fuzz_all(client, admitted, keys, bundle, session, valid, examples: int) -> None:
-    fuzz_ops(client, session, valid, [op.name for op in bundle.manifest.ops], examples)
+def fuzz_all(client, admitted, rlwe_keys, micro, session, valid, examples: int) -> None:
+    fuzz_ops(client, session, valid, [op.name for op in micro.manifest.ops], examples)
     fuzz_sessions(client, examples // 3)
     fuzz_routes(client, examples // 3)
     fuzz_sessions(admitted[0], examples // 3, api_key=admitted[1])
     fuzz_routes(admitted[0], examples // 3)
-    assert_still_serving(client, keys, bundle, session, valid)
+    assert_still_serving(client, rlwe_keys, micro, session, valid)
     assert admitted[0].post("/v2/sessions", headers={"authorization": f"Bearer {admitted[1]}"}).status_code in (201, 429)
 
 
-def test_fuzz_worker_api(client, admitted, keys, bundle, session, valid):
-    fuzz_all(client, admitted, keys, bundle, session, valid, examples=150)
+def test_fuzz_worker_api(client, admitted, rlwe_keys, micro, session, valid):
+    fuzz_all(client, admitted, rlwe_keys, micro, session, valid, examples=150)
 
 
 @pytest.mark.slow
-def test_fuzz_worker_api_long(client, admitted, keys, bundle, session, valid):
-    fuzz_all(client, admitted, keys, bundle, session, valid, examples=3000)
+def test_fuzz_worker_api_long(client, admitted, rlwe_keys, micro, session, valid):
+    fuzz_all(client, admitted, rlwe_keys, micro, session, valid, examples=3000)

@@ -16,9 +16,10 @@ as a request of its shape):
 ``per_value`` is GLWE's key switch per output value, ``per_mac`` the products of every
 output with the whole input (rlwe's GEMMs), ``per_byte`` reading and writing ciphertexts
 (rlwe's mask expansion and packing), ``per_request`` a call's fixed cost; non-negative
-least squares on the relative errors lets each scheme's data pick its terms. Seconds become cycles by multiplying with the measuring CPU's clock
-(``cpu_ghz``, read from /proc/cpuinfo unless given): "cycles" are cycles of that CPU
-running the scheme with all its cores, the unit the planner scales by each device's frequency.
+least squares on the relative errors lets each scheme's data pick its terms. Seconds
+become cycles by multiplying with the measuring CPU's clock (``cpu_ghz``, read from
+/proc/cpuinfo unless given): "cycles" are cycles of that CPU running the scheme with all
+its cores, the unit the planner scales by each device's frequency.
 
 ``per_sample`` turns a fit into the planner's per-sample figures for a workload: training
 sequences of ``seq_len`` tokens, ``batch`` of them per encrypted request (the client's
@@ -43,7 +44,7 @@ from hetune.files import write_json
 # The fits shipped with hetune, one file per scheme (a cost file holds one scheme's sets).
 SHIPPED = {DEFAULT_SCHEME: Path(__file__).with_name("default_costs.json"),
            "glwe": Path(__file__).with_name("default_costs_glwe.json")}
-_REMEASURE = "write one with: hetune plan measure --scheme SCHEME --out costs.json"
+_REMEASURE = "write one with: hetune plan measure [--scheme glwe] --out costs.json"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class CostModel:
             sets = {k: ParamSetCosts(**v) for k, v in data["sets"].items()}
             model = cls(scheme.name, float(data["cpu_ghz"]), sets, dict(data.get("measured", {})))
         except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{source} is not a hetune cost file ({err!r} missing or malformed)", _REMEASURE) from err
+            raise ConfigError(f"{source} is not a hetune cost file ({type(err).__name__}: {err})", _REMEASURE) from err
         for name in sets:
             if name not in scheme.param_sets:
                 raise ConfigError(f"{source}: set {name!r} is not one of scheme {scheme.name!r}'s "
@@ -93,7 +94,8 @@ def load_costs(path: Path | None = None, scheme: str | None = None) -> CostModel
     if path is None:
         name = get_scheme(scheme).name
         if name not in SHIPPED:
-            raise ConfigError(f"hetune ships no cost fit for scheme {name!r}", _REMEASURE.replace("SCHEME", name))
+            raise ConfigError(f"hetune ships no cost fit for scheme {name!r}",
+                              f"measure one: hetune plan measure --scheme {name} --out costs.json")
         path = SHIPPED[name]
     path = Path(path)
     try:
@@ -272,7 +274,7 @@ def measure_costs(scheme: str = DEFAULT_SCHEME, param_sets=None, cpu_ghz: float 
     ghz = cpu_ghz if cpu_ghz is not None else cpu_ghz_here()
     if ghz <= 0:
         raise ConfigError(f"cpu_ghz={ghz} must be > 0", "pass the measuring CPU's clock, e.g. --cpu-ghz 2.5")
-    sets, extra, load = {}, {}, os.getloadavg()[0]
+    sets, extra, load = {}, {}, os.getloadavg()[0]  # load at the start and the end: other jobs slow the timings
     for name in names:
         sets[name], extra[name] = measure_param_set(sch.name, name, repeats=repeats, echo=echo)
     info = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": platform.processor() or platform.machine(),
