@@ -64,7 +64,8 @@ def main() -> None:
     if args.levers:
         quants = {quant_label(q): q for q in lever_configs(QuantConfig(accept_overflow_risk=True))}
     else:
-        quants = {b: QuantConfig(int(b), int(b), int(b), accept_overflow_risk=True) for b in args.bits.split(",")}
+        # without rotation: the table in docs/benchmarks.md; --levers compares it with rotation
+        quants = {b: QuantConfig(int(b), int(b), int(b), accept_overflow_risk=True, rotation="none") for b in args.bits.split(",")}
     for b, quant in quants.items():
         t = time.perf_counter()
         compiled = compile_model(loaded, CompileConfig(quant=quant, calibration_tokens=args.tokens), progress=False)

@@ -6,6 +6,9 @@ batched RLWE scheme, in process and through a worker, and where does the time go
 Workloads (LoRA r=8 on all seven linears of every block, one forward + backward):
 - ``micro-llama`` (built-in, hidden 32), 3 tokens: plain, quantized, encrypted and
   remote on batched RLWE, and encrypted on Concrete ML's GLWE; all measured.
+- ``smollm2-135m`` (the real SmolLM2-135M-Instruct weights, 30 blocks), 512 tokens
+  (4 x 128, the ``converge`` setting): plain, quantized, encrypted and remote on
+  batched RLWE, each once: what a user's step costs on each backend.
 - ``llama-3.2-1b-shape`` (the real Llama-3.2-1B configuration, all 16 blocks, random
   weights: the checkpoint cannot be downloaded here), 2048 tokens: quantized, encrypted
   (worker in this process) and remote (``hetune serve`` in a child process on
@@ -21,6 +24,7 @@ worker too) and of the worker process.
 
     .venv/bin/python benchmarks/step_time.py            # about 1 hour on 2 cores
     .venv/bin/python benchmarks/step_time.py --quick    # micro-llama only, under a minute
+    .venv/bin/python benchmarks/step_time.py --smollm2  # micro-llama and SmolLM2, about 20 minutes
 """
 
 from __future__ import annotations
@@ -170,6 +174,7 @@ def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="micro-llama only")
+    parser.add_argument("--smollm2", action="store_true", help="micro-llama and SmolLM2-135M, not the 1B shape")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of the 1B-shape step")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_time.json")
     args = parser.parse_args()
@@ -186,7 +191,11 @@ def main() -> None:
         micro = make_bundle("micro-llama", root)
         done.append(workload("micro-llama", torch.tensor([[72, 101, 108]]), micro,
                              ["quantized", "plain", "encrypted", "remote", "encrypted-glwe"], spv, save))
-        if not args.quick:
+        if args.smollm2:
+            smol = make_bundle("smollm2-135m", root)
+            ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
+            done.append(workload("smollm2-135m", ids, smol, ["quantized", "plain", "encrypted", "remote"], spv, save))
+        elif not args.quick:
             one_b = make_bundle("llama-3.2-1b-shape", root)
             ids = torch.randint(0, 128256, (1, args.tokens), generator=torch.Generator().manual_seed(0))
             done.append(workload("llama-3.2-1b-shape", ids, one_b, ["encrypted", "remote", "quantized"], spv, save))

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from hetune.errors import HetuneError
+from hetune.protocols.hybrid_lora.demo import DemoConfig
 from hetune.quant.config import QuantConfig
 
 app = typer.Typer(
@@ -36,9 +37,9 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def compile(
     model: str = typer.Argument(..., help="Hugging Face hub id, local model directory, .gguf file, or built-in name (tiny-llama, smollm2-135m, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the worker bundle to."),
-    bits_w: int = typer.Option(8, "--bits-w", help="Signed weight bits, per output channel (2..16)."),
-    bits_a: int = typer.Option(8, "--bits-a", help="Unsigned activation bits, per token (2..16)."),
-    bits_g: int = typer.Option(8, "--bits-g", help="Signed gradient bits, per token (2..16)."),
+    bits_w: int = typer.Option(QuantConfig.bits_w, "--bits-w", help="Signed weight bits, per output channel (2..16)."),
+    bits_a: int = typer.Option(QuantConfig.bits_a, "--bits-a", help="Unsigned activation bits, per token (2..16), at most: an op whose worst case exceeds the scheme's budget is narrowed, down to 8."),
+    bits_g: int = typer.Option(QuantConfig.bits_g, "--bits-g", help="Signed gradient bits, per token (2..16), at most; narrowed likewise."),
     rotation: str = typer.Option(QuantConfig.rotation, "--rotation", help="none, or hadamard: rotate op inputs to spread outlier features (exact in float)."),
     clip_a: float = typer.Option(QuantConfig.clip_a, "--clip-a", help="Per-token activation range ratio in (0, 1]; 1 does not clip."),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="Fuse q/k/v and gate/up into one op each (shared input)."),
@@ -178,16 +179,16 @@ def train(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the bundle, runs, plot and adapter go."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Base model: the built-in SmolLM2 by default, or any supported model."),
-    steps: int = typer.Option(24, "--steps", help="LoRA steps of the private and the plaintext run."),
-    encrypted_steps: int = typer.Option(1, "--encrypted-steps", help="Steps through the encrypted worker; the rest run on the bit-exact quantized backend."),
-    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per block."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Blocks per step."),
-    seed: int = typer.Option(0, "--seed", help="Seed shared by the private and plaintext runs."),
+    out: Path = typer.Option(DemoConfig.out, "--out", "-o", help="Where the bundle, runs, plot and adapter go."),
+    model: str = typer.Option(DemoConfig.model, "--model", help="Base model: the built-in SmolLM2 by default, or any supported model."),
+    steps: int = typer.Option(DemoConfig.steps, "--steps", help="LoRA steps of the private and the plaintext run."),
+    encrypted_steps: int = typer.Option(DemoConfig.encrypted_steps, "--encrypted-steps", help="Steps through the encrypted worker; the rest run on the bit-exact quantized backend."),
+    seq_len: int = typer.Option(DemoConfig.seq_len, "--seq-len", help="Tokens per block."),
+    batch_size: int = typer.Option(DemoConfig.batch_size, "--batch-size", help="Blocks per step."),
+    seed: int = typer.Option(DemoConfig.seed, "--seed", help="Seed shared by the private and plaintext runs."),
 ) -> None:
     """The main job, offline: privately teach SmolLM2 a fictional company's facts, beside plaintext."""
-    from hetune.protocols.hybrid_lora.demo import DemoConfig, run_demo
+    from hetune.protocols.hybrid_lora.demo import run_demo
 
     run_demo(DemoConfig(out=out, model=model, steps=steps, encrypted_steps=encrypted_steps, seq_len=seq_len,
                         batch_size=batch_size, seed=seed), echo=typer.echo)
@@ -216,9 +217,9 @@ def converge(
     data: list[str] = typer.Option(["arithmetic"], "--data", help="A built-in task: arithmetic or knowledge (exact match), stdlib (real text); or json/jsonl/txt files."),
     steps: int = typer.Option(200, "--steps", help="Optimizer steps per backend."),
     backends: str = typer.Option("plain,quantized", "--backends", help="Comma-separated, starting with plain: plain,quantized[,encrypted]."),
-    bits_w: int = typer.Option(8, "--bits-w", help="Weight bits."),
-    bits_a: int = typer.Option(8, "--bits-a", help="Activation bits."),
-    bits_g: int = typer.Option(8, "--bits-g", help="Gradient bits."),
+    bits_w: int = typer.Option(QuantConfig.bits_w, "--bits-w", help="Weight bits."),
+    bits_a: int = typer.Option(QuantConfig.bits_a, "--bits-a", help="Activation bits, at most (see `hetune compile --help`)."),
+    bits_g: int = typer.Option(QuantConfig.bits_g, "--bits-g", help="Gradient bits, at most."),
     rotation: str = typer.Option(QuantConfig.rotation, "--rotation", help="none or hadamard (see `hetune compile --help`)."),
     clip_a: float = typer.Option(QuantConfig.clip_a, "--clip-a", help="Per-token activation range ratio in (0, 1]."),
     ablation: bool = typer.Option(False, "--ablation", help="Also run static per-tensor 8-bit, and 6- and 4-bit, on quantized."),
@@ -386,11 +387,12 @@ def _print_report(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"quantization report ({report['scheme']}/{report['param_set']} budget {report['budget_bits']} bits)")
-    for col in ("op", "in x out", "fwd err", "bwd err", "acc bits fwd/bwd (any W)"):
+    for col in ("op", "in x out", "bits a/g", "fwd err", "bwd err", "acc bits fwd/bwd (any W)"):
         table.add_column(col)
     for row in report["ops"]:
         table.add_row(
-            row["op"], f"{row['in']}x{row['out']}", f"{row['forward_rel_err']:.2e}", f"{row['backward_rel_err']:.2e}",
+            row["op"], f"{row['in']}x{row['out']}", f"{row['bits_a']}/{row['bits_g']}",
+            f"{row['forward_rel_err']:.2e}", f"{row['backward_rel_err']:.2e}",
             f"{row['forward_acc_bits']}/{row['backward_acc_bits']} ({row['generic_acc_bits']})",
         )
     Console(stderr=True).print(table)

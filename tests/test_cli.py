@@ -27,10 +27,11 @@ def test_compile_then_inspect(run_cli, tmp_path):
     assert "quantization report" in stderr
     code, stdout, _ = run_cli("inspect", out, "--json")
     summary = json.loads(stdout)
-    assert code == 0 and len(summary["ops"]) == 16 and summary["bits"] == {"w": 8, "a": 8, "g": 8}
+    assert code == 0 and len(summary["ops"]) == 16 and summary["bits"] == {"w": 8, "a": 12, "g": 12}
+    assert all(8 <= op["bits_a"] <= 12 and 8 <= op["bits_g"] <= 12 and op["acc_bits"] <= 30 for op in summary["ops"])
     assert 0.9 < summary["outsourced_share"] < 1.0
     code, stdout, _ = run_cli("inspect", out)
-    assert code == 0 and "layers.3.down" in stdout
+    assert code == 0 and "layers.3.down" in stdout and "bits a/g" in stdout
 
 
 def test_unfused_compile_with_lm_head(run_cli, tmp_path):

@@ -10,14 +10,23 @@ from hetune.compile.compiler import CompileConfig, compile_model
 from hetune.compile.manifest import Manifest
 from hetune.errors import BundleError, OverflowRiskError
 from hetune.models.layers import decoder_layers, member_linear
+from hetune.crypto.scheme import resolve_params
+from hetune.quant.budget import accumulator_bound
 from hetune.quant.config import QuantConfig
 from hetune.quant.integer import IntegerLinear
+from hetune.quant.rotation import input_rotation
 from hetune.quant.weights import quantize_weight
 
 
 def test_manifest_round_trips(compiled):
     data = json.loads(json.dumps(compiled.manifest.to_dict()))
     assert Manifest.from_dict(data) == compiled.manifest
+    assert compiled.manifest.quant.rotation == "hadamard"  # the default
+    del data["quant"]["rotation"]  # a bundle from before rotation existed holds W itself
+    assert Manifest.from_dict(data).quant.rotation == "none"
+    for op in data["ops"]:  # nor per-op widths: every op had the config's
+        del op["bits_a"], op["bits_g"]
+    assert {(op.bits_a, op.bits_g) for op in Manifest.from_dict(data).ops} == {(12, 12)}
 
 
 def test_bundle_round_trips_and_holds_only_integers(bundle_dir, compiled):
@@ -56,11 +65,11 @@ def test_fused_op_equals_its_unfused_parts_bit_for_bit(tiny, compiled):
     """Per-channel weights and a shared per-token input make fusion exact."""
     unfused = compile_model(tiny, CompileConfig(fuse=False, calibration_tokens=16), progress=False)
     x = torch.randn(4, tiny.model.config.hidden_size, dtype=torch.float64)
-    q = compiled.manifest.quant
+    widths = compiled.manifest.op("layers.1.qkv").bits_a, compiled.manifest.op("layers.1.qkv").bits_g
 
     def op(c, name):
         s = c.manifest.op(name)
-        return IntegerLinear(c.tensors[s.weight_key], c.tensors[s.scale_key], q.bits_a, q.bits_g)
+        return IntegerLinear(c.tensors[s.weight_key], c.tensors[s.scale_key], *widths)
 
     fused = op(compiled, "layers.1.qkv").forward(x)
     parts = torch.cat([op(unfused, f"layers.1.{n}").forward(x) for n in ("q", "k", "v")], dim=1)
@@ -82,7 +91,7 @@ def test_compile_of_peft_model_equals_plain(tiny, compiled):
 
 def test_overflowing_config_is_refused_unless_accepted(tiny, tmp_path):
     cfg = CompileConfig(quant=QuantConfig(bits_w=12, bits_a=12, bits_g=12), calibration_tokens=16)
-    with pytest.raises(OverflowRiskError, match=r"cannot decrypt exactly under rlwe/p128 .* needs 3\d accumulator bits, rlwe/p128 decrypts 30") as info:
+    with pytest.raises(OverflowRiskError, match=r"cannot decrypt exactly under rlwe/p128 .* exceeds the 11732") as info:
         compile_model(tiny, cfg, progress=False)
     assert "--accept-overflow-risk" in info.value.hint
     risky = CompileConfig(quant=QuantConfig(12, 12, 12, accept_overflow_risk=True), calibration_tokens=16)
@@ -90,16 +99,41 @@ def test_overflowing_config_is_refused_unless_accepted(tiny, tmp_path):
     assert result.report["overflow_risk_ops"]
     assert all(s.worst_acc_bits > 30 or max(s.forward_l2, s.backward_l2) > 11732
                for s in result.manifest.ops if s.name in result.report["overflow_risk_ops"])
+    assert all((s.bits_a, s.bits_g) == (12, 12) for s in result.manifest.ops)  # accepted: the widths asked for
+
+
+@pytest.mark.parametrize("scheme,budget", [("rlwe", 30), ("glwe", 27)])
+def test_each_op_gets_the_widest_inputs_that_fit_the_scheme(tiny, scheme, budget):
+    """10-bit weights, inputs up to 14 bits: every op narrowed just enough, each direction on its own."""
+    result = compile_model(tiny, CompileConfig(quant=QuantConfig(bits_w=10, bits_a=14, bits_g=14), calibration_tokens=16,
+                                               scheme=scheme), progress=False)
+    widths = set()
+    for spec in result.manifest.ops:
+        q = result.tensors[spec.weight_key]
+        assert spec.worst_acc_bits <= budget and 8 <= spec.bits_a <= 14 and 8 <= spec.bits_g <= 14
+        if spec.bits_a < 14:  # one bit wider would not fit
+            assert accumulator_bound(q, 10, spec.bits_a + 1, spec.bits_g).forward_bits > budget
+        if spec.bits_g < 14:
+            assert accumulator_bound(q, 10, spec.bits_a, spec.bits_g + 1).backward_bits > budget
+        widths.add((spec.bits_a, spec.bits_g))
+    assert len(widths) > 1 and min(widths) < (14, 14)  # narrowed, and not all ops alike
+    rows = {r["op"]: (r["bits_a"], r["bits_g"]) for r in result.report["ops"]}
+    assert rows == {s.name: (s.bits_a, s.bits_g) for s in result.manifest.ops}
 
 
 def test_glwe_bundles_check_against_their_own_27_bit_budget(tiny):
-    """10/11/11 bits fit the batched RLWE budget (30 bits) but not Concrete ML's GLWE one (27)."""
+    """10/11/11 bits fit the batched RLWE budget (30 bits); under Concrete ML's GLWE (27) compile narrows them."""
     cfg = dict(quant=QuantConfig(bits_w=10, bits_a=11, bits_g=11), calibration_tokens=16)
     rlwe = compile_model(tiny, CompileConfig(**cfg), progress=False)
     assert rlwe.manifest.crypto == {"scheme": "rlwe", "param_set": "p128"}
     assert 27 < max(s.worst_acc_bits for s in rlwe.manifest.ops) <= 30
-    with pytest.raises(OverflowRiskError, match="glwe/p128 decrypts 27"):
-        compile_model(tiny, CompileConfig(**cfg, scheme="glwe"), progress=False)
+    assert all((s.bits_a, s.bits_g) == (11, 11) for s in rlwe.manifest.ops)
+    glwe = compile_model(tiny, CompileConfig(**cfg, scheme="glwe"), progress=False)
+    assert max(s.worst_acc_bits for s in glwe.manifest.ops) <= 27
+    assert any(s.bits_a < 11 or s.bits_g < 11 for s in glwe.manifest.ops)
+    rlwe_params = resolve_params("rlwe", None)
+    assert not rlwe.manifest.problems(rlwe_params) and glwe.manifest.problems(resolve_params("glwe", None)) == []
+    assert rlwe.manifest.problems(resolve_params("glwe", None))  # an RLWE-fitted bundle is refused by a GLWE session
 
 
 def test_weight_norms_beyond_the_rlwe_noise_budget_are_refused(tiny):
@@ -165,7 +199,7 @@ def test_write_refuses_existing_and_leaves_nothing_on_failure(compiled, tmp_path
 def test_weights_quantization_matches_brevitas_in_bundle(compiled, tiny):
     lin = member_linear(decoder_layers(tiny.model), "layers.3.self_attn.o_proj")
     spec = compiled.manifest.op("layers.3.o")
-    qw = quantize_weight(lin.weight, 8)
+    qw = quantize_weight(input_rotation(compiled.manifest.quant, lin.in_features).apply(lin.weight), 8)  # of W R
     assert torch.equal(compiled.tensors[spec.weight_key], qw.q)
     assert torch.equal(compiled.tensors[spec.scale_key], qw.scale)
 

@@ -67,7 +67,7 @@ def test_converge_with_ablation(tmp_path):
     stdout = "\n".join(lines)
     report = json.loads((tmp_path / "converge.json").read_text())
     names = [r["name"] for r in report["results"]]
-    assert names == ["plain", "quantized w8a8g8", "quantized static per-tensor w8a8g8", "quantized w6a6g6", "quantized w4a4g4"]
+    assert names == ["plain", "quantized w8a12g12 hadamard", "quantized static per-tensor w8a8g8", "quantized w6a6g6", "quantized w4a4g4"]
     plain, q8 = report["results"][0], report["results"][1]
     assert plain["eval_gap_vs_plain"] == 0.0 and abs(q8["eval_gap_vs_plain"]) < 0.02
     assert all(0.0 <= r["exact_match"] <= 1.0 for r in report["results"])
@@ -93,8 +93,8 @@ def test_eight_bit_converges_like_plaintext_and_static_does_not(tmp_path):
     report = converge(ConvergeConfig(model=str(base), out=tmp_path / "conv", steps=200, ablation=True,
                                      eval_problems=50, progress=False), echo=lambda *_: None)
     by_name = {r["name"]: r for r in report["results"]}
-    assert abs(by_name["quantized w8a8g8"]["eval_gap_vs_plain"]) < 0.01
-    assert by_name["quantized static per-tensor w8a8g8"]["eval_gap_vs_plain"] > abs(by_name["quantized w8a8g8"]["eval_gap_vs_plain"])
+    assert abs(by_name["quantized w8a12g12 hadamard"]["eval_gap_vs_plain"]) < 0.01
+    assert by_name["quantized static per-tensor w8a8g8"]["eval_gap_vs_plain"] > abs(by_name["quantized w8a12g12 hadamard"]["eval_gap_vs_plain"])
 
 
 @pytest.mark.parametrize("task,levers", [("knowledge", True), ("stdlib", False)])
@@ -105,10 +105,28 @@ def test_converge_on_builtin_tasks(tmp_path, task, levers):
     report = converge(ConvergeConfig(model="micro-llama", out=tmp_path, data=(task,), steps=2, eval_every=2, seq_len=32,
                                      batch_size=2, levers=levers, progress=False), echo=lambda *_: None)
     names = [r["name"] for r in report["results"]]
-    assert names == ["plain", "quantized w8a8g8"] + levers * ["quantized w8a8g8 clip0.9", "quantized w8a8g8 hadamard",
-                                                             "quantized w8a12g12", "quantized w8a12g12 hadamard"]
+    assert names == ["plain", "quantized w8a12g12 hadamard"] + levers * ["quantized w8a8g8", "quantized w8a8g8 clip0.9",
+                                                                        "quantized w8a8g8 hadamard", "quantized w8a12g12"]
     assert all(abs(r["eval_gap_vs_plain"]) < 0.05 for r in report["results"])
     assert all(("exact_match" in r) == (task == "knowledge") for r in report["results"])
     if levers:
         rotated = json.loads((tmp_path / "bundles" / "dynamic-w8a12g12-hadamard" / "manifest.json").read_text())
         assert rotated["quant"]["rotation"] == "hadamard" and rotated["quant"]["bits_a"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["stdlib", "knowledge"])
+def test_smollm2_private_training_within_0_3_percent_of_plaintext(tmp_path, task):
+    """The target on real weights (docs/benchmarks.md): SmolLM2-135M, LoRA r=8 on all linears, 30 steps of
+    4 x 128 tokens, lr 1e-3, on real text and on the knowledge task; the default bundle (8-bit weights,
+    inputs up to 12 bits, Hadamard rotation) ends at most 0.3% above plaintext eval loss, with the knowledge
+    task's exact match no worse. About 5 minutes per task on 2 cores."""
+    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge
+
+    report = converge(ConvergeConfig(model="smollm2-135m", out=tmp_path, data=(task,), steps=30, seq_len=128, batch_size=4,
+                                     lr=1e-3, warmup_steps=3, eval_every=30, progress=False), echo=lambda *_: None)
+    plain, quantized = report["results"]
+    assert quantized["name"] == "quantized w8a12g12 hadamard"
+    assert -0.01 < quantized["eval_gap_vs_plain"] <= 0.003  # measured: +0.16% (stdlib), -0.31% (knowledge)
+    if task == "knowledge":
+        assert quantized["exact_match"] >= plain["exact_match"]

@@ -44,7 +44,7 @@ def test_ctrl_c_stops_the_worker(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_full_demo_teaches_smollm2_private_facts(run_cli, tmp_path):
-    """The main job as a user runs it: SmolLM2, real encryption for the first step, answers before and after."""
+    """The main job as a user runs it: SmolLM2, real encryption for the first steps, answers before and after."""
     result = demo.run_demo(demo.DemoConfig(out=tmp_path), echo=print)
     assert result["encrypted_equals_quantized"]
     assert result["correct"]["after"] > result["correct"]["before"]

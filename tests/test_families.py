@@ -67,3 +67,23 @@ def test_other_families_are_refused_by_name(tmp_path, config_class, family_name)
     with pytest.raises(ModelLoadError, match=f"'{family_name}' model, not a Llama-class") as info:
         load_config(str(tmp_path))
     assert "qwen2, qwen3" in info.value.hint
+
+
+def test_one_remote_encrypted_step_equals_quantized_bit_for_bit(family):
+    """Each family's step through a loopback worker under batched RLWE: loss and every LoRA gradient equal quantized's."""
+    from test_hybrid_lora import assert_equal_grads, lora_grads
+
+    from hetune.compile.bundle import load_bundle
+    from hetune.crypto.scheme import get_scheme
+    from hetune.protocols.hybrid_lora.server import LoopbackWorker
+
+    _, path, bundle = family
+    quantized = lora_grads(build_private_model(str(path), "quantized", bundle=bundle))
+    worker = LoopbackWorker(load_bundle(bundle))
+    try:
+        pm = build_private_model(str(path), "remote", workers=(worker.url,), keys=get_scheme("rlwe").generate_keys())
+        assert_equal_grads(lora_grads(pm), quantized)
+        assert pm.backend.stats.round_trips == 2 * 2 * 4 - 1  # 4 fused ops x 2 blocks, both ways; none for the embeddings' gradient
+        pm.close()
+    finally:
+        worker.stop()

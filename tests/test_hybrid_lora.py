@@ -175,32 +175,33 @@ def test_bundle_with_lm_head_is_refused_by_the_client(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def rotated_bundle(tmp_path_factory):
-    """micro-llama compiled with the Hadamard rotation (inputs 32 = 2^5 and 64 wide)."""
+def unrotated_bundle(tmp_path_factory):
+    """micro-llama compiled without the (default) Hadamard rotation: W itself quantized."""
     from hetune.compile.bundle import write_bundle
     from hetune.compile.compiler import CompileConfig, compile_model
     from hetune.models.loading import load_model
     from hetune.quant.config import QuantConfig
 
-    compiled = compile_model(load_model("micro-llama", seed=0), CompileConfig(quant=QuantConfig(rotation="hadamard"), calibration_tokens=32),
+    compiled = compile_model(load_model("micro-llama", seed=0), CompileConfig(quant=QuantConfig(rotation="none"), calibration_tokens=32),
                              progress=False)
-    out = tmp_path_factory.mktemp("micro-rotated") / "bundle"
+    out = tmp_path_factory.mktemp("micro-unrotated") / "bundle"
     write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
     return out
 
 
-def test_rotated_steps_equal_quantized_bit_for_bit_in_process_and_remote(reference, rotated_bundle, keys):
-    """The rotation is the client codec's business: encrypted and remote (codec from the worker's manifest) stay exact."""
+def test_rotation_on_and_off_both_stay_exact_in_process_and_remote(reference, micro_bundle, unrotated_bundle, keys):
+    """The rotation is the client codec's business (from the manifest, also over HTTP); the worker's product is exact either way."""
     from hetune.protocols.hybrid_lora.server import LoopbackWorker
 
-    plain, unrotated = reference
-    quantized = lora_grads(build_private_model("micro-llama", "quantized", bundle=rotated_bundle))
-    assert 0 < rel(quantized, plain) < 0.05 and not torch.equal(flat(quantized), flat(unrotated))
-    assert_equal_grads(lora_grads(build_private_model("micro-llama", "encrypted", bundle=rotated_bundle, keys=keys)), quantized)
-    worker = LoopbackWorker(load_bundle(rotated_bundle))
+    plain, rotated = reference
+    assert load_bundle(micro_bundle).op("layers.1.down").rotation is not None  # the default bundle rotates
+    quantized = lora_grads(build_private_model("micro-llama", "quantized", bundle=unrotated_bundle))
+    assert 0 < rel(quantized, plain) < 0.05 and not torch.equal(flat(quantized), flat(rotated))
+    assert_equal_grads(lora_grads(build_private_model("micro-llama", "encrypted", bundle=unrotated_bundle, keys=keys)), quantized)
+    worker = LoopbackWorker(load_bundle(unrotated_bundle))
     try:
         pm = build_private_model("micro-llama", "remote", workers=(worker.url,), keys=keys)
-        assert all(c.rotation is not None for c in pm.backend.codecs.values())
+        assert all(c.rotation is None for c in pm.backend.codecs.values())
         assert_equal_grads(lora_grads(pm), quantized)
         pm.close()
     finally:

@@ -8,7 +8,7 @@ from hetune.errors import ConfigError
 from hetune.quant.budget import accumulator_bound, signed_bits
 from hetune.quant.config import QuantConfig
 from hetune.quant.integer import IntegerLinear
-from hetune.quant.rotation import HadamardRotation, fwht
+from hetune.quant.rotation import HadamardRotation, sylvester
 from hetune.quant.tokens import quantize_activations, quantize_gradients
 from hetune.quant.weights import brevitas_quant_linear, quantize_weight
 
@@ -117,11 +117,14 @@ def test_config_rejects_bad_levers(kw, field):
         QuantConfig(**kw)
 
 
-def test_fwht_is_the_sylvester_hadamard_product(rng):
+def test_walsh_hadamard_factors_are_sylvester_and_compose_by_kronecker():
     from scipy.linalg import hadamard
 
-    x = torch.randn(3, 64, generator=rng, dtype=torch.float64)
-    torch.testing.assert_close(fwht(x), x @ torch.from_numpy(hadamard(64)).to(torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(sylvester(64), torch.from_numpy(hadamard(64)).to(torch.float64))
+    assert torch.equal(sylvester(512), torch.kron(sylvester(8), sylvester(64)))  # what makes the transform fast
+    rot = HadamardRotation(512)
+    R = rot.apply(torch.eye(512, dtype=torch.float64))
+    torch.testing.assert_close(R, rot.signs[:, None] * sylvester(512) / 512**0.5, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("n", [32, 352, 576, 1536])  # 2^5; 11 x 32 (tiny-llama); 9 x 64, 3 x 512 (SmolLM2)

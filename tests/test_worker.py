@@ -148,7 +148,7 @@ def test_bundle_beyond_a_sets_budget_is_refused_at_session_open(tmp_path):
     client = TestClient(create_app(load_bundle(tmp_path / "b")))
     assert client.post("/v2/sessions").status_code == 201
     r = client.post("/v2/sessions", params={"scheme": "glwe"}, content=b"")
-    assert r.status_code == 422 and "decrypts 27" in r.json()["error"]
+    assert r.status_code == 422 and "decrypts 27" in r.json()["error"] and "--scheme glwe --param-set p128" in r.json()["error"]
 
 
 def test_sessions_expire(micro, rlwe_keys):

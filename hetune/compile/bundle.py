@@ -79,7 +79,7 @@ class Bundle:
     def op(self, name: str) -> IntegerLinear:
         spec = self.manifest.op(name)
         q = self.manifest.quant
-        return IntegerLinear(self.tensors[spec.weight_key], self.tensors[spec.scale_key], q.bits_a, q.bits_g,
+        return IntegerLinear(self.tensors[spec.weight_key], self.tensors[spec.scale_key], spec.bits_a, spec.bits_g,
                              self.tensors.get(f"{name}.static_input"), self.tensors.get(f"{name}.static_grad"),
                              input_rotation(q, spec.in_features), q.clip_a)
 

@@ -21,7 +21,7 @@ from hetune.compile.manifest import Manifest, MemberSpec, ModelInfo, OpSpec
 from hetune.errors import OverflowRiskError
 from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
 from hetune.models.loading import LoadedModel
-from hetune.quant.budget import accumulator_bound
+from hetune.quant.budget import accumulator_bound, widest_fit
 from hetune.quant.config import QuantConfig
 from hetune.quant.integer import IntegerLinear
 from hetune.quant.rotation import input_rotation
@@ -130,11 +130,11 @@ def _capture_grads(model: torch.nn.Module, groups: list[OpGroup], input_ids: tor
     return {g.name: torch.cat([per_member[m] for m in g.members], dim=1) for g in groups}
 
 
-def _static_ranges(x: torch.Tensor, g_scaled: torch.Tensor, qcfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _static_ranges(x: torch.Tensor, g_scaled: torch.Tensor, bits_a: int, bits_g: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed input (scale, zero point) and gradient scale for the static ablation, from calibration data."""
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / (2**qcfg.bits_a - 1) or 1.0
-    gscale = float(g_scaled.abs().max()) / (2 ** (qcfg.bits_g - 1) - 1) or 1.0
+    scale = (hi - lo) / (2**bits_a - 1) or 1.0
+    gscale = float(g_scaled.abs().max()) / (2 ** (bits_g - 1) - 1) or 1.0
     return torch.tensor([scale, round(-lo / scale)], dtype=torch.float64), torch.tensor([gscale], dtype=torch.float64)
 
 
@@ -169,11 +169,14 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         rotation = input_rotation(qcfg, weight.shape[1])
         stored = weight.to(torch.float64) if rotation is None else rotation.apply(weight)  # W or W R: what W_q quantizes
         qw = quantize_weight(stored, qcfg.bits_w, per_channel=qcfg.scheme == "dynamic")
-        bound = accumulator_bound(qw.q, qcfg.bits_w, qcfg.bits_a, qcfg.bits_g)
+        bits_a, bits_g = (qcfg.bits_a, qcfg.bits_g) if qcfg.accept_overflow_risk else widest_fit(
+            qw.q, qcfg.bits_a, qcfg.bits_g, params.budget_bits)
+        bound = accumulator_bound(qw.q, qcfg.bits_w, bits_a, bits_g)
         spec = OpSpec(
             name=group.name, layer=group.layer, in_features=weight.shape[1], out_features=weight.shape[0],
             members=members, forward_acc_bits=bound.forward_bits, backward_acc_bits=bound.backward_bits,
             generic_acc_bits=bound.generic_bits, forward_l2=bound.forward_l2, backward_l2=bound.backward_l2,
+            bits_a=bits_a, bits_g=bits_g,
         )
         why = params.check_op(spec.forward_l2, spec.backward_l2, spec.worst_acc_bits)
         if why:
@@ -182,11 +185,11 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         w64, x, g = weight.to(torch.float64), inputs[group.name], grads[group.name]
         static = (None, None)
         if qcfg.scheme == "static":
-            static = _static_ranges(x, g * qw.scale.to(torch.float64), qcfg)
+            static = _static_ranges(x, g * qw.scale.to(torch.float64), bits_a, bits_g)
             tensors[f"{spec.name}.static_input"], tensors[f"{spec.name}.static_grad"] = static
-        op = IntegerLinear(qw.q, qw.scale, qcfg.bits_a, qcfg.bits_g, *static, rotation, qcfg.clip_a)
+        op = IntegerLinear(qw.q, qw.scale, bits_a, bits_g, *static, rotation, qcfg.clip_a)
         rows.append({
-            "op": spec.name, "in": spec.in_features, "out": spec.out_features,
+            "op": spec.name, "in": spec.in_features, "out": spec.out_features, "bits_a": bits_a, "bits_g": bits_g,
             "weight_rel_err": _rel_err(qw.dequantize().to(torch.float64), stored),  # R orthogonal: same as vs W
             "forward_rel_err": _rel_err(op.forward(x), x @ w64.T),
             "backward_rel_err": _rel_err(op.backward(g), g @ w64),

@@ -17,13 +17,15 @@ def bundle_summary(path: Path) -> dict:
         "model": m.model.id,
         "model_weights_sha256": m.model.weights_sha256,
         "hetune_version": m.hetune_version,
-        "bits": {"w": m.quant.bits_w, "a": m.quant.bits_a, "g": m.quant.bits_g},
+        "bits": {"w": m.quant.bits_w, "a": m.quant.bits_a, "g": m.quant.bits_g},  # a, g: at most (per op below)
+        "rotation": m.quant.rotation if m.quant.rotation == "none" else f"{m.quant.rotation} (seed {m.quant.rotation_seed})",
+        "clip_a": m.quant.clip_a,
         "fused": m.fused,
         "crypto": {"scheme": params.scheme, "param_set": params.name, "budget_bits": params.budget_bits,
                    "exact": params.exact, "polynomial_size": params.poly_size},
         "ops": [
             {"name": op.name, "in": op.in_features, "out": op.out_features, "members": [mm.module for mm in op.members],
-             "acc_bits": op.worst_acc_bits, "weight_l2": max(op.forward_l2, op.backward_l2),
+             "bits_a": op.bits_a, "bits_g": op.bits_g, "acc_bits": op.worst_acc_bits, "weight_l2": max(op.forward_l2, op.backward_l2),
              "weight_bytes": weight_bytes[op.name]}
             for op in m.ops
         ],
@@ -35,14 +37,16 @@ def bundle_summary(path: Path) -> dict:
 
 
 def format_summary(s: dict) -> str:
+    clip = "" if s["clip_a"] == 1 else f"clip {s['clip_a']:g}, "
     lines = [
         f"bundle   {s['path']}",
         f"model    {s['model']} (sha256 {s['model_weights_sha256'][:16]}...)",
-        f"bits     w{s['bits']['w']} a{s['bits']['a']} g{s['bits']['g']}, fused={s['fused']}, "
+        f"bits     w{s['bits']['w']} a{s['bits']['a']} g{s['bits']['g']}, rotation {s['rotation']}, {clip}fused={s['fused']}, "
         f"{s['crypto']['scheme']}/{s['crypto']['param_set']} budget {s['crypto']['budget_bits']} bits",
-        f"{'op':<22}{'in':>7}{'out':>8}{'acc bits':>10}{'bytes':>12}",
+        f"{'op':<22}{'in':>7}{'out':>8}{'bits a/g':>10}{'acc bits':>10}{'bytes':>12}",
     ]
-    lines += [f"{op['name']:<22}{op['in']:>7}{op['out']:>8}{op['acc_bits']:>10}{op['weight_bytes']:>12,}" for op in s["ops"]]
+    lines += [f"{op['name']:<22}{op['in']:>7}{op['out']:>8}{str(op['bits_a']) + '/' + str(op['bits_g']):>10}{op['acc_bits']:>10}"
+              f"{op['weight_bytes']:>12,}" for op in s["ops"]]
     lines.append(
         f"{len(s['ops'])} ops, {s['files_bytes']:,} bytes on disk, {s['outsourced_params']:,} of "
         f"{s['total_params']:,} parameters outsourced ({s['outsourced_share']:.1%})"

@@ -32,6 +32,8 @@ class OpSpec:
     generic_acc_bits: int
     forward_l2: float = 0.0  # largest L2 norm of a row of W_q (drives the batched-RLWE noise)
     backward_l2: float = 0.0  # largest L2 norm of a column of W_q
+    bits_a: int = 0  # this op's activation width: QuantConfig.bits_a, narrowed to fit the scheme (0: not quantized)
+    bits_g: int = 0  # this op's gradient width, likewise
 
     @property
     def worst_acc_bits(self) -> int:
@@ -105,13 +107,15 @@ class Manifest:
                     f"(this hetune reads version {FORMAT_VERSION})",
                     "recompile the bundle with this hetune version: hetune compile MODEL --out DIR",
                 )
+            quant = QuantConfig(**{"rotation": "none", **data["quant"]})  # bundles from before rotation hold W itself
+            widths = {"bits_a": quant.bits_a, "bits_g": quant.bits_g}  # bundles from before per-op widths
             ops = tuple(
-                OpSpec(**{**op, "members": tuple(MemberSpec(**m) for m in op["members"])}) for op in data["ops"]
+                OpSpec(**{**widths, **op, "members": tuple(MemberSpec(**m) for m in op["members"])}) for op in data["ops"]
             )
             return cls(
                 hetune_version=data["hetune_version"],
                 model=ModelInfo(**data["model"]),
-                quant=QuantConfig(**data["quant"]),
+                quant=quant,
                 crypto=data["crypto"],
                 fused=bool(data["fused"]),
                 ops=ops,

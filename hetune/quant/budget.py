@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+FIT_FLOOR_BITS = 8  # Concrete ML's width: compile narrows an op no further (widest_fit)
+
 
 def signed_bits(max_abs: int) -> int:
     """Bits of a signed integer holding any value in [-max_abs, max_abs]."""
@@ -33,17 +35,41 @@ class AccumulatorBound:
         return max(self.forward_bits, self.backward_bits)
 
 
+def _l1(w: torch.Tensor) -> tuple[int, int]:
+    """Largest signed row sum (forward, unsigned inputs) and absolute column sum (backward)."""
+    row = int(torch.maximum(w.clamp(min=0).sum(dim=1), (-w).clamp(min=0).sum(dim=1)).max())
+    return row, int(w.abs().sum(dim=0).max())
+
+
+def _forward_bits(row_l1: int, bits_a: int) -> int:
+    return signed_bits((2**bits_a - 1) * row_l1)  # unsigned activations in [0, 2^a - 1]
+
+
+def _backward_bits(col_l1: int, bits_g: int) -> int:
+    return signed_bits((2 ** (bits_g - 1) - 1) * col_l1)  # signed gradients in [-(2^(g-1) - 1), ...]
+
+
 def accumulator_bound(q: torch.Tensor, bits_w: int, bits_a: int, bits_g: int) -> AccumulatorBound:
     """q: (out, in) signed integer weight of one (possibly fused) op."""
     w = q.to(torch.int64)
-    xmax = 2**bits_a - 1  # unsigned activations in [0, xmax]
-    pos = w.clamp(min=0).sum(dim=1)  # worst positive output per channel
-    neg = (-w).clamp(min=0).sum(dim=1)
-    fwd = xmax * int(torch.maximum(pos, neg).max())
-    gmax = 2 ** (bits_g - 1) - 1  # signed gradients in [-gmax, gmax]
-    bwd = gmax * int(w.abs().sum(dim=0).max())  # contraction over the output dim
+    row, col = _l1(w)
     wmax = 2 ** (bits_w - 1) - 1
-    generic = max(w.shape[1] * xmax, w.shape[0] * gmax) * wmax
+    generic = max(w.shape[1] * (2**bits_a - 1), w.shape[0] * (2 ** (bits_g - 1) - 1)) * wmax
     wf = w.to(torch.float64)
-    return AccumulatorBound(signed_bits(fwd), signed_bits(bwd), signed_bits(generic),
+    return AccumulatorBound(_forward_bits(row, bits_a), _backward_bits(col, bits_g), signed_bits(generic),
                             float(wf.norm(dim=1).max()), float(wf.norm(dim=0).max()))
+
+
+def widest_fit(q: torch.Tensor, bits_a: int, bits_g: int, budget_bits: int) -> tuple[int, int]:
+    """The widest activation and gradient widths, at most ``bits_a``/``bits_g``, whose worst
+    case over these weights fits ``budget_bits``; never below FIT_FLOOR_BITS (or the request,
+    if narrower), where the caller decides whether to refuse.
+
+    Why per op: a width that fits SmolLM2's 576-wide inputs overflows a 8,192-wide
+    down-projection, and wider inputs are what close the quantization gap on real weights.
+    """
+    row, col = _l1(q.to(torch.int64))
+    floor_a, floor_g = min(FIT_FLOOR_BITS, bits_a), min(FIT_FLOOR_BITS, bits_g)
+    a = next((b for b in range(bits_a, floor_a, -1) if _forward_bits(row, b) <= budget_bits), floor_a)
+    g = next((b for b in range(bits_g, floor_g, -1) if _backward_bits(col, b) <= budget_bits), floor_g)
+    return a, g

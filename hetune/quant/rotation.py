@@ -8,10 +8,13 @@ activations) then spread over all features, so one per-token scale no longer was
 integer range on them (QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024).
 
 ``R = diag(s) (C_m kron H_p)``: random signs ``s`` (seeded, so that no structured input
-such as a constant row maps onto a spike), a fast Walsh-Hadamard transform over the
-largest power-of-two factor ``p`` of the width and an orthonormal DCT-II over the odd rest
-``m`` (576 = 9 x 64, 1536 = 3 x 512). Applying it costs O(n (log p + m)) per token. It is
-exact up to float rounding: the worker's integer product is unchanged.
+such as a constant row maps onto a spike), a Walsh-Hadamard transform over the largest
+power-of-two factor ``p`` of the width and an orthonormal DCT-II over the odd rest ``m``
+(576 = 9 x 64, 1536 = 3 x 512). The Walsh-Hadamard transform is fast by its Kronecker
+structure, ``H_p = H_(p/q) kron H_q`` with q <= 64: two small BLAS products per row,
+O(n (p/q + q + m)) per token (in torch this beats a log2(p)-pass butterfly: 2.4 ms for
+512 tokens x 576, 13 ms x 1536, float64, one core). It is exact up to float rounding: the
+worker's integer product is unchanged.
 """
 
 from __future__ import annotations
@@ -24,18 +27,12 @@ import torch
 from hetune.quant.config import QuantConfig
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Walsh-Hadamard transform (Sylvester order) over the last dim, a power of two.
-
-    Hand-written: neither torch nor scipy has a fast one (scipy.linalg.hadamard is dense).
-    """
-    *lead, n = x.shape
-    h = 1
-    while h < n:
-        y = x.reshape(*lead, n // (2 * h), 2, h)  # pairs (i, i + h) inside blocks of 2h
-        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
-        h *= 2
-    return x.reshape(*lead, n)
+def sylvester(p: int) -> torch.Tensor:
+    """(p, p) Hadamard matrix of +-1 in Sylvester's order, p a power of two (as scipy.linalg.hadamard)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
+    return h
 
 
 def dct_matrix(m: int) -> torch.Tensor:
@@ -53,10 +50,12 @@ class HadamardRotation:
 
     n: int
     seed: int = 0
-    p: int = field(init=False)  # power-of-two factor: fast Walsh-Hadamard
+    p: int = field(init=False)  # power-of-two factor: Walsh-Hadamard
     m: int = field(init=False)  # odd factor: DCT
     signs: torch.Tensor = field(init=False, repr=False)  # (n,) +-1
     dct: torch.Tensor = field(init=False, repr=False)  # (m, m)
+    h_outer: torch.Tensor = field(init=False, repr=False)  # (p/q, p/q) orthonormal Hadamard
+    h_inner: torch.Tensor = field(init=False, repr=False)  # (q, q), q = min(p, 64)
 
     def __post_init__(self) -> None:
         self.p = self.n & -self.n
@@ -64,15 +63,18 @@ class HadamardRotation:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.n)  # one R per width
         self.signs = torch.randint(0, 2, (self.n,), generator=gen).to(torch.float64) * 2 - 1
         self.dct = dct_matrix(self.m)
+        q = min(self.p, 64)
+        self.h_outer, self.h_inner = sylvester(self.p // q) / math.sqrt(self.p // q), sylvester(q) / math.sqrt(q)
 
     def _kron(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        y = fwht(x.reshape(-1, self.m, self.p)) / math.sqrt(self.p)  # (T, m, p): H_p on the last axis
-        if self.m > 1:
-            y = torch.einsum("ij,tjp->tip", c, y)  # C_m on the middle axis
-        return y.reshape(x.shape)
+        """(C kron H_p) applied to each row; H_p = H_outer kron H_inner, all symmetric but C."""
+        rows, q = x.shape[0], self.h_inner.shape[0]
+        y = x.reshape(rows * self.m, self.p // q, q) @ self.h_inner  # (T m, p/q, q)
+        y = (self.h_outer @ y).reshape(rows, self.m, self.p)
+        return (c @ y if self.m > 1 else y).reshape(rows, self.n)  # C on the odd axis
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x R for each row of x (..., n)."""
+        """x R for each row of x (rows, n)."""
         return self._kron(x.to(torch.float64) * self.signs, self.dct)
 
     def invert(self, y: torch.Tensor) -> torch.Tensor:

@@ -87,11 +87,11 @@ def lever_configs(q: QuantConfig) -> list[QuantConfig]:
 def variants(cfg: ConvergeConfig) -> list[Variant]:
     q = cfg.quant
     found = [Variant(b if b == "plain" else f"{b} {quant_label(q)}", b, None if b == "plain" else q) for b in cfg.backends]
-    if cfg.ablation:
+    if cfg.ablation:  # Concrete ML's study, which has no rotation
         found += [
-            Variant("quantized static per-tensor w8a8g8", "quantized", QuantConfig(8, 8, 8, scheme="static")),
-            Variant("quantized w6a6g6", "quantized", QuantConfig(6, 6, 6)),
-            Variant("quantized w4a4g4", "quantized", QuantConfig(4, 4, 4)),
+            Variant("quantized static per-tensor w8a8g8", "quantized", QuantConfig(8, 8, 8, scheme="static", rotation="none")),
+            Variant("quantized w6a6g6", "quantized", QuantConfig(6, 6, 6, rotation="none")),
+            Variant("quantized w4a4g4", "quantized", QuantConfig(4, 4, 4, rotation="none")),
         ]
     if cfg.levers:
         found += [Variant(f"quantized {quant_label(lq)}", "quantized", lq) for lq in lever_configs(q)]

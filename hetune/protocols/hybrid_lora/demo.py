@@ -24,7 +24,7 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     model: str = "smollm2-135m"
     steps: int = 24
-    encrypted_steps: int = 1  # the first steps go through the encrypted worker; the rest run on `quantized`
+    encrypted_steps: int = 2  # the first steps go through the encrypted worker; the rest run on `quantized` (2: about 7 min in all on 2 cores)
     seq_len: int = 64
     batch_size: int = 4
     lr: float = 3e-3
@@ -61,12 +61,15 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     from hetune.protocols.hybrid_lora.plots import plot_losses
     from hetune.protocols.hybrid_lora.server import LoopbackWorker
     from hetune.protocols.hybrid_lora.train import TrainConfig, latest_checkpoint, read_metrics, train
+    from hetune.quant.config import QuantConfig
 
     out, k = cfg.out, min(cfg.encrypted_steps, cfg.steps)
     task = make_knowledge_task(cfg.seed)
     data = out / "data" / "train.jsonl"
     _write_data(data, task)
-    echo(f"[1/5] compiling {cfg.model} into a worker bundle (8-bit weights, batched RLWE p128)")
+    q = QuantConfig()
+    echo(f"[1/5] compiling {cfg.model} into a worker bundle ({q.bits_w}-bit weights, inputs up to {q.bits_a} bits, "
+         f"{q.rotation} rotation, batched RLWE p128)")
     base = load_model(cfg.model, seed=cfg.seed)
     model_id = cfg.model
     if cfg.model.endswith(".gguf") or cfg.model in BUILTIN_GGUF:  # read the GGUF once, not in every run below

@@ -197,7 +197,7 @@ class HttpTransport:
         tensors = self.clients[0].codec_tensors()
         q = self.manifest.quant
         return {
-            op.name: OpCodec(tensors[f"{op.name}.scale"], tensors[f"{op.name}.rowsum"], q.bits_a, q.bits_g,
+            op.name: OpCodec(tensors[f"{op.name}.scale"], tensors[f"{op.name}.rowsum"], op.bits_a, op.bits_g,
                              tensors.get(f"{op.name}.static_input"), tensors.get(f"{op.name}.static_grad"),
                              input_rotation(q, op.in_features), q.clip_a)
             for op in self.manifest.ops

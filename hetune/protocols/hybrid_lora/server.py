@@ -131,7 +131,9 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             return error(422, f"{err.message}; {err.hint}")
         problems = manifest.problems(chosen)
         if problems:
-            return error(422, f"this bundle cannot run under {scheme}/{chosen.name}: {problems[0]}")
+            return error(422, f"this bundle cannot run under {scheme}/{chosen.name}: {problems[0]}; "
+                              f"its widths fit {manifest.crypto['scheme']}/{manifest.crypto['param_set']}: compile it with "
+                              f"--scheme {scheme} --param-set {chosen.name} to train under that set")
         if chosen.session_key_bytes and isinstance(sessions, SignedSessions):  # a token cannot carry a key
             return error(422, f"scheme {scheme} needs per-session keys; use rlwe with --ray")
         body = await read_body(request, chosen.session_key_bytes)

@@ -29,7 +29,8 @@ class LocalTransport:
         problems = self.worker.bundle.manifest.problems(params)
         if problems:
             raise ConfigError(f"this bundle cannot run under {params.scheme}/{params.name}: {problems[0]}",
-                              "pick another --param-set or --scheme, or recompile with fewer bits")
+                              "compile the bundle for this scheme (hetune compile ... --scheme/--param-set), "
+                              "or pick the --scheme/--param-set it was compiled for")
         self._session = get_scheme(params.scheme).open_session(params, session_key)
         self._params = params
 
