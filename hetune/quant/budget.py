@@ -65,8 +65,9 @@ def widest_fit(q: torch.Tensor, bits_a: int, bits_g: int, budget_bits: int) -> t
     case over these weights fits ``budget_bits``; never below FIT_FLOOR_BITS (or the request,
     if narrower), where the caller decides whether to refuse.
 
-    Why per op: a width that fits SmolLM2's 576-wide inputs overflows a 8,192-wide
-    down-projection, and wider inputs are what close the quantization gap on real weights.
+    Why per op: the worst case grows with each op's row and column L1 norms, so a width
+    that fits a 576-wide op can overflow a much wider one; and wider inputs are what close
+    the quantization gap on real weights (docs/benchmarks.md).
     """
     row, col = _l1(q.to(torch.int64))
     floor_a, floor_g = min(FIT_FLOOR_BITS, bits_a), min(FIT_FLOOR_BITS, bits_g)
