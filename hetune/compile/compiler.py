@@ -21,7 +21,7 @@ from hetune.compile.manifest import Manifest, MemberSpec, ModelInfo, OpSpec
 from hetune.errors import OverflowRiskError
 from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
 from hetune.models.loading import LoadedModel
-from hetune.quant.budget import accumulator_bound, widest_fit
+from hetune.quant.budget import accumulator_bound
 from hetune.quant.config import QuantConfig
 from hetune.quant.integer import IntegerLinear
 from hetune.quant.rotation import input_rotation
@@ -169,9 +169,9 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         rotation = input_rotation(qcfg, weight.shape[1])
         stored = weight.to(torch.float64) if rotation is None else rotation.apply(weight)  # W or W R: what W_q quantizes
         qw = quantize_weight(stored, qcfg.bits_w, per_channel=qcfg.scheme == "dynamic")
-        bits_a, bits_g = (qcfg.bits_a, qcfg.bits_g) if qcfg.accept_overflow_risk else widest_fit(
-            qw.q, qcfg.bits_a, qcfg.bits_g, params.budget_bits)
-        bound = accumulator_bound(qw.q, qcfg.bits_w, bits_a, bits_g)
+        bound = accumulator_bound(qw.q, qcfg.bits_w, qcfg.bits_a, qcfg.bits_g,
+                                  fit_budget=None if qcfg.accept_overflow_risk else params.budget_bits)
+        bits_a, bits_g = bound.bits_a, bound.bits_g
         spec = OpSpec(
             name=group.name, layer=group.layer, in_features=weight.shape[1], out_features=weight.shape[0],
             members=members, forward_acc_bits=bound.forward_bits, backward_acc_bits=bound.backward_bits,

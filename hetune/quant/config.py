@@ -18,7 +18,7 @@ class QuantConfig:
     bits_w: signed weights, symmetric, one scale per output channel (Brevitas).
     bits_a: activations, unsigned, asymmetric, one scale and zero point per token: the widest
         width; compile narrows an op (down to 8 bits) where its worst case would exceed the
-        scheme's result budget (:func:`hetune.quant.budget.widest_fit`). 12 bits fit the batched
+        scheme's result budget (:func:`hetune.quant.budget.accumulator_bound`). 12 bits fit the batched
         RLWE budget on SmolLM2 and close the quantization gap there (docs/benchmarks.md).
     bits_g: output gradients, signed, symmetric, one scale per token; narrowed likewise.
     accept_overflow_risk: compile at exactly these widths even if the worst case can exceed
