@@ -61,13 +61,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     from hetune.protocols.hybrid_lora.plots import plot_losses
     from hetune.protocols.hybrid_lora.server import LoopbackWorker
     from hetune.protocols.hybrid_lora.train import TrainConfig, latest_checkpoint, read_metrics, train
-    from hetune.quant.config import QuantConfig
 
     out, k = cfg.out, min(cfg.encrypted_steps, cfg.steps)
     task = make_knowledge_task(cfg.seed)
     data = out / "data" / "train.jsonl"
     _write_data(data, task)
-    q = QuantConfig()
+    compile_cfg = CompileConfig(calibration_tokens=64, seed=cfg.seed)
+    q = compile_cfg.quant
     echo(f"[1/5] compiling {cfg.model} into a worker bundle ({q.bits_w}-bit weights, inputs up to {q.bits_a} bits, "
          f"{q.rotation} rotation, batched RLWE p128)")
     base = load_model(cfg.model, seed=cfg.seed)
@@ -76,7 +76,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
         model_id = str(out / "model")
         base.model.save_pretrained(model_id)
         base.tokenizer.save_pretrained(model_id)
-    compiled = compile_model(base, CompileConfig(calibration_tokens=64, seed=cfg.seed), progress=False)
+    compiled = compile_model(base, compile_cfg, progress=False)
     bundle_dir = out / "bundle"
     write_bundle(bundle_dir, compiled.manifest, compiled.tensors, compiled.report, overwrite=True)
     echo(f"[2/5] the base model's answers to {len(task.held_out)} held-out questions about {COMPANY}'s internal facts")
