@@ -37,7 +37,7 @@ CLIENT = """
 import resource, json
 from hetune.models.client_weights import load_client_model
 from hetune.models.layers import op_groups
-from hetune.protocols.hybrid_lora.client import LoraSettings, _wrap_lora
+from hetune.protocols.hybrid_lora.owner.client import LoraSettings, _wrap_lora
 members = [m for g in op_groups(16) for m in g.members]
 loaded = load_client_model(DIR, members)
 model = _wrap_lora(loaded.model, LoraSettings(), seed=0)

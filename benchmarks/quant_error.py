@@ -31,7 +31,7 @@ from common import environment, write_json
 
 from hetune.compile.compiler import CompileConfig, compile_model
 from hetune.models.loading import load_model
-from hetune.protocols.hybrid_lora.converge import lever_configs, quant_label
+from hetune.protocols.hybrid_lora.owner.converge import lever_configs, quant_label
 from hetune.quant.config import QuantConfig
 
 

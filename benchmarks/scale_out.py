@@ -39,11 +39,12 @@ from common import environment, write_json
 
 from hetune.compile.bundle import read_manifest, write_bundle
 from hetune.compile.compiler import CompileConfig, compile_model
-from hetune.crypto.scheme import get_scheme
+from hetune.crypto.registry import get_scheme
+from hetune.crypto.keys import generate_keys
 from hetune.models.loading import load_model
-from hetune.protocols.hybrid_lora.ray_serve import RayServeConfig, build_app
-from hetune.protocols.hybrid_lora.remote import WorkerClient
-from hetune.protocols.hybrid_lora.server import ServeConfig
+from hetune.protocols.hybrid_lora.worker.ray_serve import RayServeConfig, build_app
+from hetune.protocols.hybrid_lora.owner.remote import WorkerClient
+from hetune.protocols.hybrid_lora.worker.server import ServeConfig
 
 TOKENS = 2048
 
@@ -60,7 +61,7 @@ def requests_for(bundle: Path) -> list[Request]:
     """Forward requests of TOKENS random 8-bit rows for every op of the first block of each half of the model."""
     manifest = read_manifest(bundle)
     blocks = max(op.layer for op in manifest.ops) + 1
-    keys, rng = get_scheme("rlwe").generate_keys(), np.random.default_rng(0)
+    keys, rng = generate_keys("rlwe"), np.random.default_rng(0)
     bodies: dict[int, bytes] = {}
     out = []
     for op in (op for op in manifest.ops if op.layer in (0, blocks // 2)):

@@ -28,7 +28,8 @@ import torch
 
 from common import environment, write_json
 
-from hetune.crypto.scheme import get_scheme
+from hetune.crypto.registry import get_scheme
+from hetune.crypto.keys import generate_keys
 
 WIDTHS = (576, 2048, 8192)
 TOKENS = (1, 64, 512, 2048)
@@ -76,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     widths, tokens = ((576, 2048), (64, 2048)) if args.quick else (WIDTHS, TOKENS)
     gen = torch.Generator().manual_seed(0)
-    rlwe_keys, glwe_keys = get_scheme("rlwe").generate_keys(), get_scheme("glwe").generate_keys()
+    rlwe_keys, glwe_keys = generate_keys("rlwe"), generate_keys("glwe")
     rows, glwe = [], {}
     glwe_scheme = get_scheme("glwe")
     for n_in in widths:

@@ -43,8 +43,9 @@ import torch
 
 from common import environment, write_json
 
-from hetune.crypto.scheme import get_scheme
-from hetune.protocols.hybrid_lora.client import build_private_model
+from hetune.crypto.registry import get_scheme
+from hetune.crypto.keys import generate_keys
+from hetune.protocols.hybrid_lora.owner.client import build_private_model
 
 HETUNE = str(Path(sys.executable).with_name("hetune"))
 
@@ -132,7 +133,7 @@ class ServedWorker:
 
 def glwe_seconds_per_value(n_in: int = 2048, values: int = 256) -> float:
     scheme = get_scheme("glwe")
-    keys = scheme.generate_keys()
+    keys = generate_keys("glwe")
     session = scheme.open_session(keys.params, keys.session_key())
     body = keys.encrypt(np.random.default_rng(0).integers(0, 256, (1, n_in)))
     w = torch.randint(-127, 128, (values, n_in))

@@ -30,8 +30,8 @@ import numpy as np
 from common import environment, write_json
 from step_time import ServedWorker, make_bundle
 
-from hetune.crypto.scheme import get_scheme
-from hetune.protocols.hybrid_lora.remote import WorkerClient
+from hetune.crypto.keys import generate_keys
+from hetune.protocols.hybrid_lora.owner.remote import WorkerClient
 
 OP = "layers.0.qkv"  # micro-llama: 32 inputs, 96 outputs
 LEVELS = (1, 2, 4, 8)
@@ -41,7 +41,7 @@ class Owner:
     """One data owner: keys, a session, one encrypted request reused for every call."""
 
     def __init__(self, url: str, weight: np.ndarray, tokens: int, seed: int):
-        self.keys = get_scheme("rlwe").generate_keys()
+        self.keys = generate_keys("rlwe")
         self.client = WorkerClient(url)
         self.client.open(self.keys.params, self.keys.session_key())
         self.tokens, (self.out, self.cols) = tokens, weight.shape

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from hetune.errors import HetuneError
-from hetune.protocols.hybrid_lora.demo import DemoConfig
+from hetune.protocols.hybrid_lora.owner.demo import DemoConfig
 from hetune.quant.config import QuantConfig
 
 app = typer.Typer(
@@ -107,14 +107,14 @@ def serve(
 ) -> None:
     """Run a remote worker on a bundle: encrypted products only, no float model."""
     from hetune.compile.bundle import load_bundle
-    from hetune.protocols.admission import OwnerLimits
-    from hetune.protocols.hybrid_lora.server import ServeConfig, serve as run_server
+    from hetune.serving.admission import OwnerLimits
+    from hetune.protocols.hybrid_lora.worker.server import ServeConfig, serve as run_server
 
     cfg = ServeConfig(host=host, port=port, max_sessions=max_sessions, session_ttl_s=session_ttl, max_rows=max_rows,
                       tls_cert=tls_cert, tls_key=tls_key, api_keys=api_keys, owner_limits=OwnerLimits(owner_sessions, owner_rpm))
     if on_ray:
         try:
-            from hetune.protocols.hybrid_lora.ray_serve import RayServeConfig, parse_layer_ranges, serve_on_ray
+            from hetune.protocols.hybrid_lora.worker.ray_serve import RayServeConfig, parse_layer_ranges, serve_on_ray
         except ImportError as err:
             from hetune.errors import ConfigError
 
@@ -161,8 +161,8 @@ def train(
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File holding the worker's API key for you (default: $HETUNE_API_KEY)."),
 ) -> None:
     """Fine-tune LoRA adapters privately: frozen products on a backend, everything else here."""
-    from hetune.protocols.hybrid_lora.client import LoraSettings
-    from hetune.protocols.hybrid_lora.train import TrainConfig, train as run_training
+    from hetune.protocols.hybrid_lora.owner.client import LoraSettings
+    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, train as run_training
 
     cfg = TrainConfig(
         model=model, data=tuple(data), out=out, backend=backend, bundle=bundle, workers=tuple(worker),
@@ -188,7 +188,7 @@ def demo(
     seed: int = typer.Option(DemoConfig.seed, "--seed", help="Seed shared by the private and plaintext runs."),
 ) -> None:
     """The main job, offline: privately teach SmolLM2 a fictional company's facts, beside plaintext."""
-    from hetune.protocols.hybrid_lora.demo import run_demo
+    from hetune.protocols.hybrid_lora.owner.demo import run_demo
 
     run_demo(DemoConfig(out=out, model=model, steps=steps, encrypted_steps=encrypted_steps, seq_len=seq_len,
                         batch_size=batch_size, seed=seed), echo=typer.echo)
@@ -232,7 +232,7 @@ def converge(
     seed: int = typer.Option(0, "--seed", help="Seed shared by every backend."),
 ) -> None:
     """Fine-tune the same way on each backend and compare with plaintext (loss curves, gap, task metric)."""
-    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge as run_converge
+    from hetune.protocols.hybrid_lora.owner.converge import ConvergeConfig, converge as run_converge
 
     cfg = ConvergeConfig(
         model=model, out=out, data=tuple(data), steps=steps, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
@@ -248,7 +248,7 @@ def keys_new(
     keys_file: Path = typer.Option(..., "--keys-file", help="The worker's --api-keys file: its hash is appended (created 0600)."),
 ) -> None:
     """Make a data owner's API key: printed once here, only its SHA-256 kept in --keys-file."""
-    from hetune.protocols.admission import add_owner
+    from hetune.serving.admission import add_owner
 
     key = add_owner(keys_file, owner)
     typer.echo(key)
@@ -377,7 +377,7 @@ def plan_cell_file(
 @plan_app.command("params")
 def plan_params() -> None:
     """Every scheme's allow-listed parameter sets (privacy levels): security, budget, sizes."""
-    from hetune.crypto.scheme import describe_param_sets
+    from hetune.crypto.registry import describe_param_sets
 
     typer.echo(describe_param_sets())
 

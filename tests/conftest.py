@@ -98,7 +98,7 @@ def micro_bundle(tmp_path_factory):
 @pytest.fixture
 def loopback_worker(micro_bundle):
     from hetune.compile.bundle import load_bundle
-    from hetune.protocols.hybrid_lora.server import LoopbackWorker, ServeConfig
+    from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker, ServeConfig
 
     workers = []
 
@@ -135,9 +135,9 @@ def train_jsonl(stdlib_jsonl):
 
 @pytest.fixture(scope="session")
 def rlwe_keys():
-    from hetune.crypto.scheme import get_scheme
+    from hetune.crypto.keys import generate_keys
 
-    return get_scheme("rlwe").generate_keys()
+    return generate_keys("rlwe")
 
 
 @pytest.fixture(scope="session")

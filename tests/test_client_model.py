@@ -30,7 +30,7 @@ def test_directory_load_skips_outsourced_weights(tmp_path):
 
 
 def test_quantized_private_model_from_directory_matches_builtin(tmp_path, bundle_dir):
-    from hetune.protocols.hybrid_lora.client import build_private_model
+    from hetune.protocols.hybrid_lora.owner.client import build_private_model
 
     full = load_model("tiny-llama", seed=0)
     full.model.save_pretrained(tmp_path)

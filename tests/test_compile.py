@@ -10,7 +10,7 @@ from hetune.compile.compiler import CompileConfig, compile_model
 from hetune.compile.manifest import Manifest
 from hetune.errors import BundleError, OverflowRiskError
 from hetune.models.layers import decoder_layers, member_linear
-from hetune.crypto.scheme import resolve_params
+from hetune.crypto.registry import resolve_params
 from hetune.quant.budget import accumulator_bound
 from hetune.quant.config import QuantConfig
 from hetune.quant.integer import IntegerLinear

@@ -59,7 +59,7 @@ def test_pretrain_small_setting(tmp_path):
 
 
 def test_converge_with_ablation(tmp_path):
-    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge
+    from hetune.protocols.hybrid_lora.owner.converge import ConvergeConfig, converge
 
     lines = []
     converge(ConvergeConfig(model="micro-llama", out=tmp_path, steps=8, eval_every=4, seq_len=32, batch_size=4,
@@ -86,7 +86,7 @@ def test_converge_refuses_bad_backends(run_cli, tmp_path, backends, message):
 def test_eight_bit_converges_like_plaintext_and_static_does_not(tmp_path):
     """The convergence target on a pretrained base: 8/8 within 1% of plain; static per-tensor worse."""
     from hetune.models.pretrain import PretrainConfig, pretrain
-    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge
+    from hetune.protocols.hybrid_lora.owner.converge import ConvergeConfig, converge
 
     base = tmp_path / "base"
     pretrain(PretrainConfig(out=base, steps=600, progress=False))
@@ -100,7 +100,7 @@ def test_eight_bit_converges_like_plaintext_and_static_does_not(tmp_path):
 @pytest.mark.parametrize("task,levers", [("knowledge", True), ("stdlib", False)])
 def test_converge_on_builtin_tasks(tmp_path, task, levers):
     """The knowledge task (exact match) with the real-weights ablation's variants; the real-text task."""
-    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge
+    from hetune.protocols.hybrid_lora.owner.converge import ConvergeConfig, converge
 
     report = converge(ConvergeConfig(model="micro-llama", out=tmp_path, data=(task,), steps=2, eval_every=2, seq_len=32,
                                      batch_size=2, levers=levers, progress=False), echo=lambda *_: None)
@@ -121,7 +121,7 @@ def test_smollm2_private_training_within_0_3_percent_of_plaintext(tmp_path, task
     4 x 128 tokens, lr 1e-3, on real text and on the knowledge task; the default bundle (8-bit weights,
     inputs up to 12 bits, Hadamard rotation) ends at most 0.3% above plaintext eval loss, with the knowledge
     task's exact match no worse. About 5 minutes per task on 2 cores."""
-    from hetune.protocols.hybrid_lora.converge import ConvergeConfig, converge
+    from hetune.protocols.hybrid_lora.owner.converge import ConvergeConfig, converge
 
     report = converge(ConvergeConfig(model="smollm2-135m", out=tmp_path, data=(task,), steps=30, seq_len=128, batch_size=4,
                                      lr=1e-3, warmup_steps=3, eval_every=30, progress=False), echo=lambda *_: None)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from hetune.data.text import load_texts
-from hetune.protocols.hybrid_lora.train import TrainConfig, latest_checkpoint, read_metrics, train
+from hetune.protocols.hybrid_lora.owner.train import TrainConfig, latest_checkpoint, read_metrics, train
 
 # micro-llama on the plain backend: a run of 4 steps takes about a second
 SETTINGS = dict(seq_len=32, batch_size=2, steps=4, warmup_steps=1, save_every=2, eval_every=2, lr=5e-3)
@@ -141,7 +141,7 @@ KILL_MID_STEP_3 = """
 import json, os, signal, sys
 from pathlib import Path
 from hetune.data import text
-from hetune.protocols.hybrid_lora.train import TrainConfig, train
+from hetune.protocols.hybrid_lora.owner.train import TrainConfig, train
 
 original, calls = text.BlockSampler.next, [0]
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from hetune.protocols.hybrid_lora import demo
+from hetune.protocols.hybrid_lora.owner import demo
 
 pytestmark = pytest.mark.he
 
@@ -30,7 +30,7 @@ def test_demo_runs_end_to_end(run_cli, tmp_path):
 
 
 def test_ctrl_c_stops_the_worker(tmp_path, monkeypatch):
-    from hetune.protocols.hybrid_lora import train as train_mod
+    from hetune.protocols.hybrid_lora.owner import train as train_mod
 
     def interrupted(*_a, **_k):
         assert worker_threads(), "the worker should be running during the remote run"

@@ -13,8 +13,8 @@ from hetune.compile.compiler import CompileConfig, compile_model
 from hetune.errors import ModelLoadError
 from hetune.models.builtin import byte_tokenizer
 from hetune.models.loading import load_config, load_model
-from hetune.protocols.hybrid_lora.client import build_private_model
-from hetune.protocols.hybrid_lora.layer import OutsourcedLinear
+from hetune.protocols.hybrid_lora.owner.client import build_private_model
+from hetune.protocols.hybrid_lora.owner.layer import OutsourcedLinear
 
 IDS = torch.tensor([[100, 101, 102, 32, 102, 40, 120, 41, 58]])  # "def f(x):"
 
@@ -74,14 +74,14 @@ def test_one_remote_encrypted_step_equals_quantized_bit_for_bit(family):
     from test_hybrid_lora import assert_equal_grads, lora_grads
 
     from hetune.compile.bundle import load_bundle
-    from hetune.crypto.scheme import get_scheme
-    from hetune.protocols.hybrid_lora.server import LoopbackWorker
+    from hetune.crypto.keys import generate_keys
+    from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
 
     _, path, bundle = family
     quantized = lora_grads(build_private_model(str(path), "quantized", bundle=bundle))
     worker = LoopbackWorker(load_bundle(bundle))
     try:
-        pm = build_private_model(str(path), "remote", workers=(worker.url,), keys=get_scheme("rlwe").generate_keys())
+        pm = build_private_model(str(path), "remote", workers=(worker.url,), keys=generate_keys("rlwe"))
         assert_equal_grads(lora_grads(pm), quantized)
         assert pm.backend.stats.round_trips == 2 * 2 * 4 - 1  # 4 fused ops x 2 blocks, both ways; none for the embeddings' gradient
         pm.close()

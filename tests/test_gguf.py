@@ -17,7 +17,7 @@ from hetune.models import builtin
 from hetune.models.client_weights import load_client_model
 from hetune.models.layers import decoder_layers, member_linear, op_groups
 from hetune.models.loading import load_config, load_model
-from hetune.protocols.hybrid_lora.client import build_private_model
+from hetune.protocols.hybrid_lora.owner.client import build_private_model
 
 
 def write_gguf(model: torch.nn.Module, path) -> None:

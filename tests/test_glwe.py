@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from hetune.crypto.glwe import RESULT_NOISE_BOUND, SCHEME
+from hetune.crypto.keys import generate_keys, load_keys
 
 pytestmark = pytest.mark.he
 
 
 @pytest.fixture(scope="module")
 def keys():
-    return SCHEME.generate_keys()
+    return generate_keys("glwe")
 
 
 def encrypted_matmul(keys, q, w_in_out) -> bytes:
@@ -90,6 +91,6 @@ def test_secret_key_file_is_0600(keys, tmp_path):
     n = int.from_bytes(data[8:16], "little")
     assert data[:8].rstrip(b"\0") == b"p128" and data[16 : 16 + n] == bytes(keys._secret.serialize())
     assert not list(tmp_path.glob(".*.tmp"))
-    again = SCHEME.load_keys(path)
+    again = load_keys(path, "glwe")
     x, w = np.full((1, 16), 3), np.ones((16, 2), dtype=np.int64)
     assert np.abs(again.decrypt(encrypted_matmul(keys, x, w), 1, 2) - x @ w).max() <= RESULT_NOISE_BOUND

@@ -9,11 +9,11 @@ import torch
 
 from hetune.compile.bundle import load_bundle
 from hetune.crypto.glwe import RESULT_NOISE_BOUND
-from hetune.crypto.rlwe import RlweKeys
-from hetune.crypto.scheme import get_scheme
-from hetune.protocols.hybrid_lora import backends
-from hetune.protocols.hybrid_lora.client import build_private_model
-from hetune.protocols.hybrid_lora.remote import WorkerClient
+from hetune.crypto.keys import generate_keys
+from hetune.crypto.rlwe_keys import RlweKeys
+from hetune.protocols.hybrid_lora.owner import backends
+from hetune.protocols.hybrid_lora.owner.client import build_private_model
+from hetune.protocols.hybrid_lora.owner.remote import WorkerClient
 
 IDS = torch.tensor([[72, 101, 108]])  # "Hel": 3 tokens, 2 loss positions
 
@@ -46,7 +46,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def keys():
-    return get_scheme("rlwe").generate_keys()
+    return generate_keys("rlwe")
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def unrotated_bundle(tmp_path_factory):
 
 def test_rotation_on_and_off_both_stay_exact_in_process_and_remote(reference, micro_bundle, unrotated_bundle, keys):
     """The rotation is the client codec's business (from the manifest, also over HTTP); the worker's product is exact either way."""
-    from hetune.protocols.hybrid_lora.server import LoopbackWorker
+    from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
 
     plain, rotated = reference
     assert load_bundle(micro_bundle).op("layers.1.down").rotation is not None  # the default bundle rotates

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from hetune.crypto.scheme import get_scheme
+from hetune.crypto.registry import get_scheme
 from hetune.errors import ConfigError
 from hetune.protocols.privtuner.cell import cell_to_toml, load_cell, parse_cell, path_loss_gain, random_cell
 from hetune.protocols.privtuner.costs import load_costs, per_sample, workload_products

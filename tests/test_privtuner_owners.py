@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hetune.compile.bundle import load_bundle
-from hetune.protocols.hybrid_lora import backends
-from hetune.protocols.hybrid_lora.client import build_private_model
+from hetune.protocols.hybrid_lora.owner import backends
+from hetune.protocols.hybrid_lora.owner.client import build_private_model
 
 pytestmark = pytest.mark.he
 

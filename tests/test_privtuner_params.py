@@ -14,6 +14,7 @@ import torch
 
 from hetune.crypto.glwe import RESULT_NOISE_BOUND, SCHEME
 from hetune.crypto.glwe_params import DEFAULT_PARAM_SET, PARAM_SETS, param_set
+from hetune.crypto.keys import generate_keys
 from hetune.crypto.security import CURVES, lwe_security, min_log2_sigma
 from hetune.errors import ConfigError
 
@@ -45,7 +46,7 @@ def test_unknown_param_set_is_refused():
 
 
 def _check_set(name):
-    keys = SCHEME.generate_keys(name)
+    keys = generate_keys("glwe", name)
     ps = param_set(name)
     assert len(keys.session_key()) == ps.compression_key_bytes == keys.params.session_key_bytes
     rng = np.random.default_rng(0)
@@ -74,12 +75,12 @@ def test_large_param_sets_encrypt_within_the_noise_bound(name):
 @pytest.mark.he
 def test_worker_sessions_carry_their_param_set(micro_bundle):
     from hetune.compile.bundle import load_bundle
-    from hetune.protocols.hybrid_lora.server import ServeConfig, create_app
+    from hetune.protocols.hybrid_lora.worker.server import ServeConfig, create_app
 
     bundle = load_bundle(micro_bundle)
     client = TestClient(create_app(bundle, ServeConfig(max_sessions=4, max_rows=8)))
     assert client.get("/v2/info").json()["schemes"]["glwe"]["param_sets"] == list(PARAM_SETS)
-    low = SCHEME.generate_keys("p80")
+    low = generate_keys("glwe", "p80")
     glwe = {"scheme": "glwe"}
     s = client.post("/v2/sessions", params={**glwe, "param_set": "p80"}, content=low.session_key())
     assert s.status_code == 201 and s.json()["param_set"] == "p80" and s.json()["scheme"] == "glwe"
@@ -93,7 +94,7 @@ def test_worker_sessions_carry_their_param_set(micro_bundle):
     # a p80 key cannot pose as p128, an unknown set is refused, and a p128 session refuses p80 ciphertexts
     assert client.post("/v2/sessions", params={**glwe, "param_set": "p128"}, content=low.session_key()).status_code in (400, 413)
     assert client.post("/v2/sessions", params={**glwe, "param_set": "p999"}, content=b"x").status_code == 422
-    mid = SCHEME.generate_keys("p128")
+    mid = generate_keys("glwe", "p128")
     s2 = client.post("/v2/sessions", params={**glwe, "param_set": "p128"}, content=mid.session_key()).json()
     r2 = client.post(f"/v2/sessions/{s2['session_id']}/ops/layers.1.o/forward", params={"rows": 1, "cols": 32}, content=body,
                      headers={"authorization": f"Bearer {s2['token']}"})
@@ -104,7 +105,7 @@ def test_worker_sessions_carry_their_param_set(micro_bundle):
 @pytest.mark.parametrize("scheme,name", [("rlwe", "p128"), ("glwe", "p80")])
 def test_measure_fits_positive_costs_from_real_timings(scheme, name):
     """The fit goes through the scheme interface only: the same code measures either scheme."""
-    from hetune.crypto.scheme import get_scheme
+    from hetune.crypto.registry import get_scheme
     from hetune.protocols.privtuner.costs import CostModel, measure_param_set, per_sample
 
     params = get_scheme(scheme).params(name)

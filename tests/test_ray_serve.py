@@ -17,15 +17,16 @@ from fastapi.testclient import TestClient
 from test_hybrid_lora import assert_equal_grads, lora_grads
 
 from hetune.compile.bundle import load_bundle, read_manifest
-from hetune.crypto.scheme import get_scheme, resolve_params
+from hetune.crypto.registry import resolve_params
+from hetune.crypto.keys import generate_keys
 from hetune.errors import ConfigError
-from hetune.protocols.hybrid_lora.client import build_private_model
-from hetune.protocols.hybrid_lora.remote import WorkerClient
-from hetune.protocols.hybrid_lora.server import ServeConfig, Session, create_app
-from hetune.protocols.signed_sessions import Claims, SessionTokens, SignedSessions, load_session_key
+from hetune.protocols.hybrid_lora.owner.client import build_private_model
+from hetune.protocols.hybrid_lora.owner.remote import WorkerClient
+from hetune.protocols.hybrid_lora.worker.server import ServeConfig, Session, create_app
+from hetune.serving.signed_sessions import Claims, SessionTokens, SignedSessions, load_session_key
 
 serve = pytest.importorskip("ray.serve")
-ray_serve = pytest.importorskip("hetune.protocols.hybrid_lora.ray_serve")
+ray_serve = pytest.importorskip("hetune.protocols.hybrid_lora.worker.ray_serve")
 
 KEY = b"k" * 32
 OP = "layers.1.o"  # 32 x 32
@@ -34,7 +35,7 @@ OP = "layers.1.o"  # 32 x 32
 @pytest.fixture(scope="module")
 def ciphertext():
     """A real 1 x 32 request body: a token that passes gets a 200."""
-    return get_scheme("rlwe").generate_keys().encrypt(np.arange(32)[None, :])
+    return generate_keys("rlwe").encrypt(np.arange(32)[None, :])
 
 
 class SetRevocations:

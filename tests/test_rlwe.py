@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from hetune.crypto import randomness, rlwe, rlwe_wire
+from hetune.crypto.keys import generate_keys, load_keys
 from hetune.crypto.ring import BinaryPolyMultiplier, gemm_mod_2_64, limb_plan, negacyclic_mul_reference, split_signed
 from hetune.crypto.rlwe_params import PARAM_SETS, WORST_WEIGHT_L2
-from hetune.crypto.scheme import PayloadError, get_scheme
+from hetune.crypto.scheme import PayloadError
+from hetune.crypto.registry import get_scheme
 
 SCHEME = rlwe.SCHEME
 
@@ -28,7 +30,7 @@ def as_u64(t: torch.Tensor) -> list[int]:
 
 @pytest.fixture(scope="module")
 def keys():
-    return SCHEME.generate_keys()
+    return generate_keys("rlwe")
 
 
 def roundtrip(keys, x: torch.Tensor, w: torch.Tensor) -> np.ndarray:
@@ -85,7 +87,7 @@ def test_decryption_is_exact(keys, rows, signed):
 
 @pytest.mark.parametrize("name", ["p192", "p256"])
 def test_larger_ring_sets_are_exact(name):
-    keys = SCHEME.generate_keys(name)
+    keys = generate_keys("rlwe", name)
     assert keys.params.poly_size == 4096 and keys.params.security.bits == int(name[1:])
     gen = torch.Generator().manual_seed(3)
     x, w = torch.randint(0, 256, (4100, 16), generator=gen), torch.randint(-127, 128, (8, 16), generator=gen)
@@ -154,7 +156,7 @@ def test_ciphertexts_look_random_and_carry_no_plaintext_or_key(keys):
 def test_wrong_key_decrypts_to_garbage(keys):
     x, w = torch.randint(0, 256, (16, 8)), torch.randint(-127, 128, (4, 8))
     result = SCHEME.multiply(keys.params, None, keys.encrypt(x), w)
-    other = SCHEME.generate_keys()
+    other = generate_keys("rlwe")
     wrong = other.decrypt(result, 16, 4)
     assert (wrong != exact(x, w)).mean() > 0.99
 
@@ -165,12 +167,12 @@ def test_secret_key_file_is_0600_and_loads_back(keys, tmp_path):
     path = tmp_path / "rlwe.key"
     keys.save(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again = SCHEME.load_keys(path)
+    again = load_keys(path, "rlwe")
     x, w = torch.randint(0, 256, (8, 8)), torch.randint(-127, 128, (4, 8))
     assert np.array_equal(again.decrypt(SCHEME.multiply(keys.params, None, keys.encrypt(x), w), 8, 4), exact(x, w))
     (tmp_path / "bad.key").write_bytes(b"not a key")
     with pytest.raises(Exception, match="not a hetune RLWE secret key"):
-        SCHEME.load_keys(tmp_path / "bad.key")
+        load_keys(tmp_path / "bad.key", "rlwe")
 
 
 @pytest.mark.parametrize(

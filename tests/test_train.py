@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hetune.errors import WorkerError
-from hetune.protocols.hybrid_lora.train import TrainConfig, latest_checkpoint, read_metrics, train
+from hetune.protocols.hybrid_lora.owner.train import TrainConfig, latest_checkpoint, read_metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_loss_goes_down_and_adapter_loads_with_peft(tmp_path, data_file, micro_b
 
 def test_worker_going_away_stops_cleanly_with_checkpoint(tmp_path, data_file, loopback_worker, monkeypatch):
     from hetune.data import text
-    from hetune.protocols.hybrid_lora import remote
+    from hetune.protocols.hybrid_lora.owner import remote
 
     monkeypatch.setattr(remote, "DEFAULT_RETRY", remote.RetryPolicy(retries=1, backoff_s=0.05))
     worker = loopback_worker()
@@ -128,7 +128,7 @@ def test_worker_going_away_stops_cleanly_with_checkpoint(tmp_path, data_file, lo
     ],
 )
 def test_train_cli_errors(run_cli, tmp_path, data_file, args, code, message, monkeypatch):
-    from hetune.protocols.hybrid_lora import remote
+    from hetune.protocols.hybrid_lora.owner import remote
 
     monkeypatch.setattr(remote, "DEFAULT_RETRY", remote.RetryPolicy(retries=0, timeout_s=5.0))
     got, _, stderr = run_cli("train", "--model", "micro-llama", "--data", data_file, "--out", tmp_path / "run", *args)

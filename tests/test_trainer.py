@@ -5,8 +5,8 @@ import math
 import torch
 
 from hetune.models.loading import load_model
-from hetune.protocols.hybrid_lora.client import make_private
-from hetune.protocols.hybrid_lora.layer import OutsourcedLinear
+from hetune.protocols.hybrid_lora.owner.client import make_private
+from hetune.protocols.hybrid_lora.owner.layer import OutsourcedLinear
 
 
 def test_trainer_trains_lora_on_the_quantized_backend(tmp_path, micro_bundle):

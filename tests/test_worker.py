@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hetune.compile.bundle import load_bundle
-from hetune.crypto.scheme import get_scheme
-from hetune.protocols.hybrid_lora.server import ServeConfig, create_app
+from hetune.crypto.registry import get_scheme
+from hetune.protocols.hybrid_lora.worker.server import ServeConfig, create_app
 
 OP = "layers.1.o"  # 32 x 32
 
@@ -172,7 +172,7 @@ def test_logs_hold_no_token_or_payload(client, rlwe_keys, caplog):
 
 def test_worker_path_imports_no_transformers_or_peft():
     code = (
-        "import sys, hetune.protocols.hybrid_lora.server, hetune.protocols.hybrid_lora.worker;"
+        "import sys, hetune.protocols.hybrid_lora.worker.server, hetune.protocols.hybrid_lora.worker.runner;"
         "print(sorted(m for m in ('transformers', 'peft', 'brevitas') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from hetune.protocols.hybrid_lora.train import TrainConfig, read_metrics, train
+from hetune.protocols.hybrid_lora.owner.train import TrainConfig, read_metrics, train
 
 HETUNE = str(Path(sys.executable).with_name("hetune"))
 STEPS = 4

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hetune.crypto import rlwe_wire
-from hetune.protocols.hybrid_lora.server import ServeConfig, create_app
+from hetune.protocols.hybrid_lora.worker.server import ServeConfig, create_app
 
 OP = "layers.1.o"  # 32 x 32
 ROWS = 2
@@ -202,7 +202,7 @@ def fuzz_routes(client, examples: int) -> None:
 @pytest.fixture(scope="module")
 def admitted(micro, tmp_path_factory):
     """A worker that admits by API key (a tight request rate, so 429s come up too) and one owner's key."""
-    from hetune.protocols.admission import OwnerLimits, add_owner
+    from hetune.serving.admission import OwnerLimits, add_owner
 
     path = tmp_path_factory.mktemp("rlwe_keys") / "rlwe_keys.txt"
     key = add_owner(path, "clinic")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from hetune.compile.bundle import load_bundle
-from hetune.protocols.admission import add_owner
-from hetune.protocols.hybrid_lora.client import build_private_model
-from hetune.protocols.hybrid_lora.remote import WorkerAccess
-from hetune.protocols.hybrid_lora.server import LoopbackWorker, ServeConfig
+from hetune.serving.admission import add_owner
+from hetune.protocols.hybrid_lora.owner.client import build_private_model
+from hetune.protocols.hybrid_lora.owner.remote import WorkerAccess
+from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker, ServeConfig
 
 OWNERS, STEPS, TOKENS = 8, 3, 8
 
@@ -83,7 +83,7 @@ def test_eight_owners_at_once_equal_their_solo_runs(micro_bundle, tmp_path, reco
 @pytest.mark.slow
 def test_owner_over_its_rate_waits_and_finishes(micro_bundle, tmp_path):
     """A client past its requests-per-minute gets 429 + Retry-After and waits as told, then succeeds."""
-    from hetune.protocols.admission import OwnerLimits
+    from hetune.serving.admission import OwnerLimits
 
     keys_file = tmp_path / "keys.txt"
     key = add_owner(keys_file, "clinic")

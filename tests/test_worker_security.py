@@ -10,10 +10,10 @@ from fastapi.testclient import TestClient
 from hetune.compile.bundle import load_bundle
 from hetune.crypto.rlwe_wire import HEADER_BYTES
 from hetune.errors import ConfigError
-from hetune.protocols.admission import OwnerLimits, add_owner, read_keys_file
-from hetune.protocols.hybrid_lora import remote
-from hetune.protocols.hybrid_lora.remote import WorkerAccess
-from hetune.protocols.hybrid_lora.server import LoopbackWorker, ServeConfig, create_app
+from hetune.serving.admission import OwnerLimits, add_owner, read_keys_file
+from hetune.protocols.hybrid_lora.owner import remote
+from hetune.protocols.hybrid_lora.owner.remote import WorkerAccess
+from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker, ServeConfig, create_app
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_training_client_sends_the_key_from_env_or_file(run_cli, micro_bundle, k
 def test_startup_line_says_how_sessions_are_admitted(micro_bundle, keys_file, caplog, monkeypatch):
     import uvicorn
 
-    from hetune.protocols.hybrid_lora.server import serve
+    from hetune.protocols.hybrid_lora.worker.server import serve
 
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
     caplog.set_level(logging.INFO, logger="hetune.worker")
@@ -194,7 +194,7 @@ def all_loggers_to(caplog):
 
 
 def test_logs_hold_no_token_api_key_secret_key_or_payload(micro_bundle, keys_file, train_jsonl, tmp_path, caplog, capsys, monkeypatch):
-    from hetune.protocols.hybrid_lora.train import TrainConfig, train
+    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, train
 
     path, keys = keys_file
     (tmp_path / "api_key").write_text(keys["clinic"])

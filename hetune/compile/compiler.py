@@ -152,7 +152,7 @@ def calibration_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), progress: bool = True) -> CompiledModel:
     from tqdm.auto import tqdm
 
-    from hetune.crypto.scheme import resolve_params
+    from hetune.crypto.registry import resolve_params
 
     model, qcfg = loaded.model, cfg.quant
     params = resolve_params(cfg.scheme, cfg.param_set)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hetune.compile.bundle import read_manifest
-from hetune.crypto.scheme import resolve_params
+from hetune.crypto.registry import resolve_params
 
 
 def bundle_summary(path: Path) -> dict:

@@ -4,7 +4,7 @@ Both kernels split 64-bit integers into signed limbs small enough that every flo
 intermediate is an exact integer, run the float work (FFT or GEMM) per limb, round, and
 recombine with wrapping int64 arithmetic, which *is* arithmetic mod 2^64.
 
-- :func:`negacyclic_mul_binary`: a (..., N) times a binary secret s, mod (X^N + 1, 2^64).
+- :class:`BinaryPolyMultiplier`: a (..., N) times a binary secret s, mod (X^N + 1, 2^64).
   Limbs are 32-bit signed (|limb| <= 2^31). With ||limb||_2 <= 2^31 sqrt(N) and
   ||s||_2 <= sqrt(N), Percival's bound for an FFT product of length N = 2^n
   (about (3n + sqrt5 (3n + 1) + 3n/sqrt2) eps ||x|| ||y||, eps = 2^-53) is below 0.07
@@ -109,11 +109,6 @@ class BinaryPolyMultiplier:
             prod = self._inverse(self._forward(limb.to(torch.float64)) * self.s_hat)
             parts.append(torch.round(prod).to(torch.int64))
         return combine_limbs(parts, self.LIMB_BITS)
-
-
-def negacyclic_mul_binary(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """One-off a * s mod (X^N + 1, 2^64); reuse a :class:`BinaryPolyMultiplier` for many."""
-    return BinaryPolyMultiplier(s).mul(a)
 
 
 def negacyclic_mul_reference(a: list[int], s: list[int]) -> list[int]:

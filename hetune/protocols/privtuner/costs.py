@@ -37,7 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hetune.crypto.scheme import DEFAULT_SCHEME, get_scheme
+from hetune.crypto.registry import DEFAULT_SCHEME, get_scheme
+from hetune.crypto.keys import generate_keys
 from hetune.errors import ConfigError, HetuneError
 from hetune.files import write_json
 
@@ -220,7 +221,7 @@ def measure_param_set(scheme: str, name: str, shapes=MEASURE_SHAPES, repeats: in
     sch = get_scheme(scheme)
     params = sch.params(name)
     t0 = time.perf_counter()
-    keys = sch.generate_keys(name)
+    keys = generate_keys(scheme, name)
     keygen_s = time.perf_counter() - t0
     state = sch.open_session(params, keys.session_key())
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ from collections import Counter
 import torch
 
 from hetune.errors import WorkerError
-from hetune.protocols.hybrid_lora.remote import RetryPolicy, WorkerClient
+from hetune.protocols.hybrid_lora.owner.remote import RetryPolicy, WorkerClient
 from hetune.protocols.sfprompt import wire
 
 # A round cannot wait long for one client: one quick retry, then the client is dropped.

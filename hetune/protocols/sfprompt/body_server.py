@@ -7,8 +7,8 @@ backward differentiates exactly the activations it was given; pending forwards a
 bounded per session, the oldest dropped first. Bad requests get a 4xx JSON error and
 the server keeps serving. Logs carry method, path, status and timing, never payloads.
 
-Deliberately close to the core worker (hybrid_lora/server.py), and sharing its session
-store (protocols/sessions.py) and HTTP helpers (protocols/http_api.py): bearer-token
+Deliberately close to the core worker (hybrid_lora/worker/server.py), and sharing its session
+store (serving/sessions.py) and HTTP helpers (serving/http_api.py): bearer-token
 sessions with an idle TTL, body-size limits, shape checks before compute. The core
 worker's sessions hold a GLWE compression key; these hold pending activations (see
 docs/sfprompt.md).
@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from hetune.errors import ConfigError
-from hetune.protocols.http_api import LoopbackServer, add_access_log, bearer, error, read_body, session_or_error
-from hetune.protocols.sessions import SessionLimitError, SessionStore
+from hetune.serving.http_api import LoopbackServer, add_access_log, bearer, error, read_body, session_or_error
+from hetune.serving.sessions import SessionLimitError, SessionStore
 from hetune.protocols.sfprompt import wire
 from hetune.protocols.sfprompt.split import BlockStack
 

@@ -217,7 +217,7 @@ class HttpTransport:
         return self.manifest.op(op).in_features
 
     def default_params(self):
-        from hetune.crypto.scheme import resolve_params
+        from hetune.crypto.registry import resolve_params
 
         return resolve_params(self.manifest.crypto["scheme"], self.manifest.crypto["param_set"])
 

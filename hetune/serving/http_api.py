@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from hetune.protocols.sessions import S, SessionStore
+from hetune.serving.sessions import S, SessionStore
 
 
 def error(status: int, message: str) -> JSONResponse:

@@ -58,9 +58,9 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     from hetune.data.knowledge import COMPANY, make_knowledge_task
     from hetune.models.builtin import BUILTIN_GGUF
     from hetune.models.loading import load_model
-    from hetune.protocols.hybrid_lora.plots import plot_losses
-    from hetune.protocols.hybrid_lora.server import LoopbackWorker
-    from hetune.protocols.hybrid_lora.train import TrainConfig, latest_checkpoint, read_metrics, train
+    from hetune.protocols.hybrid_lora.owner.plots import plot_losses
+    from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
+    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, latest_checkpoint, read_metrics, train
 
     out, k = cfg.out, min(cfg.encrypted_steps, cfg.steps)
     task = make_knowledge_task(cfg.seed)

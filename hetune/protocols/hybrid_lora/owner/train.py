@@ -23,7 +23,7 @@ import torch
 
 from hetune.errors import ConfigError, OutputError, WorkerError
 from hetune.files import write_atomic, write_dir_atomic
-from hetune.protocols.hybrid_lora.client import LoraSettings, PrivateModel, build_private_model
+from hetune.protocols.hybrid_lora.owner.client import LoraSettings, PrivateModel, build_private_model
 from hetune.schedule import warmup_cosine
 
 
@@ -77,7 +77,7 @@ class TrainConfig:
             raise ConfigError(f"{', '.join(given)} apply to the encrypted and remote backends, not {self.backend!r}",
                               f"drop {', '.join(given)} or use --backend remote")
         if self.scheme is not None or self.param_set is not None:
-            from hetune.crypto.scheme import get_scheme
+            from hetune.crypto.registry import get_scheme
 
             scheme = get_scheme(self.scheme)  # ConfigError naming the choices
             if self.param_set is not None and self.param_set not in scheme.param_sets:
@@ -85,7 +85,7 @@ class TrainConfig:
         if self.load_key is not None and not Path(self.load_key).is_file():
             raise ConfigError(f"--load-key {self.load_key} does not exist", "pass the file written by --save-key")
         if self.backend == "remote":
-            from hetune.protocols.hybrid_lora.remote import WorkerAccess
+            from hetune.protocols.hybrid_lora.owner.remote import WorkerAccess
 
             for url in self.workers:
                 WorkerAccess(insecure=self.insecure).check_url(url)
@@ -203,12 +203,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     np.random.seed(cfg.seed)
     keys = None
     if cfg.load_key is not None:
-        from hetune.crypto.scheme import get_scheme
+        from hetune.crypto.keys import load_keys
 
-        keys = get_scheme(cfg.scheme).load_keys(cfg.load_key)
+        keys = load_keys(cfg.load_key, cfg.scheme)
     access = None
     if cfg.backend == "remote":
-        from hetune.protocols.hybrid_lora.remote import WorkerAccess
+        from hetune.protocols.hybrid_lora.owner.remote import WorkerAccess
 
         access = WorkerAccess.load(cfg.ca_cert, cfg.insecure, cfg.api_key_file)
     pm = build_private_model(

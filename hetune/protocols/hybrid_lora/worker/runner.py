@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 
 from hetune.compile.bundle import Bundle
-from hetune.crypto.scheme import ParamSet, get_scheme
+from hetune.crypto.scheme import ParamSet
+from hetune.crypto.registry import get_scheme
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hetune.errors import ConfigError
 from hetune.files import write_json
-from hetune.protocols.hybrid_lora.backends import check_backend_name
+from hetune.protocols.hybrid_lora.owner.backends import check_backend_name
 from hetune.quant.config import QuantConfig
 
 ARITHMETIC, STDLIB, KNOWLEDGE = "arithmetic", "stdlib", "knowledge"  # the built-in tasks
@@ -151,8 +151,8 @@ def _exact_match(cfg: ConvergeConfig, adapter: str, problems) -> float:
 
 
 def converge(cfg: ConvergeConfig, echo=print) -> dict:
-    from hetune.protocols.hybrid_lora.plots import plot_losses
-    from hetune.protocols.hybrid_lora.train import TrainConfig, read_metrics, train
+    from hetune.protocols.hybrid_lora.owner.plots import plot_losses
+    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, read_metrics, train
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     data, problems = _task_data(cfg)

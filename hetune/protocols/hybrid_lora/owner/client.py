@@ -17,11 +17,11 @@ import torch
 from hetune.compile.manifest import OpSpec
 from hetune.errors import ConfigError
 from hetune.models.layers import decoder_layers, op_groups
-from hetune.protocols.hybrid_lora.backends import EncryptedBackend, FrozenBackend, PlainBackend, QuantizedBackend, check_backend_name
-from hetune.protocols.hybrid_lora.layer import OutsourcedOp, attach_backend
+from hetune.protocols.hybrid_lora.owner.backends import EncryptedBackend, FrozenBackend, PlainBackend, QuantizedBackend, check_backend_name
+from hetune.protocols.hybrid_lora.owner.layer import OutsourcedOp, attach_backend
 
 if TYPE_CHECKING:
-    from hetune.protocols.hybrid_lora.remote import WorkerAccess
+    from hetune.protocols.hybrid_lora.owner.remote import WorkerAccess
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -74,11 +74,11 @@ def _wrap_lora(model: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.n
 
 def _new_keys(transport, scheme: str | None, param_set: str | None):
     """Fresh keys for the named scheme and set; a name left None takes the worker's default."""
-    from hetune.crypto.scheme import get_scheme
+    from hetune.crypto.keys import generate_keys
 
     default = transport.default_params()
-    chosen = get_scheme(scheme or default.scheme)
-    return chosen.generate_keys(param_set or (default.name if chosen.name == default.scheme else None))
+    chosen = scheme or default.scheme
+    return generate_keys(chosen, param_set or (default.name if chosen == default.scheme else None))
 
 
 def _check_needs(backend: str, bundle: Path | None, workers: tuple[str, ...]) -> None:
@@ -116,7 +116,7 @@ def make_private(
         specs, weights = plain_ops(model)
         engine: FrozenBackend = PlainBackend(weights)
     elif backend == "remote":
-        from hetune.protocols.hybrid_lora.remote import HttpTransport
+        from hetune.protocols.hybrid_lora.owner.remote import HttpTransport
 
         transport = HttpTransport(workers, access)
         specs = list(transport.manifest.ops)
@@ -131,7 +131,7 @@ def make_private(
         if backend == "quantized":
             engine = QuantizedBackend(ops)
         else:
-            from hetune.protocols.hybrid_lora.transport import LocalTransport
+            from hetune.protocols.hybrid_lora.owner.local import LocalTransport
 
             transport = LocalTransport(b)
             engine = EncryptedBackend({k: v.codec for k, v in ops.items()}, transport, keys=keys or _new_keys(transport, scheme, param_set))
@@ -155,7 +155,7 @@ def build_private_model(
 
     ``scheme`` and ``param_set`` (encrypted/remote, when ``keys`` is None): what to generate keys for;
     either left None takes the bundle's (the worker's) default. ``access`` (remote): a
-    :class:`~hetune.protocols.hybrid_lora.remote.WorkerAccess` (CA to trust, API key); None: the
+    :class:`~hetune.protocols.hybrid_lora.owner.remote.WorkerAccess` (CA to trust, API key); None: the
     system's trust store, no key."""
     from hetune.models.client_weights import load_client_model
     from hetune.models.loading import load_model

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetune.crypto.scheme import ClientKeys
 from hetune.errors import ConfigError
 from hetune.quant.integer import OpCodec
 from hetune.quant.tokens import TokenQuant
@@ -96,23 +97,17 @@ class EncryptedBackend(FrozenBackend):
     """Quantize per token, encrypt, let a worker multiply, decrypt, decode.
 
     ``transport`` runs the worker's product: in this process (``encrypted``) or over
-    HTTP (``remote``). ``keys`` (a scheme's :class:`~hetune.crypto.scheme.ClientKeys`)
-    default to fresh keys for the worker's default scheme and set. The secret key never
-    leaves this object. With an exact scheme the decrypted integers are the clear
+    HTTP (``remote``). ``keys`` are a scheme's :class:`~hetune.crypto.scheme.ClientKeys`;
+    the secret key never leaves them. With an exact scheme the decrypted integers are the clear
     product's, so this backend equals ``quantized`` bit for bit.
     """
 
     encrypted = True
 
-    def __init__(self, codecs: dict[str, OpCodec], transport, keys=None):
+    def __init__(self, codecs: dict[str, OpCodec], transport, keys: ClientKeys):
         super().__init__()
         self.codecs = codecs
         self.transport = transport
-        if keys is None:
-            from hetune.crypto.scheme import get_scheme
-
-            default = transport.default_params()
-            keys = get_scheme(default.scheme).generate_keys(default.name)
         self.keys = keys
         self.name = transport.name
         transport.open(keys.params, keys.session_key())

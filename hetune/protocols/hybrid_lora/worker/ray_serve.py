@@ -1,9 +1,9 @@
 """``hetune serve --ray``: the worker app on Ray Serve, stateless replicas behind one HTTP endpoint.
 
 Why replicas can be stateless: with batched RLWE a session holds no key, so it lives in a
-signed token (:mod:`hetune.protocols.signed_sessions`) that any replica checks, and closed
+signed token (:mod:`hetune.serving.signed_sessions`) that any replica checks, and closed
 sessions sit in one small revocation-list actor. Every replica runs the same FastAPI app
-(:func:`~hetune.protocols.hybrid_lora.server.create_app`) behind Serve's HTTP proxy; Serve
+(:func:`~hetune.protocols.hybrid_lora.worker.server.create_app`) behind Serve's HTTP proxy; Serve
 restarts a replica that dies and the client's retries carry the step through. A model too
 large for one replica is split by layer range: each :class:`OpSlice` deployment loads only
 its blocks' ops, and the ingress replicas route each op to the slice that holds it.
@@ -27,11 +27,12 @@ from ray.serve.handle import DeploymentHandle
 
 from hetune.compile.bundle import Bundle, load_bundle, read_manifest
 from hetune.compile.manifest import Manifest
-from hetune.crypto.scheme import ParamSet, resolve_params
+from hetune.crypto.scheme import ParamSet
+from hetune.crypto.registry import resolve_params
 from hetune.errors import ConfigError
-from hetune.protocols.hybrid_lora.server import ServeConfig, Session, create_app
-from hetune.protocols.hybrid_lora.worker import OpShape, Worker
-from hetune.protocols.signed_sessions import KEY_ENV, KEY_HINT, Claims, SessionTokens, SignedSessions, load_session_key
+from hetune.protocols.hybrid_lora.worker.server import ServeConfig, Session, create_app
+from hetune.protocols.hybrid_lora.worker.runner import OpShape, Worker
+from hetune.serving.signed_sessions import KEY_ENV, KEY_HINT, Claims, SessionTokens, SignedSessions, load_session_key
 
 APP_NAME = "hetune-worker"
 REPLICA_HEADER = "x-worker-replica"  # which replica answered: for tests and load-balancing checks
@@ -104,7 +105,7 @@ class RevocationList:
 
 
 class ActorRevocations:
-    """:class:`~hetune.protocols.signed_sessions.Revocations` over the app's RevocationList actor."""
+    """:class:`~hetune.serving.signed_sessions.Revocations` over the app's RevocationList actor."""
 
     def __init__(self, app_name: str):
         self._actor = RevocationList.options(name=f"{app_name}-revocations", namespace="hetune", get_if_exists=True,
@@ -134,7 +135,7 @@ class OpSlice:
 
 
 class SliceRouter:
-    """The ingress replicas' :class:`~hetune.protocols.hybrid_lora.worker.OpRunner` when ops live on slices."""
+    """The ingress replicas' :class:`~hetune.protocols.hybrid_lora.worker.runner.OpRunner` when ops live on slices."""
 
     def __init__(self, manifest: Manifest, slices: list[tuple[DeploymentHandle, tuple[list[str], dict, str]]]):
         self._manifest = manifest

@@ -26,7 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from hetune.errors import ConfigError
-from hetune.protocols.http_api import bearer, error
+from hetune.serving.http_api import bearer, error
 
 KEY_PREFIX = "htk_"  # so a leaked key is recognisable in a scan
 _OWNER = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 
 from hetune.compile.bundle import Bundle
-from hetune.crypto.scheme import ParamSet, get_scheme
+from hetune.crypto.scheme import ParamSet
+from hetune.crypto.registry import get_scheme
 from hetune.errors import ConfigError
-from hetune.protocols.hybrid_lora.worker import Worker
+from hetune.protocols.hybrid_lora.worker.runner import Worker
 
 
 class LocalTransport:

@@ -7,7 +7,7 @@ for GLWE), checks op, direction, shape, header and body size before any heavy wo
 and answers every bad request with a 4xx JSON error. Logs carry method, path, status
 and timing: never a key, a token or a payload. On a network it serves https
 (``tls_cert``/``tls_key``) and admits data owners by API key with per-owner limits
-(``api_keys``, :mod:`hetune.protocols.admission`); without keys it is open, and says so.
+(``api_keys``, :mod:`hetune.serving.admission`); without keys it is open, and says so.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from hetune.compile.bundle import Bundle
-from hetune.crypto.scheme import ParamSet, PayloadError, get_scheme, scheme_names
+from hetune.crypto.scheme import ParamSet, PayloadError
+from hetune.crypto.registry import get_scheme, scheme_names
 from hetune.errors import ConfigError
 from hetune.protocols.hybrid_lora import wire
-from hetune.protocols.admission import OPEN_ADMISSION, Admission, OwnerLimits, read_keys_file
-from hetune.protocols.hybrid_lora.worker import OpRunner, Worker
-from hetune.protocols.http_api import LoopbackServer, add_access_log, error, read_body, session_or_error
-from hetune.protocols.sessions import SessionLimitError, SessionStore
-from hetune.protocols.signed_sessions import SignedSessions
+from hetune.serving.admission import OPEN_ADMISSION, Admission, OwnerLimits, read_keys_file
+from hetune.protocols.hybrid_lora.worker.runner import OpRunner, Worker
+from hetune.serving.http_api import LoopbackServer, add_access_log, error, read_body, session_or_error
+from hetune.serving.sessions import SessionLimitError, SessionStore
+from hetune.serving.signed_sessions import SignedSessions
 
 log = logging.getLogger("hetune.worker")
 

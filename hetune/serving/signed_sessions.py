@@ -110,7 +110,7 @@ R = TypeVar("R", bound=_Record)
 
 
 class SignedSessions(Generic[R]):
-    """A drop-in for :class:`~hetune.protocols.sessions.SessionStore` whose sessions live in their tokens.
+    """A drop-in for :class:`~hetune.serving.sessions.SessionStore` whose sessions live in their tokens.
 
     Each request's record is rebuilt from its token's claims (``rebuild``), so a scheme that
     needs per-session state (GLWE's compression key) cannot use it. A token expires
