@@ -7,7 +7,7 @@ import torch
 
 from hetune.compile.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle, write_bundle
 from hetune.compile.compiler import CompileConfig, compile_model
-from hetune.compile.manifest import Manifest
+from hetune.compile.manifest import CryptoSpec, Manifest
 from hetune.errors import BundleError, OverflowRiskError
 from hetune.models.layers import decoder_layers, member_linear
 from hetune.crypto.registry import resolve_params
@@ -69,7 +69,7 @@ def test_fused_op_equals_its_unfused_parts_bit_for_bit(tiny, compiled):
 
     def op(c, name):
         s = c.manifest.op(name)
-        return IntegerLinear(c.tensors[s.weight_key], c.tensors[s.scale_key], *widths)
+        return IntegerLinear.from_scale(c.tensors[s.weight_key], c.tensors[s.scale_key], *widths)
 
     fused = op(compiled, "layers.1.qkv").forward(x)
     parts = torch.cat([op(unfused, f"layers.1.{n}").forward(x) for n in ("q", "k", "v")], dim=1)
@@ -125,7 +125,7 @@ def test_glwe_bundles_check_against_their_own_27_bit_budget(tiny):
     """10/11/11 bits fit the batched RLWE budget (30 bits); under Concrete ML's GLWE (27) compile narrows them."""
     cfg = dict(quant=QuantConfig(bits_w=10, bits_a=11, bits_g=11), calibration_tokens=16)
     rlwe = compile_model(tiny, CompileConfig(**cfg), progress=False)
-    assert rlwe.manifest.crypto == {"scheme": "rlwe", "param_set": "p128"}
+    assert rlwe.manifest.crypto == CryptoSpec("rlwe", "p128")
     assert 27 < max(s.worst_acc_bits for s in rlwe.manifest.ops) <= 30
     assert all((s.bits_a, s.bits_g) == (11, 11) for s in rlwe.manifest.ops)
     glwe = compile_model(tiny, CompileConfig(**cfg, scheme="glwe"), progress=False)
@@ -213,9 +213,9 @@ def test_rotated_bundle_records_its_rotation_and_stays_exact_in_float(tiny, tmp_
     assert bundle.manifest.quant == quant and compiled.report["quant"]["rotation"] == "hadamard"
     spec = bundle.manifest.op("layers.1.down")
     op = bundle.op(spec.name)
-    assert op.rotation is not None and op.rotation.n == spec.in_features and op.rotation.seed == 5
+    assert op.codec.rotation is not None and op.codec.rotation.n == spec.in_features and op.codec.rotation.seed == 5
     weight = member_linear(decoder_layers(tiny.model), "layers.1.mlp.down_proj").weight.detach().to(torch.float64)
-    dequantized = op.rotation.invert(op.q.to(torch.float64) * op.scale.to(torch.float64)[:, None])  # W_q s R^T ~ W
+    dequantized = op.codec.rotation.invert(op.q.to(torch.float64) * op.codec.scale.to(torch.float64)[:, None])  # W_q s R^T ~ W
     assert float((dequantized - weight).norm() / weight.norm()) < 0.01
     x = torch.randn(16, spec.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert float((op.forward(x) - x @ weight.T).norm() / (x @ weight.T).norm()) < 0.02

@@ -33,7 +33,7 @@ def test_forward_and_backward_match_integer_reference(keys, compiled):
     op = compiled.tensors[spec.weight_key]
     from hetune.quant.integer import IntegerLinear
 
-    lin = IntegerLinear(op, compiled.tensors[spec.scale_key], 8, 8)
+    lin = IntegerLinear.from_scale(op, compiled.tensors[spec.scale_key], 8, 8)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, lin.in_features, generator=gen)
     g = torch.randn(2, lin.out_features, generator=gen)

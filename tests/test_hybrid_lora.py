@@ -194,7 +194,7 @@ def test_rotation_on_and_off_both_stay_exact_in_process_and_remote(reference, mi
     from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
 
     plain, rotated = reference
-    assert load_bundle(micro_bundle).op("layers.1.down").rotation is not None  # the default bundle rotates
+    assert load_bundle(micro_bundle).op("layers.1.down").codec.rotation is not None  # the default bundle rotates
     quantized = lora_grads(build_private_model("micro-llama", "quantized", bundle=unrotated_bundle))
     assert 0 < rel(quantized, plain) < 0.05 and not torch.equal(flat(quantized), flat(rotated))
     assert_equal_grads(lora_grads(build_private_model("micro-llama", "encrypted", bundle=unrotated_bundle, keys=keys)), quantized)

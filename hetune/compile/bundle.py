@@ -21,7 +21,6 @@ from hetune.compile.manifest import Manifest, OpSpec
 from hetune.errors import BundleError
 from hetune.files import sha256_file
 from hetune.quant.integer import IntegerLinear
-from hetune.quant.rotation import input_rotation
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -78,10 +77,7 @@ class Bundle:
 
     def op(self, name: str) -> IntegerLinear:
         spec = self.manifest.op(name)
-        q = self.manifest.quant
-        return IntegerLinear(self.tensors[spec.weight_key], self.tensors[spec.scale_key], spec.bits_a, spec.bits_g,
-                             self.tensors.get(f"{name}.static_input"), self.tensors.get(f"{name}.static_grad"),
-                             input_rotation(q, spec.in_features), q.clip_a)
+        return IntegerLinear(self.tensors[spec.weight_key], spec.codec(self.tensors, self.manifest.quant))
 
     def report(self) -> dict:
         return json.loads((self.path / REPORT_FILE).read_text())

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import hetune
-from hetune.compile.manifest import Manifest, MemberSpec, ModelInfo, OpSpec
+from hetune.compile.manifest import CryptoSpec, Manifest, MemberSpec, ModelInfo, OpSpec
 from hetune.errors import OverflowRiskError
 from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
 from hetune.models.loading import LoadedModel
@@ -168,7 +168,7 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         weight, members = group_weight(model, group)
         rotation = input_rotation(qcfg, weight.shape[1])
         stored = weight.to(torch.float64) if rotation is None else rotation.apply(weight)  # W or W R: what W_q quantizes
-        qw = quantize_weight(stored, qcfg.bits_w, per_channel=qcfg.scheme == "dynamic")
+        qw = quantize_weight(stored, qcfg.bits_w, per_channel=qcfg.ranges == "dynamic")
         bound = accumulator_bound(qw.q, qcfg.bits_w, qcfg.bits_a, qcfg.bits_g,
                                   fit_budget=None if qcfg.accept_overflow_risk else params.budget_bits)
         bits_a, bits_g = bound.bits_a, bound.bits_g
@@ -183,11 +183,9 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
             risky.append((spec, why))
         tensors[spec.weight_key], tensors[spec.scale_key] = qw.q, qw.scale
         w64, x, g = weight.to(torch.float64), inputs[group.name], grads[group.name]
-        static = (None, None)
-        if qcfg.scheme == "static":
-            static = _static_ranges(x, g * qw.scale.to(torch.float64), bits_a, bits_g)
-            tensors[f"{spec.name}.static_input"], tensors[f"{spec.name}.static_grad"] = static
-        op = IntegerLinear(qw.q, qw.scale, bits_a, bits_g, *static, rotation, qcfg.clip_a)
+        if qcfg.ranges == "static":
+            tensors.update(zip(spec.static_keys, _static_ranges(x, g * qw.scale.to(torch.float64), bits_a, bits_g)))
+        op = IntegerLinear(qw.q, spec.codec(tensors, qcfg))
         rows.append({
             "op": spec.name, "in": spec.in_features, "out": spec.out_features, "bits_a": bits_a, "bits_g": bits_g,
             "weight_rel_err": _rel_err(qw.dequantize().to(torch.float64), stored),  # R orthogonal: same as vs W
@@ -212,7 +210,7 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         config={k: getattr(config, k) for k in CONFIG_FIELDS if getattr(config, k, None) is not None},
     )
     manifest = Manifest(hetune_version=hetune.__version__, model=info, quant=qcfg,
-                        crypto={"scheme": params.scheme, "param_set": params.name}, fused=cfg.fuse, ops=tuple(ops))
+                        crypto=CryptoSpec(params.scheme, params.name), fused=cfg.fuse, ops=tuple(ops))
     report = {
         "scheme": params.scheme, "param_set": params.name, "budget_bits": params.budget_bits, "quant": asdict(qcfg),
         "calibration_tokens": cfg.calibration_tokens,

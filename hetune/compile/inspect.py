@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from hetune.compile.bundle import read_manifest
-from hetune.crypto.registry import resolve_params
 
 
 def bundle_summary(path: Path) -> dict:
     m = read_manifest(path)
-    params = resolve_params(m.crypto["scheme"], m.crypto["param_set"])
+    params = m.crypto.resolve_session()
     weight_bytes = {op.name: op.params * (1 if m.quant.bits_w <= 8 else 2) for op in m.ops}
     return {
         "path": str(path),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from hetune.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 16
-SCHEMES = ("dynamic", "static")
+RANGES = ("dynamic", "static")
 ROTATIONS = ("none", "hadamard")
 
 
@@ -23,7 +23,7 @@ class QuantConfig:
     bits_g: output gradients, signed, symmetric, one scale per token; narrowed likewise.
     accept_overflow_risk: compile at exactly these widths even if the worst case can exceed
         the scheme's budget.
-    scheme: "dynamic" (per-channel weights, per-token inputs: the default, what converges) or
+    ranges: "dynamic" (per-channel weights, per-token inputs: the default, what converges) or
         "static" (one weight scale per tensor, input and gradient ranges fixed at compile
         time on calibration data): kept only to reproduce Concrete ML's ablation.
     rotation: "hadamard" (the default) rotates every op's input dimension by a seeded
@@ -41,20 +41,20 @@ class QuantConfig:
     bits_a: int = 12
     bits_g: int = 12
     accept_overflow_risk: bool = False
-    scheme: str = "dynamic"
+    ranges: str = "dynamic"
     rotation: str = "hadamard"
     rotation_seed: int = 0
     clip_a: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"scheme={self.scheme!r} is unknown", f"choose one of {', '.join(SCHEMES)}")
+        if self.ranges not in RANGES:
+            raise ConfigError(f"ranges={self.ranges!r} is unknown", f"choose one of {', '.join(RANGES)}")
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation={self.rotation!r} is unknown", f"choose one of {', '.join(ROTATIONS)}")
         if not 0.0 < self.clip_a <= 1.0:
             raise ConfigError(f"clip_a={self.clip_a!r} is out of range", "choose a ratio in (0, 1]; 1.0 does not clip")
-        if self.scheme == "static" and (self.rotation != "none" or self.clip_a != 1.0):
-            raise ConfigError("the static ablation takes no rotation or clipping", "use scheme='dynamic'")
+        if self.ranges == "static" and (self.rotation != "none" or self.clip_a != 1.0):
+            raise ConfigError("the static ablation takes no rotation or clipping", "use ranges='dynamic'")
         for field in ("bits_w", "bits_a", "bits_g"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or not MIN_BITS <= value <= MAX_BITS:

@@ -10,7 +10,7 @@ backends replace only that step, so a clear run is bit-for-bit the worker's comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -74,20 +74,13 @@ class OpCodec:
 class IntegerLinear:
     """One op with its integer weight: the worker's product plus the client's codec."""
 
-    q: torch.Tensor  # (out, in) int8/int16, signed, zero point 0
-    scale: torch.Tensor  # (out,) float32
-    bits_a: int
-    bits_g: int
-    static_input: torch.Tensor | None = None
-    static_grad: torch.Tensor | None = None
-    rotation: HadamardRotation | None = None  # q quantizes W R; see OpCodec
-    clip_a: float = 1.0
-    codec: OpCodec = field(init=False)
+    q: torch.Tensor  # (out, in) int8/int16, signed, zero point 0 (with a rotation: quantizes W R)
+    codec: OpCodec
 
-    def __post_init__(self) -> None:
-        rowsum = self.q.to(torch.float64).sum(dim=1)
-        self.codec = OpCodec(self.scale, rowsum, self.bits_a, self.bits_g, self.static_input, self.static_grad,
-                             self.rotation, self.clip_a)
+    @classmethod
+    def from_scale(cls, q: torch.Tensor, scale: torch.Tensor, bits_a: int, bits_g: int, **codec) -> "IntegerLinear":
+        """An op from its weight and scale (the codec's row sums computed from ``q``); ``codec``: OpCodec's options."""
+        return cls(q, OpCodec(scale, q.to(torch.float64).sum(dim=1), bits_a, bits_g, **codec))
 
     @property
     def out_features(self) -> int:

@@ -110,6 +110,27 @@ def make_client_app(cfg_dict: dict, body_url: str | None, access_token: str | No
     return app
 
 
+def _round_metrics(contents: list, sent: dict[int, int]) -> dict:
+    """Loss, kept examples, bytes by kind and client FLOPs of one round, from the surviving replies."""
+    per_client = [next(iter(c.metric_records.values())) for c in contents]
+    traffic = Counter()
+    for m in per_client:
+        for key, value in m.items():
+            if key.startswith("bytes-"):
+                traffic[key[6:]] += int(value)
+    traffic["model_down"] = sum(sent.values())
+    traffic["model_up"] = sum(record_bytes(c["arrays"]) for c in contents)
+    flops = [float(m["client-flops"]) for m in per_client]
+    examples = sum(int(m["num-examples"]) for m in per_client)
+    return {
+        "train_loss": sum(float(m["train-loss"]) * int(m["num-examples"]) for m in per_client) / examples if per_client else math.nan,
+        "kept": sum(int(m["kept"]) for m in per_client),
+        "bytes": dict(traffic), "client_flops_mean": sum(flops) / len(flops) if flops else 0.0,
+        "client_reported_model_bytes": {"down": sum(int(m["model-down-bytes"]) for m in per_client),
+                                        "up": sum(int(m["model-up-bytes"]) for m in per_client)},
+    }
+
+
 def make_strategy(cfg: SfpromptConfig, expected: dict[str, torch.Tensor]):
     """A FedAvg that checks every reply first and records one metrics row per round."""
     from flwr.serverapp.strategy import FedAvg
@@ -165,24 +186,8 @@ def make_strategy(cfg: SfpromptConfig, expected: dict[str, torch.Tensor]):
                     good.append(msg)
             # a fixed summation order (by partition) makes the average independent of arrival order
             contents = sorted((m.content for m in good), key=lambda c: next(iter(c.metric_records.values()))["partition-id"])
-            per_client = [next(iter(c.metric_records.values())) for c in contents]
-            traffic = Counter()
-            for m in per_client:
-                for key, value in m.items():
-                    if key.startswith("bytes-"):
-                        traffic[key[6:]] += int(value)
-            traffic["model_down"] = sum(self.sent.values())
-            traffic["model_up"] = sum(record_bytes(c["arrays"]) for c in contents)
-            flops = [float(m["client-flops"]) for m in per_client]
-            self._row = {
-                "round": server_round, "clients_ok": len(good), "dropped": dropped,
-                "train_loss": (sum(float(m["train-loss"]) * int(m["num-examples"]) for m in per_client)
-                               / max(1, sum(int(m["num-examples"]) for m in per_client))) if per_client else math.nan,
-                "kept": sum(int(m["kept"]) for m in per_client),
-                "bytes": dict(traffic), "client_flops_mean": sum(flops) / len(flops) if flops else 0.0,
-                "client_reported_model_bytes": {"down": sum(int(m["model-down-bytes"]) for m in per_client),
-                                                "up": sum(int(m["model-up-bytes"]) for m in per_client)},
-            }
+            self._row = {"round": server_round, "clients_ok": len(good), "dropped": dropped,
+                         **_round_metrics(contents, self.sent)}
             if not good:
                 log.warning("round %d: no client update survived; the global model is unchanged", server_round)
                 return None, None

@@ -73,12 +73,11 @@ def _wrap_lora(model: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.n
 
 
 def _new_keys(transport, scheme: str | None, param_set: str | None):
-    """Fresh keys for the named scheme and set; a name left None takes the worker's default."""
+    """Fresh keys for the named scheme and set; a name left None takes the bundle's (the worker's rule)."""
     from hetune.crypto.keys import generate_keys
 
-    default = transport.default_params()
-    chosen = scheme or default.scheme
-    return generate_keys(chosen, param_set or (default.name if chosen == default.scheme else None))
+    params = transport.resolve_session(scheme, param_set)
+    return generate_keys(params.scheme, params.name)
 
 
 def _check_needs(backend: str, bundle: Path | None, workers: tuple[str, ...]) -> None:

@@ -89,7 +89,7 @@ def variants(cfg: ConvergeConfig) -> list[Variant]:
     found = [Variant(b if b == "plain" else f"{b} {quant_label(q)}", b, None if b == "plain" else q) for b in cfg.backends]
     if cfg.ablation:  # Concrete ML's study, which has no rotation
         found += [
-            Variant("quantized static per-tensor w8a8g8", "quantized", QuantConfig(8, 8, 8, scheme="static", rotation="none")),
+            Variant("quantized static per-tensor w8a8g8", "quantized", QuantConfig(8, 8, 8, ranges="static", rotation="none")),
             Variant("quantized w6a6g6", "quantized", QuantConfig(6, 6, 6, rotation="none")),
             Variant("quantized w4a4g4", "quantized", QuantConfig(4, 4, 4, rotation="none")),
         ]
@@ -107,7 +107,7 @@ def _bundle_for(cfg: ConvergeConfig, quant: QuantConfig, cache: dict) -> Path:
     from hetune.models.loading import load_model
 
     if quant not in cache:
-        out = cfg.out / "bundles" / f"{quant.scheme}-{quant_label(quant).replace(' ', '-')}"
+        out = cfg.out / "bundles" / f"{quant.ranges}-{quant_label(quant).replace(' ', '-')}"
         out.parent.mkdir(parents=True, exist_ok=True)
         compiled = compile_model(load_model(cfg.model, seed=cfg.seed), CompileConfig(quant=quant, seed=cfg.seed), progress=False)
         write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=True)

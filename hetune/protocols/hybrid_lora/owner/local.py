@@ -23,15 +23,13 @@ class LocalTransport:
         self._params: ParamSet | None = None
         self._session: object = None
 
-    def default_params(self) -> ParamSet:
-        return self.worker.default_params()
+    def resolve_session(self, scheme: str | None, param_set: str | None) -> ParamSet:
+        return self.worker.bundle.manifest.crypto.resolve_session(scheme, param_set)
 
     def open(self, params: ParamSet, session_key: bytes) -> None:
-        problems = self.worker.bundle.manifest.problems(params)
-        if problems:
-            raise ConfigError(f"this bundle cannot run under {params.scheme}/{params.name}: {problems[0]}",
-                              "compile the bundle for this scheme (hetune compile ... --scheme/--param-set), "
-                              "or pick the --scheme/--param-set it was compiled for")
+        refusal = self.worker.bundle.manifest.session_refusal(params)
+        if refusal:
+            raise ConfigError(refusal)
         self._session = get_scheme(params.scheme).open_session(params, session_key)
         self._params = params
 

@@ -23,7 +23,6 @@ from hetune.compile.manifest import Manifest
 from hetune.errors import ConfigError, WorkerError
 from hetune.protocols.hybrid_lora import wire
 from hetune.quant.integer import OpCodec
-from hetune.quant.rotation import input_rotation
 
 
 @dataclass(frozen=True)
@@ -195,13 +194,7 @@ class HttpTransport:
 
     def codecs(self) -> dict[str, OpCodec]:
         tensors = self.clients[0].codec_tensors()
-        q = self.manifest.quant
-        return {
-            op.name: OpCodec(tensors[f"{op.name}.scale"], tensors[f"{op.name}.rowsum"], op.bits_a, op.bits_g,
-                             tensors.get(f"{op.name}.static_input"), tensors.get(f"{op.name}.static_grad"),
-                             input_rotation(q, op.in_features), q.clip_a)
-            for op in self.manifest.ops
-        }
+        return {op.name: op.codec(tensors, self.manifest.quant) for op in self.manifest.ops}
 
     def check_model(self, model: torch.nn.Module) -> None:
         """The client's model must have the architecture the bundle was compiled from."""
@@ -216,10 +209,8 @@ class HttpTransport:
     def in_features(self, op: str) -> int:
         return self.manifest.op(op).in_features
 
-    def default_params(self):
-        from hetune.crypto.registry import resolve_params
-
-        return resolve_params(self.manifest.crypto["scheme"], self.manifest.crypto["param_set"])
+    def resolve_session(self, scheme: str | None, param_set: str | None):
+        return self.manifest.crypto.resolve_session(scheme, param_set)
 
     def open(self, params, session_key: bytes) -> None:
         for client in self.clients:

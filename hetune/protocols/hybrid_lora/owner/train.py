@@ -32,7 +32,7 @@ class TrainConfig:
     model: str
     data: tuple[str, ...]
     out: Path
-    backend: str = "quantized"
+    backend: str = "remote"  # private fine-tuning against a worker; plain/quantized/encrypted for checks and long runs
     bundle: Path | None = None
     workers: tuple[str, ...] = ()
     text_field: str = "text"

@@ -61,19 +61,15 @@ class Worker:
         """Public per-channel data the client decodes with: scales and row sums of W_q (no weights)."""
         tensors = {}
         for name in self.weights:
-            codec = self.bundle.op(name).codec
-            tensors[f"{name}.scale"], tensors[f"{name}.rowsum"] = codec.scale, codec.rowsum
-            if codec.static_input is not None:  # the static ablation's fixed ranges
-                tensors[f"{name}.static_input"], tensors[f"{name}.static_grad"] = codec.static_input, codec.static_grad
+            spec, codec = self.bundle.manifest.op(name), self.bundle.op(name).codec
+            tensors[spec.scale_key], tensors[spec.rowsum_key] = codec.scale, codec.rowsum
+            if codec.static_input is not None:
+                tensors.update(zip(spec.static_keys, (codec.static_input, codec.static_grad)))
         return tensors
 
     def shape(self, op: str, direction: str) -> OpShape:
         out, inp = self.weights[op].shape
         return OpShape(inp, out) if direction == "forward" else OpShape(out, inp)
-
-    def default_params(self) -> ParamSet:
-        crypto = self.bundle.manifest.crypto
-        return get_scheme(crypto["scheme"]).params(crypto["param_set"])
 
     def run(self, op: str, direction: str, params: ParamSet, session: object, body: bytes) -> bytes:
         """forward: Enc(X_q) (T, in) times W_q^T; backward: Enc(G_q) (T, out) times W_q."""

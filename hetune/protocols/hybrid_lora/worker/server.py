@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -107,7 +107,7 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             "hetune_version": manifest.hetune_version,
             "manifest": manifest.to_dict(),
             "limits": {"max_rows": cfg.max_rows, "max_sessions": cfg.max_sessions, "session_ttl_s": cfg.session_ttl_s},
-            "default": manifest.crypto,
+            "default": asdict(manifest.crypto),
             "schemes": {name: {"param_sets": list(get_scheme(name).param_sets), "default": get_scheme(name).default_param_set}
                         for name in scheme_names()},
             "device": worker.device,
@@ -123,18 +123,14 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
     @app.post(f"{prefix}/sessions", status_code=201)
     async def create_session(request: Request, scheme: str | None = None, param_set: str | None = None):
         # Without names, the bundle's scheme and set apply; the body is the scheme's session key (RLWE: empty).
-        scheme = scheme or manifest.crypto["scheme"]
-        if param_set is None and scheme == manifest.crypto["scheme"]:
-            param_set = manifest.crypto["param_set"]
         try:
-            chosen = get_scheme(scheme).resolve(param_set)
+            chosen = manifest.crypto.resolve_session(scheme, param_set)
         except ConfigError as err:
             return error(422, f"{err.message}; {err.hint}")
-        problems = manifest.problems(chosen)
-        if problems:
-            return error(422, f"this bundle cannot run under {scheme}/{chosen.name}: {problems[0]}; "
-                              f"its widths fit {manifest.crypto['scheme']}/{manifest.crypto['param_set']}: compile it with "
-                              f"--scheme {scheme} --param-set {chosen.name} to train under that set")
+        scheme = chosen.scheme
+        refusal = manifest.session_refusal(chosen)
+        if refusal:
+            return error(422, refusal)
         if chosen.session_key_bytes and isinstance(sessions, SignedSessions):  # a token cannot carry a key
             return error(422, f"scheme {scheme} needs per-session keys; use rlwe with --ray")
         body = await read_body(request, chosen.session_key_bytes)
