@@ -13,6 +13,8 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable, Generic, Protocol, TypeVar
 
 
@@ -25,7 +27,11 @@ S = TypeVar("S", bound=_HasToken)
 
 
 class SessionLimitError(Exception):
-    """The store is at its cap; the server answers 429 so the client retries later."""
+    """The store is at its cap, or ``owner`` at its own; the server answers 429 so the client retries later."""
+
+    def __init__(self, owner: str | None = None):
+        super().__init__(owner)
+        self.owner = owner
 
 
 class SessionStore(Generic[S]):
@@ -39,6 +45,7 @@ class SessionStore(Generic[S]):
                  on_drop: Callable[[S], None] | None = None):
         self.max_sessions, self.ttl_s, self._log, self._on_drop = max_sessions, ttl_s, log, on_drop
         self._sessions: dict[str, S] = {}
+        self._reserved = 0  # places held by opens still reading their key
         self._lock = threading.Lock()
 
     def _drop(self, sid: str) -> None:
@@ -53,11 +60,28 @@ class SessionStore(Generic[S]):
                 self._drop(sid)
                 self._log.info("session %s expired", sid[:8])
 
-    def create(self, make: Callable[[str], S]) -> tuple[str, str]:
-        """A new (session id, token); ``make(token)`` builds the session. Raises SessionLimitError at the cap."""
+    @contextmanager
+    def reserve(self) -> Iterator[None]:
+        """Hold a place under the cap while a new session's key is read, so the cap is checked before
+        any large read and concurrent opens cannot all read past it. Raises SessionLimitError at the cap."""
         self.expire()
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
+            if len(self._sessions) + self._reserved >= self.max_sessions:
+                raise SessionLimitError
+            self._reserved += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= 1
+
+    def create(self, make: Callable[[str], S], reserved: bool = False) -> tuple[str, str]:
+        """A new (session id, token); ``make(token)`` builds the session. Raises SessionLimitError at the cap.
+
+        ``reserved``: the caller holds a place from :meth:`reserve`."""
+        self.expire()
+        with self._lock:
+            if len(self._sessions) + self._reserved - reserved >= self.max_sessions:
                 raise SessionLimitError
             sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
             self._sessions[sid] = make(token)
@@ -83,6 +107,11 @@ class SessionStore(Generic[S]):
     def values(self) -> list[S]:
         with self._lock:
             return list(self._sessions.values())
+
+    def owned_by(self, owner: str) -> int:
+        """Live sessions opened by ``owner`` (sessions with an ``owner`` attribute)."""
+        self.expire()
+        return sum(getattr(s, "owner", None) == owner for s in self.values())
 
     def __len__(self) -> int:
         return len(self._sessions)
