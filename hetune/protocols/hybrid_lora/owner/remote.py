@@ -27,6 +27,7 @@ from hetune.compile.manifest import Manifest
 from hetune.crypto.registry import get_scheme
 from hetune.errors import ConfigError, HetuneError, WorkerError
 from hetune.protocols.hybrid_lora import wire
+from hetune.protocols.hybrid_lora.owner.connection import connection_error
 from hetune.quant.integer import OpCodec
 
 
@@ -41,6 +42,7 @@ DEFAULT_RETRY = RetryPolicy()
 MAX_INFO_BYTES = 256 * 2**20  # /info, /codec and session JSON: a Llama-3-8B codec is about 11 MB
 RESULT_BYTES_FACTOR = 16  # a result is at most this times a request of its shape (RLWE: 2 values of <= 8 bytes per 1-byte input)
 MAX_RETRY_AFTER_S = 120.0  # a worker's Retry-After beyond this is not believed
+CONNECT_TIMEOUT_S = 5.0  # a worker that does not accept a connection within this is down or firewalled
 API_KEY_ENV = "HETUNE_API_KEY"
 _API_KEY_HINT = f"set {API_KEY_ENV} or pass --api-key-file with the key the worker's operator made with `hetune keys new`"
 
@@ -104,12 +106,14 @@ class WorkerClient:
         self.retry = retry or DEFAULT_RETRY
         self._access = access or WorkerAccess()
         self._access.check_url(self.url)
-        self.http = httpx.Client(base_url=f"{self.url}/{wire.API_VERSION}", timeout=self.retry.timeout_s,
-                                 verify=self._access.ssl_context())
+        self.http = httpx.Client(base_url=f"{self.url}/{wire.API_VERSION}", verify=self._access.ssl_context(),
+                                 timeout=httpx.Timeout(self.retry.timeout_s, connect=CONNECT_TIMEOUT_S))
+        self._reached = False  # until the worker first answers, a failure is a set-up mistake: reported, not retried
         self.session_id: str | None = None
         self._token: str | None = None
         self._key: bytes | None = None
         self._params = None  # the session's hetune.crypto.scheme.ParamSet
+        self.fingerprint: str | None = None  # outsourced_sha256 the data owner verified; each session must report it
 
     def _receive(self, method: str, path: str, max_bytes: int, **kwargs):
         """The response with its body read whole, or _TooLarge once it passes ``max_bytes`` (decoded)."""
@@ -138,11 +142,11 @@ class WorkerClient:
             except _TooLarge as err:  # never held whole: retried like a lost connection
                 problem = f"worker {self.url} sent a response of over {max_bytes} bytes ({err.size} so far) to {method} {path}"
             except httpx.TransportError as err:
-                if _certificate_failure(err):  # retrying cannot help, and the worker may be an impostor
-                    raise WorkerError(f"worker {self.url} has a certificate this client does not trust: {err}",
-                                      "pass --ca-cert FILE with the CA that signed the worker's certificate") from err
+                if not self._reached or _certificate_failure(err):  # retrying cannot help; the worker may be an impostor
+                    raise connection_error(self.url, self._access.ca_cert, err) from err
                 problem = f"cannot reach worker {self.url}: {err}"
             else:
+                self._reached = True
                 retry_after = response.headers.get("retry-after", "")
                 if response.status_code < 500 and not (response.status_code == 429 and retry_after.isdigit()
                                                        and attempt < self.retry.retries):
@@ -151,7 +155,7 @@ class WorkerClient:
                 wait = min(float(retry_after), MAX_RETRY_AFTER_S) if retry_after.isdigit() else wait  # a 429 says when
             if attempt < self.retry.retries:
                 time.sleep(wait)
-        raise WorkerError(problem, "check that `hetune serve` is running there, then resume from the last checkpoint")
+        raise WorkerError(problem, "check that `hetune serve` is still running there")
 
     def _checked(self, response, what: str, hint: str | None = None):
         if response.status_code >= 400:
@@ -205,6 +209,12 @@ class WorkerClient:
                           ("session_id", "token"))
         if not all(isinstance(data[f], str) and data[f].isprintable() and len(data[f]) < 4096 for f in ("session_id", "token")):
             raise self._malformed("session", ValueError("session_id and token must be short printable strings"))
+        served = data.get("outsourced_sha256")
+        if self.fingerprint is not None and served != self.fingerprint:  # e.g. restarted on another bundle since /info
+            self.close_session(data["session_id"], data["token"])
+            raise WorkerError(f"worker {self.url} opened a session on other weights (outsourced weights sha256 "
+                              f"{str(served)[:12]}) than the bundle checked against the local model ({self.fingerprint[:12]})",
+                              "serve the bundle compiled from your model on that worker, then rerun (with --resume if a run had started)")
         self.session_id, self._token = data["session_id"], data["token"]
 
     def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int, max_bytes: int = MAX_INFO_BYTES) -> tuple[bytes, float]:
@@ -227,12 +237,15 @@ class WorkerClient:
             return response.content, seconds
         raise AssertionError("unreachable")
 
+    def close_session(self, session_id: str, token: str) -> None:
+        try:
+            self.http.delete(f"/sessions/{session_id}", headers={"authorization": f"Bearer {token}"})
+        except Exception:  # closing is best effort: the session expires anyway
+            pass
+
     def close(self) -> None:
         if self.session_id:
-            try:
-                self.http.delete(f"/sessions/{self.session_id}", headers={"authorization": f"Bearer {self._token}"})
-            except Exception:  # closing is best effort: the session expires anyway
-                pass
+            self.close_session(self.session_id, self._token)
         self.session_id = self._token = self._key = self._params = None
         self.http.close()
 
@@ -263,15 +276,10 @@ class HttpTransport:
                     raise self.clients[0]._malformed("codec", ValueError(f"{name} is missing or not of shape ({op.out_features},)"))
         return {op.name: op.codec(tensors, self.manifest.quant) for op in self.manifest.ops}
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """The client's model must have the architecture the bundle was compiled from."""
-        for key, value in self.manifest.model.config.items():
-            mine = getattr(model.config, key, None)
-            if mine is not None and mine != value:
-                raise WorkerError(
-                    f"the worker's bundle was compiled for {key}={value}, the local model has {mine}",
-                    f"use the model the bundle was compiled from ({self.manifest.model.id})",
-                )
+    def verified(self, fingerprint: str) -> None:
+        """The data owner checked the manifest's weights against its model: every session must serve these."""
+        for client in self.clients:
+            client.fingerprint = fingerprint
 
     def in_features(self, op: str) -> int:
         return self.manifest.op(op).in_features

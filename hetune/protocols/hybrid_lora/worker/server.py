@@ -195,7 +195,8 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later",
                          Admission.SESSION_FULL_RETRY_S)
         log.info("session %s created (%s/%s)", sid[:8], scheme, chosen.name)
-        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "scheme": scheme, "param_set": chosen.name}
+        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "scheme": scheme, "param_set": chosen.name,
+                "outsourced_sha256": manifest.model.outsourced_sha256}  # the weights this session computes with
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
     def close_session(sid: str, got: Session = Depends(session_of)):
