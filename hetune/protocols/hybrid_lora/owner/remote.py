@@ -132,13 +132,16 @@ class WorkerClient:
         plain = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
         return httpx.Response(response.status_code, headers=plain, content=b"".join(chunks), request=response.request)
 
-    def _request(self, method: str, path: str, max_bytes: int = MAX_INFO_BYTES, **kwargs):
+    def _request(self, method: str, path: str, max_bytes: int = MAX_INFO_BYTES, content: bytes | None = None,
+                 remake=None, **kwargs):
+        """``remake``: a callable that makes a fresh body for each retry (a product is re-encrypted, never resent)."""
         import httpx
 
         for attempt in range(self.retry.retries + 1):
             wait = self.retry.backoff_s * 2**attempt
             try:
-                response = self._receive(method, path, max_bytes, **kwargs)
+                body = remake() if remake is not None and attempt else content
+                response = self._receive(method, path, max_bytes, content=body, **kwargs)
             except _TooLarge as err:  # never held whole: retried like a lost connection
                 problem = f"worker {self.url} sent a response of over {max_bytes} bytes ({err.size} so far) to {method} {path}"
             except httpx.TransportError as err:
@@ -217,12 +220,14 @@ class WorkerClient:
                               "serve the bundle compiled from your model on that worker, then rerun (with --resume if a run had started)")
         self.session_id, self._token = data["session_id"], data["token"]
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int, max_bytes: int = MAX_INFO_BYTES) -> tuple[bytes, float]:
-        """The result body (at most ``max_bytes``) and the worker's seconds (its ``x-worker-seconds`` header)."""
+    def run(self, op: str, direction: str, payload, rows: int, cols: int, max_bytes: int = MAX_INFO_BYTES) -> tuple[bytes, float]:
+        """The result body (at most ``max_bytes``) and the worker's seconds (its ``x-worker-seconds`` header);
+        ``payload``: bytes, or a callable that makes a fresh request body for each try."""
         path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
         for reopened in (False, True):
             response = self._request(
-                "POST", path, max_bytes=max_bytes, content=payload, params={"rows": rows, "cols": cols},
+                "POST", path, max_bytes=max_bytes, content=payload() if callable(payload) else payload,
+                remake=payload if callable(payload) else None, params={"rows": rows, "cols": cols},
                 headers={"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"},
             )
             if response.status_code == 404 and "session" in response.text and not reopened:
@@ -291,7 +296,11 @@ class HttpTransport:
         for client in self.clients:
             client.open(params, session_key)
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
+    @property
+    def weights_sha256(self) -> str:
+        return self.manifest.model.weights_sha256
+
+    def run(self, op: str, direction: str, payload, rows: int, cols: int) -> tuple[bytes, float]:
         client = self._by_op[op]
         spec = self.manifest.op(op)
         out_cols = spec.out_features if direction == "forward" else spec.in_features
