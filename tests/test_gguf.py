@@ -86,7 +86,7 @@ def test_gguf_file_loads_the_weights_it_was_written_from(tiny_gguf):
 def test_client_reads_only_what_it_keeps_from_a_gguf_file(tiny_gguf):
     model, path = tiny_gguf
     client = load_client_model(str(path))
-    members = [m for g in op_groups(model.config.num_hidden_layers) for m in g.members]
+    members = [m for g in op_groups(model.config) for m in g.members]
     for member in members:
         assert member_linear(decoder_layers(client.model), member).weight.untyped_storage().nbytes() == 4  # placeholder
     kept = {n: t for n, t in client.model.state_dict().items() if not n.endswith("_proj.weight")}
@@ -127,10 +127,10 @@ def _package(field: str, value: str) -> builtin.PackagedGguf:
 @pytest.mark.parametrize(
     "source, patch, message",
     [
-        ("gpt2.gguf", None, "is a 'gpt2' model, not a Llama-class causal LM"),
+        ("gpt2.gguf", None, "is a 'gpt2' model, not a supported decoder-only family"),
         ("garbage.gguf", None, "is not a GGUF model file transformers can read"),
         ("missing.gguf", None, "does not exist"),
-        ("smollm2-135m", _package("package", "hetune-no-such-package"), "needs the package hetune-no-such-package in "),
+        ("smollm2-135m", _package("packages", ("hetune-no-such-package",)), "needs the package hetune-no-such-package in "),
         ("smollm2-135m", _package("sha256", "0" * 64), "expected 0000"),
     ],
 )
@@ -191,3 +191,117 @@ def test_model_packages_are_looked_up_in_the_models_dir_only(tmp_path, monkeypat
     assert "hetune models install smollm2-135m" in err.value.hint
     code, _, err_text = run_cli("models", "install", "no-such-model")
     assert code == 3 and "no built-in GGUF model named no-such-model" in err_text
+
+
+def _fake_package(models, package: str, file: str, data: bytes) -> None:
+    """A package installed by `pip --target`, as importlib.metadata finds it: its file and dist-info."""
+    top = package.replace("-", "_")
+    (models / top).mkdir(parents=True)
+    (models / top / file).write_bytes(data)
+    info = models / f"{top}-1.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0.0\n")
+    (info / "RECORD").write_text(f"{top}/{file},,\n")
+
+
+def test_a_split_gguf_is_joined_in_package_order_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    models = tmp_path / "models"
+    monkeypatch.setenv(builtin.MODELS_DIR_ENV, str(models))
+    chunks = [b"GGUF first part|", b"second part|", b"third"]
+    packages = tuple(f"hetune-test-part{i}" for i in range(3))
+    files = tuple(f"m.gguf.part{i:02d}" for i in range(3))
+    for package, file, chunk in zip(packages, files, chunks):
+        _fake_package(models, package, file, chunk)
+    whole = b"".join(chunks)
+    spec = builtin.PackagedGguf(packages, "1.0.0", files, hashlib.sha256(whole).hexdigest(), "m.gguf")
+    monkeypatch.setitem(builtin.BUILTIN_GGUF, "split-test", spec)
+    assert builtin.packaged_gguf_path("split-test") == models / "m.gguf"
+    assert (models / "m.gguf").read_bytes() == whole
+    (models / "m.gguf").unlink()
+    reordered = dataclasses.replace(spec, packages=packages[::-1], files=files[::-1])  # same bytes, wrong order
+    monkeypatch.setitem(builtin.BUILTIN_GGUF, "split-test", reordered)
+    with pytest.raises(ModelLoadError, match="join to sha256") as info:
+        builtin.packaged_gguf_path("split-test")
+    assert "hetune models install split-test" in info.value.hint
+    assert sorted(p.name for p in models.iterdir() if not p.is_dir()) == []  # nothing half-written left
+
+
+# A small SentencePiece BPE vocabulary as Gemma's GGUF stores it: control tokens, 256 byte
+# tokens, then pieces ranked by score (a higher score merges first).
+SPM_PIECES = ["▁", "d", "e", "f", "x", "(", ")", ":", "de", "def", "▁f", "▁x"]
+
+
+def write_gemma3_gguf(model: torch.nn.Module, path) -> None:
+    """A Gemma 3 model the way llama.cpp's converter writes it: norms stored as 1 + w, an SPM vocabulary with scores."""
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_sliding_window(cfg.sliding_window)
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 260 + [-float(i) for i in range(len(SPM_PIECES))])
+    writer.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * len(SPM_PIECES))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, cfg.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight":
+            continue  # tied
+        module, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(module)}.{suffix}"
+        array = tensor.numpy() + (1 if name.endswith("norm.weight") else 0)  # llama.cpp: Gemma's norms as 1 + w
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gemma3_gguf_norms_and_vocabulary_load_as_the_original(tmp_path):
+    """The +1 llama.cpp adds to Gemma's norms is undone; the SPM vocabulary tokenizes by merge rank, not as Unigram."""
+    from transformers import Gemma3TextConfig
+
+    from hetune.models.families import family_of
+
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, vocab_size=260 + len(SPM_PIECES),
+                              sliding_window=4, bos_token_id=2, eos_token_id=1, pad_token_id=0)  # GGUF-default layer types
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    path = tmp_path / "tiny-gemma3.gguf"
+    write_gemma3_gguf(model, path)
+    assert family_of(load_config(str(path))).norm_offset == 1.0
+    loaded = load_model(str(path))
+    ours, theirs = loaded.model.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in theirs:  # norms: (w + 1) - 1 in float32, within one rounding of 1
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1.2e-7 if "norm" in name else 0, msg=name)
+    ids = loaded.tokenizer("def f(x):")["input_ids"]
+    assert loaded.tokenizer.convert_ids_to_tokens(ids) == ["<bos>", "def", "▁f", "(", "x", ")", ":"]
+    assert loaded.tokenizer.decode(ids, skip_special_tokens=True) == "def f(x):"
+    assert loaded.tokenizer.decode(loaded.tokenizer("é ok")["input_ids"], skip_special_tokens=True) == "é ok"  # byte fallback
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=torch.tensor([ids])).logits, model(input_ids=torch.tensor([ids])).logits,
+                                   rtol=1e-5, atol=1e-5)

@@ -9,11 +9,7 @@ import torch
 
 from hetune.errors import ModelLoadError
 from hetune.models.builtin import BUILTIN_CONFIGS, BUILTIN_GGUF, BUILTIN_NAMES, builtin_config, byte_tokenizer, packaged_gguf_path
-
-# Families whose blocks have exactly q/k/v/o + gate/up/down linears around client-side
-# non-linearities. Qwen2's q/k/v biases are added by the data owner after the frozen
-# product; Qwen3's per-head q/k RMSNorms run on the data owner's side like every norm.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from hetune.models.families import family_of
 
 
 @dataclass
@@ -21,16 +17,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     model_id: str
-
-
-def _check_family(config, source: str) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_TYPES:
-        raise ModelLoadError(
-            f"{source} is a '{model_type}' model, not a Llama-class causal LM",
-            f"hetune supports model types {', '.join(SUPPORTED_TYPES)} "
-            "(Llama-2/3, Llama-3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2 and their fine-tunes)",
-        )
 
 
 def gguf_path(name_or_path: str) -> Path | None:
@@ -54,7 +40,7 @@ def load_config(name_or_path: str):
         from hetune.models.gguf import load_gguf_config
 
         config = load_gguf_config(gguf)
-        _check_family(config, name_or_path)
+        family_of(config, name_or_path)
         return config
     from transformers import AutoConfig
 
@@ -81,12 +67,12 @@ def load_config(name_or_path: str):
             f"{name_or_path} --local-dir DIR`, copy DIR here and pass DIR instead of the id; "
             f"or use a built-in model: {', '.join(BUILTIN_NAMES)}",
         ) from err
-    _check_family(config, name_or_path)
+    family_of(config, name_or_path)
     return config
 
 
 def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Standard ``from_pretrained`` loading (GGUF weights dequantized); built-ins are built from their config with ``seed``."""
+    """Hub id or directory: ``from_pretrained``; GGUF: every tensor dequantized; built-ins: built from their config with ``seed``."""
     config = load_config(name_or_path)
     if name_or_path in BUILTIN_CONFIGS:
         from transformers import LlamaForCausalLM
@@ -94,14 +80,17 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(dtype)
         tokenizer = byte_tokenizer()
+    elif (gguf := gguf_path(name_or_path)) is not None:
+        from hetune.models.client_weights import load_client_model
+
+        loaded = load_client_model(name_or_path, outsourced=[])  # the data owner's reader, leaving nothing out
+        model, tokenizer = loaded.model.to(dtype), loaded.tokenizer
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = gguf_path(name_or_path)
-        source, extra = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (name_or_path, {})
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **extra)
-            tokenizer = AutoTokenizer.from_pretrained(source, config=config, **extra)  # config: parsed once
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=config)  # config: parsed once
         except OSError as err:
             raise ModelLoadError(
                 f"could not load the weights or tokenizer of {name_or_path}: {err}",
