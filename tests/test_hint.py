@@ -181,16 +181,16 @@ def test_a_retry_after_a_network_error_re_encrypts(micro_bundle, loopback_worker
     pm = build_private_model("micro-llama", "remote", workers=(worker.url,), keys=fixed_mask_keys("p128", tmp_path))
     client = pm.backend.transport.clients[0]
     client.retry = remote.RetryPolicy(retries=2, backoff_s=0.01)
-    sent, original = [], client.http.request
+    sent, original = [], client._receive
 
-    def flaky(method, path, content=None, **kwargs):
+    def flaky(method, path, max_bytes, content=None, **kwargs):
         if "/ops/" in path and content and len(content) > wire.HEADER_BYTES:
             sent.append(content)
             if len(sent) == 1:
                 raise httpx.ConnectError("connection reset")
-        return original(method, path, content=content, **kwargs)
+        return original(method, path, max_bytes, content=content, **kwargs)
 
-    monkeypatch.setattr(client.http, "request", flaky)
+    monkeypatch.setattr(client, "_receive", flaky)
     lora_grads(pm, torch.tensor([[72, 101]]))
     assert len(sent) == pm.backend.stats.round_trips + 1  # one product was tried twice
     assert sent[0] != sent[1]  # the retried product was encrypted again, under a new secret
