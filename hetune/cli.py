@@ -97,6 +97,10 @@ def serve(
     api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="Data owners' hashed API keys (`hetune keys new`); without it anyone who reaches the port may open sessions."),
     owner_sessions: int = typer.Option(2, "--owner-sessions", help="With --api-keys: concurrent sessions per data owner."),
     owner_rpm: int = typer.Option(600, "--owner-rpm", help="With --api-keys: requests per minute per data owner (429 with Retry-After past it)."),
+    body_budget: int = typer.Option(1024, "--body-budget-mib", help="Request bodies in flight, in all (MiB): bounds the worker's memory under load."),
+    owner_body_budget: int = typer.Option(512, "--owner-body-budget-mib", help="Request bodies in flight per data owner (per session without --api-keys), MiB."),
+    body_timeout: float = typer.Option(120.0, "--body-timeout", help="Seconds to receive one request body (408 past it)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow listening beyond loopback without TLS and --api-keys."),
     on_ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve: stateless replicas behind one endpoint (rlwe sessions only)."),
     address: Optional[str] = typer.Option(None, "--address", help="With --ray: a running cluster (auto, HOST:PORT); deploy and return. Default: start a local one and serve until Ctrl-C."),
     replicas: int = typer.Option(1, "--replicas", help="With --ray: replicas (of each deployment)."),
@@ -113,7 +117,9 @@ def serve(
     from hetune.protocols.hybrid_lora.worker.server import ServeConfig, serve as run_server
 
     cfg = ServeConfig(host=host, port=port, max_sessions=max_sessions, session_ttl_s=session_ttl, max_rows=max_rows,
-                      tls_cert=tls_cert, tls_key=tls_key, api_keys=api_keys, owner_limits=OwnerLimits(owner_sessions, owner_rpm))
+                      tls_cert=tls_cert, tls_key=tls_key, api_keys=api_keys, owner_limits=OwnerLimits(owner_sessions, owner_rpm),
+                      body_budget_mib=body_budget, owner_body_budget_mib=owner_body_budget, body_timeout_s=body_timeout,
+                      insecure=insecure)
     if on_ray:
         try:
             from hetune.protocols.hybrid_lora.worker.ray_serve import RayServeConfig, parse_layer_ranges, serve_on_ray

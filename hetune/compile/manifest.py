@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -147,6 +148,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
+        """Checks the format, and that listed files stay inside the bundle directory (bare names only)."""
         try:
             if data.get("format") != FORMAT:
                 raise BundleError(f"not a hetune bundle manifest (format={data.get('format')!r})")
@@ -164,6 +166,12 @@ class Manifest:
             ops = tuple(
                 OpSpec(**{**widths, **op, "members": tuple(MemberSpec(**m) for m in op["members"])}) for op in data["ops"]
             )
+            outside = [name for name in data["files"] if not _plain_file_name(name)]
+            if outside:
+                raise BundleError(f"bundle manifest names file {outside[0]!r}, which is not a plain file name in the bundle "
+                                  "directory: refusing to read outside it",
+                                  "a bundle lists its own files by bare name (weights.safetensors); get the bundle again "
+                                  "from a trusted source, or recompile it")
             return cls(
                 hetune_version=data["hetune_version"],
                 model=ModelInfo(**data["model"]),
@@ -175,3 +183,9 @@ class Manifest:
             )
         except (KeyError, TypeError) as err:
             raise BundleError(f"bundle manifest is malformed: missing or bad field {err}") from err
+
+
+def _plain_file_name(name: object) -> bool:
+    """A bare file name: no directory part on any platform, not '.' or '..', no NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and PurePosixPath(name).name == name and PureWindowsPath(name).name == name)

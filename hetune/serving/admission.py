@@ -1,9 +1,9 @@
 """Admission of data owners by API key, with per-owner limits on sessions and request rate.
 
 Why: a worker reachable over a network serves whoever finds its port. With
-``hetune serve --api-keys FILE`` only holders of a listed key open sessions (401
-otherwise), each owner has at most ``sessions`` sessions at once and ``requests_per_minute``
-requests (both 429 with ``Retry-After``). The file holds one ``owner sha256hex`` line per
+``hetune serve --api-keys FILE`` only holders of a listed key open sessions or read the
+status endpoints (401 otherwise), each owner has at most ``sessions`` sessions at once and
+``requests_per_minute`` requests (both 429 with ``Retry-After``). The file holds one ``owner sha256hex`` line per
 owner: the worker never stores a key, and since a key is 256 random bits its plain
 SHA-256 is safe to keep (there is nothing to brute-force).
 """
@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import os
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from fastapi import Request
-from fastapi.responses import JSONResponse
+from typing import Protocol
 
 from hetune.errors import ConfigError
-from hetune.serving.http_api import bearer, error
+from hetune.serving.http_api import Refusal
 
 KEY_PREFIX = "htk_"  # so a leaked key is recognisable in a scan
 _OWNER = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -102,24 +101,43 @@ class _Bucket:
         return (1 - self.tokens) / self.rate
 
 
-def _too_many(message: str, retry_after_s: float) -> JSONResponse:
-    response = error(429, message)
-    response.headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
-    return response
+class RateLedger(Protocol):
+    """Each owner's request rate: in this process, or shared by replicas (``ray_serve``)."""
+
+    def take(self, owner: str) -> float:
+        """0 if the owner may send a request now (and counts it), else the seconds until it may."""
+        ...
+
+
+class LocalRates:
+    """A token bucket per owner, in this process."""
+
+    def __init__(self, owners: Iterable[str], limits: OwnerLimits):
+        self._buckets = {owner: _Bucket(limits.requests_per_minute, limits.requests_per_minute / 60) for owner in owners}
+        self._lock = threading.Lock()
+
+    def take(self, owner: str) -> float:
+        with self._lock:
+            return self._buckets[owner].take()
 
 
 class Admission:
-    """Who may open sessions, and each owner's limits; the worker's middleware calls :meth:`check`.
+    """Who may use the worker, and each owner's limits. The worker's route dependencies call it, so
+    it judges the routed request (path parameters, not ``request.url``) before its handler runs.
 
-    ``alive(sid)`` tells whether a session still exists (closed and expired ones stop counting).
+    Order on every request: authenticate (an API key; on session routes the session's token,
+    whose session names its owner), then charge that owner one request. A stranger's failed
+    tries therefore never cost an owner anything. ``sessions_of(owner)`` counts an owner's live
+    sessions (closed and expired ones do not count).
     """
 
     SESSION_FULL_RETRY_S = 5  # an owner at its session cap: a previous run's session may be closing
 
-    def __init__(self, keys: dict[str, str], limits: OwnerLimits, sessions_path: str, alive: Callable[[str], bool]):
-        self.keys, self.limits, self.sessions_path, self._alive = keys, limits, sessions_path, alive
-        self._buckets = {owner: _Bucket(limits.requests_per_minute, limits.requests_per_minute / 60) for owner in keys}
-        self._owner_of: dict[str, str] = {}  # session id -> owner
+    def __init__(self, keys: dict[str, str], limits: OwnerLimits, sessions_of: Callable[[str], int],
+                 rates: RateLedger | None = None):
+        self.keys, self.limits, self._sessions_of = keys, limits, sessions_of
+        self._rates = rates or LocalRates(keys, limits)
+        self._opening: Counter[str] = Counter()  # owner -> session opens in progress here
         self._lock = threading.Lock()
 
     def owner(self, key: str | None) -> str | None:
@@ -132,44 +150,32 @@ class Admission:
                 found = owner
         return found
 
-    def _sessions_of(self, owner: str) -> int:
-        self._owner_of = {sid: o for sid, o in self._owner_of.items() if self._alive(sid)}
-        return sum(o == owner for o in self._owner_of.values())
+    def authenticate(self, key: str | None) -> str:
+        """The owner of an API key; a 401 Refusal for a missing or unknown one."""
+        owner = self.owner(key)
+        if owner is None:
+            raise Refusal(401, "missing or unknown API key: send `Authorization: Bearer <key>`")
+        return owner
 
-    def _room(self, owner: str) -> JSONResponse | None:
-        if self._sessions_of(owner) >= self.limits.sessions:
-            return _too_many(f"owner {owner} is at its limit of {self.limits.sessions} concurrent sessions; "
-                             "close one or let it expire", self.SESSION_FULL_RETRY_S)
-        return None
-
-    def _charge(self, owner: str) -> JSONResponse | None:
-        wait = self._buckets[owner].take()
+    def charge(self, owner: str) -> None:
+        """Count one request of an authenticated owner; a 429 Refusal with Retry-After past its rate."""
+        wait = self._rates.take(owner)
         if wait:
-            return _too_many(f"owner {owner} is over its limit of {self.limits.requests_per_minute} requests per minute", wait)
-        return None
+            raise Refusal(429, f"owner {owner} is over its limit of {self.limits.requests_per_minute} requests per minute", wait)
 
-    def check(self, request: Request) -> JSONResponse | None:
-        """None to let the request through; a 401 or 429 answer otherwise. Sets ``request.state.owner`` on a session open."""
-        path = request.url.path
+    @contextmanager
+    def opening(self, owner: str) -> Iterator[None]:
+        """Hold a place among the owner's sessions while one opens (before its key is read); a 429 Refusal at its cap."""
         with self._lock:
-            if request.method == "POST" and path.rstrip("/") == self.sessions_path:
-                owner = self.owner(bearer(request))
-                if owner is None:
-                    return error(401, "missing or unknown API key: send `Authorization: Bearer <key>` to open a session")
-                request.state.owner = owner
-                return self._charge(owner) or self._room(owner)
-            if path.startswith(self.sessions_path + "/"):
-                owner = self._owner_of.get(path[len(self.sessions_path) + 1 :].split("/")[0])
-                return self._charge(owner) if owner else None  # an unknown session gets its 404 from the handler
-        return None
-
-    def opened(self, sid: str, owner: str) -> JSONResponse | None:
-        """Record a new session; a 429 (and the caller closes it) if concurrent opens filled the owner's cap meanwhile."""
-        with self._lock:
-            refusal = self._room(owner)
-            if refusal is None:
-                self._owner_of[sid] = owner
-            return refusal
+            if self._sessions_of(owner) + self._opening[owner] >= self.limits.sessions:
+                raise Refusal(429, f"owner {owner} is at its limit of {self.limits.sessions} concurrent sessions; "
+                                   "close one or let it expire", self.SESSION_FULL_RETRY_S)
+            self._opening[owner] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._opening[owner] -= 1
 
     def describe(self) -> str:
         return (f"admission by API key ({len(self.keys)} owners; each at most {self.limits.sessions} sessions and "

@@ -1,17 +1,24 @@
 """FastAPI pieces shared by the core worker and the SFPrompt body server.
 
 Both speak the same dialect: JSON ``{"error": ...}`` bodies with a 4xx status, bearer
-tokens, request bodies capped before they are buffered (413), sessions looked up as
-404 unknown / 401 wrong token, and an access log of method, path, status and timing
-with session ids masked: never a token or a payload. Plus the loopback runner both
-use in tests and demos.
+tokens, request bodies capped before they are buffered (413) and read within a time
+limit (408), sessions looked up as 404 unknown / 401 wrong token, and an access log of
+method, path, status and timing with session ids masked: never a token or a payload.
+Route dependencies refuse a request by raising :class:`Refusal`, so the check runs on
+the routed path and the handler never starts. :class:`BodyBudget` bounds the bytes of
+request bodies in flight. Plus the loopback runner both use in tests and demos.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -20,8 +27,29 @@ from fastapi.responses import JSONResponse
 from hetune.serving.sessions import S, SessionStore
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, retry_after_s: float | None = None) -> JSONResponse:
+    response = JSONResponse({"error": message}, status_code=status)
+    if retry_after_s is not None:
+        response.headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+    return response
+
+
+class Refusal(Exception):
+    """A 4xx (or 503) answer raised by a route dependency or a handler; :func:`add_refusals` turns it into the response."""
+
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.retry_after_s = status, message, retry_after_s
+
+    def response(self) -> JSONResponse:
+        return error(self.status, self.message, self.retry_after_s)
+
+
+def add_refusals(app: FastAPI) -> None:
+    async def refused(request: Request, exc: Refusal) -> JSONResponse:
+        return exc.response()
+
+    app.add_exception_handler(Refusal, refused)
 
 
 def bearer(request: Request) -> str | None:
@@ -29,28 +57,84 @@ def bearer(request: Request) -> str | None:
     return auth[7:] if auth.lower().startswith("bearer ") else None
 
 
-async def read_body(request: Request, limit: int) -> bytes | JSONResponse:
-    """The body, or a 413 once the declared or streamed size passes ``limit`` (nothing more is buffered)."""
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes | JSONResponse:
+    """The body, or a 413 once the declared or streamed size passes ``limit`` (nothing more is buffered),
+    or a 408 if it has not all arrived within ``timeout_s`` (a held upload gives its memory back)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         return error(413, f"request body too large (limit {limit} bytes)")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            return error(413, f"request body too large (limit {limit} bytes)")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    return error(413, f"request body too large (limit {limit} bytes)")
+                chunks.append(chunk)
+    except TimeoutError:
+        return error(408, f"request body not received within {timeout_s:g} s; send it at once, or raise --body-timeout")
     return b"".join(chunks)
 
 
-def session_or_error(store: SessionStore[S], sid: str, request: Request) -> S | JSONResponse:
-    """The session named in the path if the request's bearer token is its own, else a 404 or 401."""
+class BodyBudget:
+    """Bytes of request bodies in flight, in all and per holder (an owner, or a session when admission is open).
+
+    Why: a body is buffered whole before its product runs, so without a budget N held
+    uploads cost N bodies of memory. A request holds its body's size from before the read
+    until its answer is ready; one that does not fit now gets a 429 (its holder's share is
+    taken) or a 503 (the worker's is), both with ``Retry-After``, before a byte is read.
+    """
+
+    RETRY_S = 1
+
+    def __init__(self, total: int, per_holder: int):
+        self.total, self.per_holder = total, per_holder
+        self._used, self._by_holder = 0, Counter()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, holder: str, size: int) -> Iterator[None]:
+        if size > min(self.total, self.per_holder):
+            raise Refusal(413, f"a {size}-byte body exceeds the worker's body budget ({self.per_holder} bytes per owner, "
+                               f"{self.total} in all); send fewer rows per request, or ask the operator to raise "
+                               "--owner-body-budget-mib / --body-budget-mib")
+        with self._lock:
+            if self._by_holder[holder] + size > self.per_holder:
+                raise Refusal(429, "too many request bytes in flight for this owner; wait for earlier requests", self.RETRY_S)
+            if self._used + size > self.total:
+                raise Refusal(503, "worker busy: its budget for request bodies in flight is taken; retry shortly", self.RETRY_S)
+            self._used += size
+            self._by_holder[holder] += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used -= size
+                self._by_holder[holder] -= size
+                if not self._by_holder[holder]:
+                    del self._by_holder[holder]
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+
+def require_session(store: SessionStore[S], sid: str, request: Request) -> S:
+    """The session named in the path if the request's bearer token is its own; else a Refusal (404 or 401)."""
     got = store.get(sid, bearer(request))
     if got is None:
-        return error(404, "unknown or expired session")
+        raise Refusal(404, "unknown or expired session")
     if got is False:
-        return error(401, "missing or wrong bearer token")
+        raise Refusal(401, "missing or wrong bearer token")
     return got
+
+
+def session_or_error(store: SessionStore[S], sid: str, request: Request) -> S | JSONResponse:
+    """:func:`require_session` for handlers that answer in-line: a 404 or 401 response instead of a Refusal."""
+    try:
+        return require_session(store, sid, request)
+    except Refusal as refusal:
+        return refusal.response()
 
 
 def add_access_log(app: FastAPI, log: logging.Logger) -> None:
@@ -69,13 +153,14 @@ class LoopbackServer:
     """An app served by uvicorn in a background thread on 127.0.0.1 (port chosen by the OS), for tests and demos."""
 
     def __init__(self, app: FastAPI, what: str, thread_name: str, start_timeout_s: float = 30.0,
-                 tls: tuple[Path, Path] | None = None):
-        """``tls``: (certificate, private key) PEM files to serve https instead of http."""
+                 tls: tuple[Path, Path] | None = None, root_path: str = ""):
+        """``tls``: (certificate, private key) PEM files to serve https instead of http; ``root_path``: the
+        prefix a reverse proxy would add (uvicorn's ``--root-path``)."""
         import uvicorn
 
         cert, key = (str(tls[0]), str(tls[1])) if tls else (None, None)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    ssl_certfile=cert, ssl_keyfile=key))
+                                                    ssl_certfile=cert, ssl_keyfile=key, root_path=root_path))
         self.thread = threading.Thread(target=self.server.run, name=thread_name, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + start_timeout_s

@@ -13,6 +13,8 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable, Generic, Protocol, TypeVar
 
 
@@ -39,6 +41,7 @@ class SessionStore(Generic[S]):
                  on_drop: Callable[[S], None] | None = None):
         self.max_sessions, self.ttl_s, self._log, self._on_drop = max_sessions, ttl_s, log, on_drop
         self._sessions: dict[str, S] = {}
+        self._reserved = 0  # places held by opens still reading their key
         self._lock = threading.Lock()
 
     def _drop(self, sid: str) -> None:
@@ -53,11 +56,28 @@ class SessionStore(Generic[S]):
                 self._drop(sid)
                 self._log.info("session %s expired", sid[:8])
 
-    def create(self, make: Callable[[str], S]) -> tuple[str, str]:
-        """A new (session id, token); ``make(token)`` builds the session. Raises SessionLimitError at the cap."""
+    @contextmanager
+    def reserve(self) -> Iterator[None]:
+        """Hold a place under the cap while a new session's key is read, so the cap is checked before
+        any large read and concurrent opens cannot all read past it. Raises SessionLimitError at the cap."""
         self.expire()
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
+            if len(self._sessions) + self._reserved >= self.max_sessions:
+                raise SessionLimitError
+            self._reserved += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= 1
+
+    def create(self, make: Callable[[str], S], reserved: bool = False) -> tuple[str, str]:
+        """A new (session id, token); ``make(token)`` builds the session. Raises SessionLimitError at the cap.
+
+        ``reserved``: the caller holds a place from :meth:`reserve`."""
+        self.expire()
+        with self._lock:
+            if len(self._sessions) + self._reserved - reserved >= self.max_sessions:
                 raise SessionLimitError
             sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
             self._sessions[sid] = make(token)
@@ -83,6 +103,11 @@ class SessionStore(Generic[S]):
     def values(self) -> list[S]:
         with self._lock:
             return list(self._sessions.values())
+
+    def count(self, where: Callable[[S], bool]) -> int:
+        """Live sessions for which ``where`` holds (e.g. one owner's)."""
+        self.expire()
+        return sum(map(where, self.values()))
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -8,7 +8,8 @@ puts its id on a revocation list (:class:`Revocations`, a Ray actor on a cluster
 replica consults, until the session's tokens would have expired anyway.
 
 Token: ``v1.<claims>.<tag>``, claims the unpadded base64url of the JSON
-``{"sid", "scheme", "set", "exp"}`` (exp in Unix seconds), tag the unpadded base64url of
+``{"sid", "scheme", "set", "exp", "own"}`` (exp in Unix seconds; own the API-key owner who
+opened it, or null with admission open, so any replica charges the right owner), tag the unpadded base64url of
 HMAC-SHA256(key, ``v1.<claims>``).
 """
 
@@ -23,6 +24,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -61,6 +63,7 @@ class Claims:
     scheme: str
     param_set: str
     expires: int  # Unix seconds: replicas on several machines need synchronised clocks (NTP)
+    owner: str | None = None  # who opened the session (admission by API key), charged for its requests
 
 
 def _b64(data: bytes) -> str:
@@ -80,7 +83,8 @@ class SessionTokens:
         return _b64(hmac.new(self._key, f"{_VERSION}.{claims}".encode(), hashlib.sha256).digest()).encode()
 
     def issue(self, claims: Claims) -> str:
-        data = {"sid": claims.session_id, "scheme": claims.scheme, "set": claims.param_set, "exp": claims.expires}
+        data = {"sid": claims.session_id, "scheme": claims.scheme, "set": claims.param_set, "exp": claims.expires,
+                "own": claims.owner}
         body = _b64(json.dumps(data, separators=(",", ":")).encode())
         return f"{_VERSION}.{body}.{self._tag(body).decode()}"
 
@@ -90,7 +94,7 @@ class SessionTokens:
         if len(parts) != 3 or parts[0] != _VERSION or not hmac.compare_digest(parts[2].encode(), self._tag(parts[1])):
             return None
         data = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))  # ours: well-formed
-        return Claims(data["sid"], data["scheme"], data["set"], data["exp"])
+        return Claims(data["sid"], data["scheme"], data["set"], data["exp"], data.get("own"))
 
 
 class Revocations(Protocol):
@@ -104,6 +108,7 @@ class Revocations(Protocol):
 class _Record(Protocol):
     token: str
     params: ParamSet
+    owner: str | None
 
 
 R = TypeVar("R", bound=_Record)
@@ -115,27 +120,32 @@ class SignedSessions(Generic[R]):
     Each request's record is rebuilt from its token's claims (``rebuild``), so a scheme that
     needs per-session state (GLWE's compression key) cannot use it. A token expires
     ``ttl_s`` after it was issued, whether used or not; the client then opens a new session.
-    ``len`` and ``in`` count the sessions opened through this replica that are still live
-    (for /health and per-owner limits); there is no cluster-wide session cap.
+    ``len``, ``in`` and ``count`` see the sessions opened through this replica that are still
+    live (for /health); there is no cluster-wide session cap. Per-owner limits across
+    replicas are kept by the app's admission ledger (``ray_serve``), not here.
     """
 
     def __init__(self, tokens: SessionTokens, ttl_s: float, revocations: Revocations, rebuild: Callable[[Claims, str], R]):
         self.ttl_s, self._tokens, self._revocations, self._rebuild = ttl_s, tokens, revocations, rebuild
-        self._opened: dict[str, float] = {}  # session id -> expiry, sessions opened here
+        self._opened: dict[str, tuple[float, R]] = {}  # session id -> (expiry, record), sessions opened here
         self._lock = threading.Lock()
 
     def expire(self) -> None:
         now = time.time()
         with self._lock:
-            self._opened = {sid: exp for sid, exp in self._opened.items() if exp > now}
+            self._opened = {sid: opened for sid, opened in self._opened.items() if opened[0] > now}
 
-    def create(self, make: Callable[[str], R]) -> tuple[str, str]:
-        """A new (session id, token); of the record ``make`` builds only its scheme and set are kept, in the token."""
-        params = make("").params
+    def reserve(self):
+        """No cap to hold a place under (the interface of :meth:`SessionStore.reserve`)."""
+        return nullcontext()
+
+    def create(self, make: Callable[[str], R], reserved: bool = False) -> tuple[str, str]:
+        """A new (session id, token); of the record ``make`` builds only its scheme, set and owner are kept, in the token."""
+        record = make("")
         sid, expires = secrets.token_hex(16), int(time.time() + self.ttl_s)
-        token = self._tokens.issue(Claims(sid, params.scheme, params.name, expires))
+        token = self._tokens.issue(Claims(sid, record.params.scheme, record.params.name, expires, record.owner))
         with self._lock:
-            self._opened[sid] = expires
+            self._opened[sid] = (expires, record)
         return sid, token
 
     def get(self, sid: str, token: str | None) -> R | None | bool:
@@ -151,6 +161,11 @@ class SignedSessions(Generic[R]):
         self._revocations.revoke(sid, time.time() + self.ttl_s)  # no token of it outlives that
         with self._lock:
             self._opened.pop(sid, None)
+
+    def count(self, where: Callable[[R], bool]) -> int:
+        self.expire()
+        with self._lock:
+            return sum(where(record) for _, record in self._opened.values())
 
     def __len__(self) -> int:
         self.expire()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from hetune.crypto.scheme import ClientKeys
-from hetune.errors import ConfigError
+from hetune.errors import ConfigError, WorkerError
 from hetune.quant.integer import OpCodec
 from hetune.quant.tokens import TokenQuant
 
@@ -112,14 +112,39 @@ class EncryptedBackend(FrozenBackend):
         self.name = transport.name
         transport.open(keys.params, keys.session_key())
 
+    def _decrypt(self, result: bytes, rows: int, out_cols: int):
+        """The result's integers, or PayloadError for a body that is not a well-formed result of this shape.
+
+        A GLWE result the extension cannot read panics in Rust (a BaseException): caught too."""
+        from hetune.crypto.scheme import PayloadError
+
+        try:
+            return self.keys.decrypt(result, rows, out_cols)
+        except PayloadError:
+            raise
+        except BaseException as err:  # noqa: BLE001 - pyo3 panics derive from BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise PayloadError(f"result cannot be decrypted ({type(err).__name__})") from None
+
     def _round_trip(self, op: str, direction: str, tq: TokenQuant, out_cols: int) -> torch.Tensor:
+        from hetune.crypto.scheme import PayloadError
+
         rows, cols = tq.q.shape
         st, t0 = self.stats, time.perf_counter()
         payload = self.keys.encrypt(tq.q.to(torch.int64))
         t1 = time.perf_counter()
-        result, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols)
-        t2 = time.perf_counter()
-        raw = self.keys.decrypt(result, rows, out_cols)
+        for attempt in (1, 2):  # a malformed result is asked for once more (the same request), then the run stops
+            result, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols)
+            t2 = time.perf_counter()
+            try:
+                raw = self._decrypt(result, rows, out_cols)
+                break
+            except PayloadError as err:
+                if attempt == 2:
+                    raise WorkerError(f"the worker's result for {op} {direction} ({rows}x{out_cols}) is malformed, twice: {err.message}",
+                                      "the worker may be faulty or not a hetune worker of this version; "
+                                      "the last checkpoint is intact: rerun with --resume once it is fixed") from None
         st.encrypt_s, st.transport_s, st.decrypt_s = st.encrypt_s + t1 - t0, st.transport_s + t2 - t1, st.decrypt_s + time.perf_counter() - t2
         st.worker_s += worker_s
         st.round_trips += 1

@@ -5,11 +5,15 @@ retried with exponential backoff, a 429 with ``Retry-After`` after the time the 
 names, an expired session is re-opened once, and a worker that stays away raises
 :class:`WorkerError` naming it. Workers are reached over https verified against the
 system's trust store or ``--ca-cert``; plain http only on loopback or with ``--insecure``.
+
+The worker is not trusted with the owner's memory: every response is read up to a cap
+(counted after any content decoding, so a compressed bomb stops at the cap too), an
+oversized one is retried like a lost connection, and a malformed one (bad JSON, missing
+fields, an unreadable codec) raises WorkerError instead of an uncaught exception.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import ssl
 import time
@@ -20,7 +24,8 @@ from urllib.parse import urlsplit
 import torch
 
 from hetune.compile.manifest import Manifest
-from hetune.errors import ConfigError, WorkerError
+from hetune.crypto.registry import get_scheme
+from hetune.errors import ConfigError, HetuneError, WorkerError
 from hetune.protocols.hybrid_lora import wire
 from hetune.quant.integer import OpCodec
 
@@ -33,15 +38,11 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+MAX_INFO_BYTES = 256 * 2**20  # /info, /codec and session JSON: a Llama-3-8B codec is about 2 MB
+RESULT_BYTES_FACTOR = 16  # a result is at most this times a request of its shape (RLWE: 2 values of <= 8 bytes per 1-byte input)
+MAX_RETRY_AFTER_S = 120.0  # a worker's Retry-After beyond this is not believed
 API_KEY_ENV = "HETUNE_API_KEY"
 _API_KEY_HINT = f"set {API_KEY_ENV} or pass --api-key-file with the key the worker's operator made with `hetune keys new`"
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class WorkerAccess:
 
     ca_cert: Path | None = None  # trust only this CA (PEM) for https; None: the system's trust store
     insecure: bool = False  # allow plain http:// to a host other than loopback
-    api_key: str | None = field(default=None, repr=False)  # sent only to open a session
+    api_key: str | None = field(default=None, repr=False)  # sent to open a session and to read the worker's status
 
     @classmethod
     def load(cls, ca_cert: Path | None = None, insecure: bool = False, api_key_file: Path | None = None) -> "WorkerAccess":
@@ -68,7 +69,7 @@ class WorkerAccess:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"worker URL {url!r} is not an http(s) address", "pass --worker https://HOST:PORT")
-        if parts.scheme == "http" and not self.insecure and not _is_loopback(parts.hostname):
+        if parts.scheme == "http" and not self.insecure and not wire.is_loopback(parts.hostname):
             raise ConfigError(
                 f"worker URL {url} is plain http to a host other than loopback: its session token, API key and "
                 "timing would cross the network unauthenticated and in the clear",
@@ -90,6 +91,11 @@ def _certificate_failure(err: BaseException) -> bool:
     return False
 
 
+class _TooLarge(Exception):
+    def __init__(self, size: int):
+        self.size = size
+
+
 class WorkerClient:
     def __init__(self, url: str, retry: RetryPolicy | None = None, access: WorkerAccess | None = None):
         import httpx
@@ -105,13 +111,32 @@ class WorkerClient:
         self._key: bytes | None = None
         self._params = None  # the session's hetune.crypto.scheme.ParamSet
 
-    def _request(self, method: str, path: str, **kwargs):
+    def _receive(self, method: str, path: str, max_bytes: int, **kwargs):
+        """The response with its body read whole, or _TooLarge once it passes ``max_bytes`` (decoded)."""
+        import httpx
+
+        with self.http.stream(method, path, **kwargs) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise _TooLarge(int(declared))
+            chunks, total = [], 0
+            for chunk in response.iter_bytes():  # after content decoding: a gzip bomb is counted as it inflates
+                total += len(chunk)
+                if total > max_bytes:
+                    raise _TooLarge(total)
+                chunks.append(chunk)
+        plain = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(response.status_code, headers=plain, content=b"".join(chunks), request=response.request)
+
+    def _request(self, method: str, path: str, max_bytes: int = MAX_INFO_BYTES, **kwargs):
         import httpx
 
         for attempt in range(self.retry.retries + 1):
             wait = self.retry.backoff_s * 2**attempt
             try:
-                response = self.http.request(method, path, **kwargs)
+                response = self._receive(method, path, max_bytes, **kwargs)
+            except _TooLarge as err:  # never held whole: retried like a lost connection
+                problem = f"worker {self.url} sent a response of over {max_bytes} bytes ({err.size} so far) to {method} {path}"
             except httpx.TransportError as err:
                 if _certificate_failure(err):  # retrying cannot help, and the worker may be an impostor
                     raise WorkerError(f"worker {self.url} has a certificate this client does not trust: {err}",
@@ -123,7 +148,7 @@ class WorkerClient:
                                                        and attempt < self.retry.retries):
                     return response
                 problem = f"worker {self.url} answered {response.status_code}"
-                wait = float(retry_after) if retry_after.isdigit() else wait  # a 429 says when to come back
+                wait = min(float(retry_after), MAX_RETRY_AFTER_S) if retry_after.isdigit() else wait  # a 429 says when
             if attempt < self.retry.retries:
                 time.sleep(wait)
         raise WorkerError(problem, "check that `hetune serve` is running there, then resume from the last checkpoint")
@@ -132,34 +157,62 @@ class WorkerClient:
         if response.status_code >= 400:
             try:
                 detail = response.json().get("error", response.text)
-            except ValueError:
+            except (ValueError, AttributeError):
                 detail = response.text
-            raise WorkerError(f"worker {self.url} refused {what}: {response.status_code} {detail}", hint)
+            raise WorkerError(f"worker {self.url} refused {what}: {response.status_code} {detail[:500]}", hint)
         return response
 
+    def _malformed(self, what: str, err: BaseException) -> WorkerError:
+        return WorkerError(f"worker {self.url} sent a malformed {what}: {type(err).__name__}: {str(err)[:200]}",
+                           "check that the URL names a hetune worker of this version; resume from the last checkpoint once it does")
+
+    def _json(self, response, what: str, fields: tuple[str, ...]) -> dict:
+        try:
+            data = response.json()
+            if not isinstance(data, dict) or any(f not in data for f in fields):
+                raise ValueError(f"expected a JSON object with {', '.join(fields)}")
+            return data
+        except ValueError as err:
+            raise self._malformed(what, err) from None
+
+    def _status_headers(self) -> dict:
+        return {"authorization": f"Bearer {self._access.api_key}"} if self._access.api_key else {}
+
     def info(self) -> dict:
-        return self._checked(self._request("GET", "/info"), "info").json()
+        response = self._checked(self._request("GET", "/info", headers=self._status_headers()), "info", self._key_hint(401))
+        return self._json(response, "info", ("manifest",))
 
     def codec_tensors(self) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
-        return load(self._checked(self._request("GET", "/codec"), "codec").content)
+        response = self._checked(self._request("GET", "/codec", headers=self._status_headers()), "codec")
+        try:
+            return load(response.content)
+        except (SafetensorError, ValueError, RuntimeError) as err:
+            raise self._malformed("codec", err) from None
+
+    @staticmethod
+    def _key_hint(status: int) -> str | None:
+        return _API_KEY_HINT if status == 401 else None
 
     def open(self, params, session_key: bytes) -> None:
         """A new session for the keys' scheme and parameter set; ``session_key`` is b"" for batched RLWE."""
         self._key, self._params = session_key, params
         query = {"scheme": params.scheme, "param_set": params.name}
-        admission = {"authorization": f"Bearer {self._access.api_key}"} if self._access.api_key else {}
-        response = self._request("POST", "/sessions", content=session_key, params=query, headers=admission)
-        data = self._checked(response, "a new session", _API_KEY_HINT if response.status_code == 401 else None).json()
+        response = self._request("POST", "/sessions", content=session_key, params=query, headers=self._status_headers())
+        data = self._json(self._checked(response, "a new session", self._key_hint(response.status_code)), "session",
+                          ("session_id", "token"))
+        if not all(isinstance(data[f], str) and data[f].isprintable() and len(data[f]) < 4096 for f in ("session_id", "token")):
+            raise self._malformed("session", ValueError("session_id and token must be short printable strings"))
         self.session_id, self._token = data["session_id"], data["token"]
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
-        """The result body and the worker's seconds (its ``x-worker-seconds`` header)."""
+    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int, max_bytes: int = MAX_INFO_BYTES) -> tuple[bytes, float]:
+        """The result body (at most ``max_bytes``) and the worker's seconds (its ``x-worker-seconds`` header)."""
         path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
         for reopened in (False, True):
             response = self._request(
-                "POST", path, content=payload, params={"rows": rows, "cols": cols},
+                "POST", path, max_bytes=max_bytes, content=payload, params={"rows": rows, "cols": cols},
                 headers={"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"},
             )
             if response.status_code == 404 and "session" in response.text and not reopened:
@@ -167,7 +220,11 @@ class WorkerClient:
                 path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
                 continue
             response = self._checked(response, f"{op} {direction}")
-            return response.content, float(response.headers.get("x-worker-seconds", 0.0))
+            try:
+                seconds = float(response.headers.get("x-worker-seconds", 0.0))
+            except ValueError:
+                seconds = 0.0  # a timing header is for statistics only
+            return response.content, seconds
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -186,14 +243,24 @@ class HttpTransport:
     def __init__(self, urls: tuple[str, ...] | list[str], access: WorkerAccess | None = None):
         self.clients = [WorkerClient(u, access=access) for u in urls]
         infos = [c.info() for c in self.clients]
-        self.manifest = Manifest.from_dict(infos[0]["manifest"])
-        for client, info in zip(self.clients[1:], infos[1:]):
-            if info["manifest"]["model"]["weights_sha256"] != self.manifest.model.weights_sha256:
+        manifests = []
+        for client, info in zip(self.clients, infos):
+            try:
+                manifests.append(Manifest.from_dict(info["manifest"]))
+            except (KeyError, TypeError, ValueError, AttributeError, HetuneError) as err:
+                raise client._malformed("manifest", err) from None
+        self.manifest = manifests[0]
+        for client, manifest in zip(self.clients[1:], manifests[1:]):
+            if manifest.model.weights_sha256 != self.manifest.model.weights_sha256:
                 raise WorkerError(f"worker {client.url} serves a different bundle than {self.clients[0].url}")
         self._by_op = {op.name: self.clients[max(op.layer, 0) % len(self.clients)] for op in self.manifest.ops}
 
     def codecs(self) -> dict[str, OpCodec]:
         tensors = self.clients[0].codec_tensors()
+        for op in self.manifest.ops:
+            for name in (f"{op.name}.scale", f"{op.name}.rowsum"):
+                if name not in tensors or tuple(tensors[name].shape) != (op.out_features,):
+                    raise self.clients[0]._malformed("codec", ValueError(f"{name} is missing or not of shape ({op.out_features},)"))
         return {op.name: op.codec(tensors, self.manifest.quant) for op in self.manifest.ops}
 
     def check_model(self, model: torch.nn.Module) -> None:
@@ -217,7 +284,12 @@ class HttpTransport:
             client.open(params, session_key)
 
     def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
-        return self._by_op[op].run(op, direction, payload, rows, cols)
+        client = self._by_op[op]
+        spec = self.manifest.op(op)
+        out_cols = spec.out_features if direction == "forward" else spec.in_features
+        params = client._params
+        cap = RESULT_BYTES_FACTOR * get_scheme(params.scheme).request_bytes(params, rows, out_cols) + 2**16
+        return client.run(op, direction, payload, rows, cols, cap)
 
     def close(self) -> None:
         for client in self.clients:

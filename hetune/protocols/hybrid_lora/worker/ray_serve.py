@@ -159,7 +159,7 @@ class SliceRouter:
 
 
 def _record(claims: Claims, token: str) -> Session:
-    return Session(token, resolve_params(claims.scheme, claims.param_set), None)
+    return Session(token, resolve_params(claims.scheme, claims.param_set), None, claims.owner)
 
 
 @serve.deployment

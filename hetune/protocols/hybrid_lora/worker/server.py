@@ -7,7 +7,12 @@ for GLWE), checks op, direction, shape, header and body size before any heavy wo
 and answers every bad request with a 4xx JSON error. Logs carry method, path, status
 and timing: never a key, a token or a payload. On a network it serves https
 (``tls_cert``/``tls_key``) and admits data owners by API key with per-owner limits
-(``api_keys``, :mod:`hetune.serving.admission`); without keys it is open, and says so.
+(``api_keys``, :mod:`hetune.serving.admission`); without keys it is open, and says so,
+and it refuses to listen beyond loopback without both unless told ``insecure``.
+
+Admission and session checks are route dependencies: they run on the routed request
+before its handler, so no handler runs, no session is created and no body is read for
+a request that fails them. Bodies in flight share a memory budget (:class:`BodyBudget`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from hetune.compile.bundle import Bundle
 from hetune.crypto.scheme import ParamSet, PayloadError
@@ -28,13 +35,13 @@ from hetune.errors import ConfigError
 from hetune.protocols.hybrid_lora import wire
 from hetune.serving.admission import OPEN_ADMISSION, Admission, OwnerLimits, read_keys_file
 from hetune.protocols.hybrid_lora.worker.runner import OpRunner, Worker
-from hetune.serving.http_api import LoopbackServer, add_access_log, error, read_body, session_or_error
+from hetune.serving.http_api import (BodyBudget, LoopbackServer, Refusal, add_access_log, add_refusals, bearer, error,
+                                     read_body, require_session)
 from hetune.serving.sessions import SessionLimitError, SessionStore
 from hetune.serving.signed_sessions import SignedSessions
 
 log = logging.getLogger("hetune.worker")
-
-
+MIB = 2**20
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -47,8 +54,23 @@ class ServeConfig:
     tls_key: Path | None = None
     api_keys: Path | None = None  # `owner sha256hex` lines; None: admission open (loopback, development)
     owner_limits: OwnerLimits = OwnerLimits()  # per API-key owner; apply only with api_keys
+    # Request bodies in flight (bytes held from before a body is read until its answer is ready):
+    body_budget_mib: int = 1024  # in all; with the products' working sets this bounds the worker's memory
+    owner_body_budget_mib: int = 512  # per owner (per session without api_keys); one 16,384-wide 4096-row RLWE body is 385 MiB
+    body_timeout_s: float = 120.0  # to receive one body; a held upload is cut off (408) and gives its budget back
+    insecure: bool = False  # allow listening beyond loopback without TLS and API keys
 
     def __post_init__(self) -> None:
+        if self.owner_body_budget_mib < 1 or self.body_budget_mib < self.owner_body_budget_mib or self.body_timeout_s <= 0:
+            raise ConfigError(f"body budgets {self.body_budget_mib} MiB in all / {self.owner_body_budget_mib} MiB per owner "
+                              f"and --body-timeout {self.body_timeout_s} s are out of range",
+                              "pass 1 <= --owner-body-budget-mib <= --body-budget-mib and a positive --body-timeout")
+        missing = [what for what, given in (("TLS (--tls-cert/--tls-key)", self.tls_cert), ("--api-keys", self.api_keys)) if not given]
+        if not wire.is_loopback(self.host) and missing and not self.insecure:
+            raise ConfigError(
+                f"refusing to listen on {self.host} without {' and '.join(missing)}: anyone who reaches it could open "
+                "sessions, and tokens and ciphertexts would cross the network in the clear",
+                "pass --tls-cert/--tls-key and --api-keys, listen on 127.0.0.1 behind a TLS proxy, or pass --insecure to accept this")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together", "pass both PEM files (certificate chain and its private key)")
         if self.tls_cert is not None:
@@ -70,37 +92,55 @@ class Session:
     token: str
     params: ParamSet  # the data owner's scheme and parameter set (its privacy level)
     state: object  # the scheme's per-session state (GLWE: the compression key; RLWE: None)
+    owner: str | None = None  # the API-key owner who opened it (None: admission open)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunner | None = None,
-               sessions: SignedSessions[Session] | None = None) -> FastAPI:
+               sessions: SignedSessions[Session] | None = None, admission: Admission | None = None) -> FastAPI:
     """``worker`` computes the products (default: this process, on ``bundle``'s weights); ``sessions``
-    in signed tokens let replicas share them (``hetune serve --ray``), else they live in this process."""
+    in signed tokens let replicas share them (``hetune serve --ray``), else they live in this process;
+    ``admission`` with state shared by replicas, else one from ``cfg.api_keys`` in this process."""
     worker = worker or Worker(bundle)
     if sessions is None:  # not `or`: an empty store is falsy
         sessions = SessionStore(cfg.max_sessions, cfg.session_ttl_s, log)
+    if admission is None and cfg.api_keys is not None:
+        admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits,
+                              lambda owner: sessions.count(lambda s: s.owner == owner))
+    budget = BodyBudget(cfg.body_budget_mib * MIB, cfg.owner_body_budget_mib * MIB)
     manifest = bundle.manifest
-    app = FastAPI(title="hetune worker", version=manifest.hetune_version)
+    app = FastAPI(title="hetune worker", version=manifest.hetune_version, redirect_slashes=False)  # no Location from a Host header
+    app.state.admission, app.state.budget = admission, budget
+    add_refusals(app)
+    add_access_log(app, log)
     prefix = f"/{wire.API_VERSION}"
 
-    admission = None
-    if cfg.api_keys is not None:
-        admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits, f"{prefix}/sessions", sessions.__contains__)
+    def key_owner(request: Request) -> str | None:
+        """Routes without a session: with api_keys, the key's owner (401 otherwise), charged one request."""
+        if admission is None:
+            return None
+        owner = admission.authenticate(bearer(request))
+        admission.charge(owner)
+        return owner
 
-        @app.middleware("http")
-        async def admit(request: Request, call_next):  # added before the access log, so refusals are logged too
-            return admission.check(request) or await call_next(request)
+    async def session_of(sid: str, request: Request) -> Session:
+        """Routes of a session: the session whose token this is (404 / 401 otherwise), then its owner charged one request."""
+        got = await run_in_threadpool(require_session, sessions, sid, request)  # signed sessions ask the revocation list
+        if admission is not None and got.owner is not None:
+            admission.charge(got.owner)
+        return got
 
-    app.state.admission = admission
-    add_access_log(app, log)
+    @app.get(f"{prefix}/live")
+    def live():
+        """Liveness for probes and load balancers: open, and says nothing else."""
+        return {"status": "ok"}
 
-    @app.get(f"{prefix}/health")
+    @app.get(f"{prefix}/health", dependencies=[Depends(key_owner)])
     def health():
         return {"status": "ok", "sessions": len(sessions)}
 
-    @app.get(f"{prefix}/info")
+    @app.get(f"{prefix}/info", dependencies=[Depends(key_owner)])
     def info():
         return {
             "api_version": wire.API_VERSION,
@@ -113,15 +153,16 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             "device": worker.device,
         }
 
-    @app.get(f"{prefix}/codec")
+    @app.get(f"{prefix}/codec", dependencies=[Depends(key_owner)])
     def codec():
-        """Public per-channel data the client needs to decode: scales and row sums of W_q."""
+        """Per-channel data the client needs to decode: scales and row sums of W_q."""
         from safetensors.torch import save
 
         return Response(save(worker.codec_tensors()), media_type="application/octet-stream")
 
     @app.post(f"{prefix}/sessions", status_code=201)
-    async def create_session(request: Request, scheme: str | None = None, param_set: str | None = None):
+    async def create_session(request: Request, scheme: str | None = None, param_set: str | None = None,
+                             owner: str | None = Depends(key_owner)):
         # Without names, the bundle's scheme and set apply; the body is the scheme's session key (RLWE: empty).
         try:
             chosen = manifest.crypto.resolve_session(scheme, param_set)
@@ -133,39 +174,31 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             return error(422, refusal)
         if chosen.session_key_bytes and isinstance(sessions, SignedSessions):  # a token cannot carry a key
             return error(422, f"scheme {scheme} needs per-session keys; use rlwe with --ray")
-        body = await read_body(request, chosen.session_key_bytes)
-        if isinstance(body, JSONResponse):
-            return body
-        try:
-            state = get_scheme(scheme).open_session(chosen, body)
-        except PayloadError as err:
-            return error(err.status, err.message)
-        try:
-            sid, token = sessions.create(lambda token: Session(token, chosen, state))
+        try:  # every cap is checked, and a place held, before the key (GLWE: 128 MiB) is read
+            with sessions.reserve(), admission.opening(owner) if admission else nullcontext(), \
+                    budget.hold(owner or "open", chosen.session_key_bytes):
+                body = await read_body(request, chosen.session_key_bytes, cfg.body_timeout_s)
+                if isinstance(body, JSONResponse):
+                    return body
+                try:
+                    state = await run_in_threadpool(get_scheme(scheme).open_session, chosen, body)
+                except PayloadError as err:
+                    return error(err.status, err.message)
+                sid, token = sessions.create(lambda token: Session(token, chosen, state, owner), reserved=True)
         except SessionLimitError:
-            return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later")
-        refusal = admission and admission.opened(sid, request.state.owner)
-        if refusal:
-            sessions.close(sid)
-            return refusal
+            return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later",
+                         Admission.SESSION_FULL_RETRY_S)
         log.info("session %s created (%s/%s)", sid[:8], scheme, chosen.name)
         return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "scheme": scheme, "param_set": chosen.name}
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
-    def close_session(sid: str, request: Request):
-        got = session_or_error(sessions, sid, request)
-        if isinstance(got, JSONResponse):
-            return got
+    def close_session(sid: str, got: Session = Depends(session_of)):
         sessions.close(sid)
         return Response(status_code=204)
 
     @app.post(f"{prefix}/sessions/{{sid}}/ops/{{op}}/{{direction}}")
-    async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0):
-        from starlette.concurrency import run_in_threadpool
-
-        got = await run_in_threadpool(session_or_error, sessions, sid, request)  # signed sessions ask the revocation list
-        if isinstance(got, JSONResponse):
-            return got
+    async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0,
+                     got: Session = Depends(session_of)):
         if op not in worker.ops:
             return error(404, f"unknown op {op!r}")
         if direction not in wire.DIRECTIONS:
@@ -177,23 +210,25 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             return error(422, f"rows must be between 1 and {cfg.max_rows}, got {rows}")
         params = got.params
         scheme = get_scheme(params.scheme)
-        body = await read_body(request, scheme.request_bytes(params, rows, cols))
-        if isinstance(body, JSONResponse):
-            return body
-        try:
-            scheme.check_request(params, body, rows, cols)  # header and exact size, before any heavy work
-        except PayloadError as err:
-            return error(err.status, err.message)
+        size = scheme.request_bytes(params, rows, cols)
+        with budget.hold(got.owner or sid, size):  # held until the answer is ready: the body lives that long
+            body = await read_body(request, size, cfg.body_timeout_s)
+            if isinstance(body, JSONResponse):
+                return body
+            try:
+                scheme.check_request(params, body, rows, cols)  # header and exact size, before any heavy work
+            except PayloadError as err:
+                return error(err.status, err.message)
 
-        def compute() -> tuple[bytes, float]:
-            with got.lock:  # one product at a time per session
-                t0 = time.perf_counter()
-                return worker.run(op, direction, params, got.state, body), time.perf_counter() - t0
+            def compute() -> tuple[bytes, float]:
+                with got.lock:  # one product at a time per session
+                    t0 = time.perf_counter()
+                    return worker.run(op, direction, params, got.state, body), time.perf_counter() - t0
 
-        try:
-            result, seconds = await run_in_threadpool(compute)
-        except PayloadError as err:  # e.g. a GLWE ciphertext the extension cannot read
-            return error(err.status, err.message)
+            try:
+                result, seconds = await run_in_threadpool(compute)
+            except PayloadError as err:  # e.g. a GLWE ciphertext the extension cannot read
+                return error(err.status, err.message)
         return Response(result, media_type="application/octet-stream", headers={"x-worker-seconds": f"{seconds:.6f}"})
 
     return app
