@@ -22,6 +22,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from hetune.compile.bundle import MANIFEST_FILE, load_bundle
+from hetune.crypto.keys import generate_keys
 from hetune.crypto.registry import get_scheme
 from hetune.errors import BundleError, WorkerError
 from hetune.serving.admission import OwnerLimits, add_owner
@@ -398,7 +399,7 @@ class GarbageTransport:
 def test_a_malformed_glwe_result_is_a_worker_error_not_a_panic(micro):
     """Before: the extension's Rust panic (a BaseException) ended training uncaught."""
     transport = GarbageTransport(b"garbage" * 100)
-    backend = EncryptedBackend({OP: micro.op(OP).codec}, transport, get_scheme("glwe").generate_keys())
+    backend = EncryptedBackend({OP: micro.op(OP).codec}, transport, generate_keys("glwe"))
     with pytest.raises(WorkerError, match=f"result for {OP} forward .* is malformed, twice"):
         backend.forward(OP, torch.randn(2, 32, generator=torch.Generator().manual_seed(0)))
     assert transport.calls == 2

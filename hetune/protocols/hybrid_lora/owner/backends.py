@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetune.crypto.scheme import ClientKeys
+from hetune.crypto.scheme import ClientKeys, PayloadError
 from hetune.errors import ConfigError, WorkerError
 from hetune.quant.integer import OpCodec
 from hetune.quant.tokens import TokenQuant
@@ -116,8 +116,6 @@ class EncryptedBackend(FrozenBackend):
         """The result's integers, or PayloadError for a body that is not a well-formed result of this shape.
 
         A GLWE result the extension cannot read panics in Rust (a BaseException): caught too."""
-        from hetune.crypto.scheme import PayloadError
-
         try:
             return self.keys.decrypt(result, rows, out_cols)
         except PayloadError:
@@ -128,8 +126,6 @@ class EncryptedBackend(FrozenBackend):
             raise PayloadError(f"result cannot be decrypted ({type(err).__name__})") from None
 
     def _round_trip(self, op: str, direction: str, tq: TokenQuant, out_cols: int) -> torch.Tensor:
-        from hetune.crypto.scheme import PayloadError
-
         rows, cols = tq.q.shape
         st, t0 = self.stats, time.perf_counter()
         payload = self.keys.encrypt(tq.q.to(torch.int64))
