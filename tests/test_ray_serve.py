@@ -23,7 +23,7 @@ from hetune.errors import ConfigError
 from hetune.protocols.hybrid_lora.owner.client import build_private_model
 from hetune.protocols.hybrid_lora.owner.remote import WorkerClient
 from hetune.protocols.hybrid_lora.worker.server import ServeConfig, Session, create_app
-from hetune.serving.signed_sessions import Claims, SessionTokens, SignedSessions, load_session_key
+from hetune.serving.signed_sessions import Claims, LocalLedger, SessionTokens, SignedSessions, load_session_key
 
 serve = pytest.importorskip("ray.serve")
 ray_serve = pytest.importorskip("hetune.protocols.hybrid_lora.worker.ray_serve")
@@ -38,20 +38,10 @@ def ciphertext():
     return generate_keys("rlwe").encrypt(np.arange(32)[None, :])
 
 
-class SetRevocations:
-    def __init__(self):
-        self.closed = set()
-
-    def revoke(self, session_id, until):
-        self.closed.add(session_id)
-
-    def is_revoked(self, session_id):
-        return session_id in self.closed
-
-
-def signed_store():
-    return SignedSessions(SessionTokens(KEY), 60.0, SetRevocations(),
-                          lambda c, token: Session(token, resolve_params(c.scheme, c.param_set), None))
+def signed_store(ledger=None, max_sessions=8, owner_sessions=None):
+    return SignedSessions(SessionTokens(KEY), 60.0, ledger or LocalLedger(),
+                          lambda c, token: Session(token, resolve_params(c.scheme, c.param_set), None, c.owner),
+                          max_sessions, owner_sessions)
 
 
 # ---- tokens and slices, in this process ----
@@ -132,6 +122,87 @@ def test_ray_config_is_checked(micro_bundle):
         ray_serve.app_builder({"bundle": str(micro_bundle), "replica": "2"})
     assert isinstance(ray_serve.app_builder({"bundle": str(micro_bundle), "replicas": 2, "layer_ranges": "0:1,1:2"}),
                       serve.Application)
+
+
+def test_admission_limits_hold_across_replicas_sharing_a_ledger(micro_bundle, tmp_path, ciphertext):
+    """Two apps (as two replicas) over one ledger: the owner's session cap and request rate are the cluster's,
+    a session closed through one stops counting on the other, and strangers cost nothing."""
+    from hetune.serving.admission import Admission, OwnerLimits, add_owner, read_keys_file
+
+    keys_file = tmp_path / "keys.txt"
+    key = add_owner(keys_file, "clinic")
+    cfg = ServeConfig(api_keys=keys_file, owner_limits=OwnerLimits(sessions=1, requests_per_minute=6))
+    ledger, bundle = LocalLedger(), load_bundle(micro_bundle)
+    replicas = []
+    for _ in range(2):
+        store = signed_store(ledger, owner_sessions=1)
+        admission = Admission(read_keys_file(keys_file), cfg.owner_limits, store.owned_by, lambda o: ledger.take(o, 6))
+        replicas.append(TestClient(create_app(bundle, cfg, sessions=store, admission=admission)))
+    a, b = replicas
+    auth = {"authorization": f"Bearer {key}"}
+    s = a.post("/v2/sessions", headers=auth).json()  # request 1 of 6
+    assert SessionTokens(KEY).verify(s["token"]).owner == "clinic"  # the token names whom to charge
+    r = b.post("/v2/sessions", headers=auth)  # 2: the cap is the cluster's
+    assert r.status_code == 429 and "1 concurrent sessions" in r.json()["error"]
+    for client in (a, b):
+        assert client.post("/v2/sessions").status_code == 401 and client.get("/v2/health").status_code == 401
+    op = f"/v2/sessions/{s['session_id']}/ops/{OP}/forward"
+    mine = {"authorization": f"Bearer {s['token']}"}
+    assert [c.post(op, params={"rows": 1, "cols": 32}, content=ciphertext, headers=mine).status_code
+            for c in (a, b)] == [200, 200]  # 3 and 4, on either replica
+    assert b.delete(f"/v2/sessions/{s['session_id']}", headers=mine).status_code == 204  # 5
+    s = a.post("/v2/sessions", headers=auth).json()  # 6: closed through b, so a sees room again
+    r = b.post(f"/v2/sessions/{s['session_id']}/ops/{OP}/forward", params={"rows": 1, "cols": 32}, content=ciphertext,
+               headers={"authorization": f"Bearer {s['token']}"})
+    assert r.status_code == 429 and "6 requests per minute" in r.json()["error"]  # 7: the rate is the cluster's
+
+
+def test_ledger_tables_are_bounded():
+    ledger = LocalLedger()
+    until = time.time() + 60
+    assert [ledger.open(f"s{i}", None, until, 3, None) for i in range(5)] == [None, None, None, "worker", "worker"]
+    assert ledger.open("x", "bank", until, 9, 1) is None and ledger.open("y", "bank", until, 9, 1) == "owner"
+    ledger.revoke("s0", until)
+    assert ledger.live() == 3 and ledger.live("bank") == 1 and ledger.is_revoked("s0")
+    ledger.open("old", None, time.time() - 1, 9, None)  # already expired: pruned at once
+    ledger.revoke("gone", time.time() - 1)
+    assert ledger.live() == 3 and not ledger.is_revoked("gone")
+
+
+def test_tls_that_cannot_be_applied_is_a_hard_error(tmp_path):
+    from types import SimpleNamespace
+
+    def http(host="127.0.0.1", cert=None, key=None):
+        return SimpleNamespace(host=host, port=8765, ssl_certfile=cert, ssl_keyfile=key)
+
+    plain = ServeConfig()
+    ray_serve.check_endpoint(http(), plain, require_tls=False)  # loopback, nothing asked: fine
+    with pytest.raises(ConfigError, match="TLS was asked for.*plain http on 127.0.0.1:8765.*cannot be applied"):
+        ray_serve.check_endpoint(http(), plain, require_tls=True)
+    with pytest.raises(ConfigError, match="listen on 0.0.0.0 and this app has no TLS and no API keys"):
+        ray_serve.check_endpoint(http("0.0.0.0"), plain, require_tls=False)
+    ray_serve.check_endpoint(http("0.0.0.0"), ServeConfig(insecure=True), require_tls=False)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("")
+    ray_serve.check_endpoint(http("0.0.0.0", "/c.pem", "/k.pem"), ServeConfig(api_keys=keys), require_tls=True)
+
+
+def test_app_builder_takes_keys_limits_and_tls(micro_bundle, tmp_path):
+    from hetune.serving.admission import add_owner
+
+    add_owner(tmp_path / "keys.txt", "clinic")
+    app = ray_serve.app_builder({"bundle": str(micro_bundle), "api_keys": str(tmp_path / "keys.txt"), "owner_sessions": 3,
+                                 "owner_rpm": 60, "max_sessions": 4, "body_budget_mib": 256, "owner_body_budget_mib": 128,
+                                 "body_timeout": 30, "require_tls": True, "insecure": "false"})
+    args = app._bound_deployment.init_args
+    cfg, require_tls = args[1], args[4]
+    assert (cfg.owner_limits.sessions, cfg.owner_limits.requests_per_minute, cfg.max_sessions) == (3, 60, 4)
+    assert (cfg.body_budget_mib, cfg.owner_body_budget_mib, cfg.body_timeout_s, require_tls) == (256, 128, 30.0, True)
+    assert cfg.api_keys.is_absolute()
+    with pytest.raises(ConfigError, match="not true or false"):
+        ray_serve.app_builder({"bundle": str(micro_bundle), "require_tls": "yes"})
+    with pytest.raises(ConfigError, match="cannot read API keys file"):
+        ray_serve.app_builder({"bundle": str(micro_bundle), "api_keys": str(tmp_path / "missing.txt")})
 
 
 # ---- on a local Ray cluster ----
@@ -249,3 +320,43 @@ def test_a_layer_split_gives_the_same_step(cluster, micro_bundle, quantized, rep
     url = deploy(cluster, micro_bundle, "split", layer_ranges=((0, 1), (1, 2)))
     assert_equal_grads(lora_grads(build_private_model("micro-llama", "remote", workers=(url,))), quantized)
     serve.delete("split")
+
+
+def test_two_replicas_share_the_owner_limits(cluster, micro_bundle, tmp_path, ciphertext):
+    """On a real two-replica deployment: keyless requests get 401 from both replicas, the owner's session cap
+    and request rate are the deployment's (per-replica counts would let through about twice the rate)."""
+    import httpx
+
+    from hetune.serving.admission import OwnerLimits, add_owner
+
+    url, key_file = cluster
+    keys_file = tmp_path / "keys.txt"
+    key = add_owner(keys_file, "clinic")
+    rpm = 20
+    cfg = ServeConfig(api_keys=keys_file, owner_limits=OwnerLimits(sessions=1, requests_per_minute=rpm))
+    rc = ray_serve.RayServeConfig(num_cpus=0.25, session_key_file=key_file, replicas=2)
+    serve.run(ray_serve.build_app(micro_bundle, cfg, rc), name="admitted", route_prefix="/admitted")
+    api, auth = f"{url}/admitted/v2", {"authorization": f"Bearer {key}"}
+    try:
+        keyless = [httpx.post(f"{api}/sessions") for _ in range(8)] + [httpx.get(f"{api}/info") for _ in range(4)]
+        assert {r.status_code for r in keyless} == {401} and len({r.headers[ray_serve.REPLICA_HEADER] for r in keyless}) == 2
+        assert httpx.get(f"{api}/live").json() == {"status": "ok"}
+        s = httpx.post(f"{api}/sessions", headers=auth).json()  # the owner's request 1
+        refused, used = set(), 1
+        while len(refused) < 2 and used < 12:  # until both replicas have refused a second session
+            r = httpx.post(f"{api}/sessions", headers=auth)
+            used += 1
+            assert r.status_code == 429 and "1 concurrent sessions" in r.json()["error"]
+            refused.add(r.headers[ray_serve.REPLICA_HEADER])
+        assert len(refused) == 2
+        mine = {"authorization": f"Bearer {s['token']}"}
+        burst = [httpx.post(f"{api}/sessions/{s['session_id']}/ops/{OP}/forward", params={"rows": 1, "cols": 32},
+                            content=ciphertext, headers=mine) for _ in range(2 * rpm)]
+        ok = sum(r.status_code == 200 for r in burst)
+        limited = {r.headers[ray_serve.REPLICA_HEADER] for r in burst if r.status_code == 429}
+        assert {r.status_code for r in burst} == {200, 429} and len(limited) == 2
+        assert rpm - used <= ok <= rpm - used + 3, (ok, used)  # (+ what the bucket refills during the burst)
+        with pytest.raises(ConfigError, match="TLS was asked for.*plain http.*cannot be applied"):
+            ray_serve.check_endpoint(ray_serve._running_http_options(), ServeConfig(), require_tls=True)
+    finally:
+        serve.delete("admitted")

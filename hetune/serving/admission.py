@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from hetune.errors import ConfigError
 from hetune.serving.http_api import Refusal
@@ -84,7 +83,7 @@ def add_owner(path: Path, owner: str) -> str:
     return key
 
 
-class _Bucket:
+class TokenBucket:
     """Token bucket: ``rate`` per second, holding at most ``capacity``."""
 
     def __init__(self, capacity: float, rate: float):
@@ -101,19 +100,11 @@ class _Bucket:
         return (1 - self.tokens) / self.rate
 
 
-class RateLedger(Protocol):
-    """Each owner's request rate: in this process, or shared by replicas (``ray_serve``)."""
-
-    def take(self, owner: str) -> float:
-        """0 if the owner may send a request now (and counts it), else the seconds until it may."""
-        ...
-
-
 class LocalRates:
     """A token bucket per owner, in this process."""
 
     def __init__(self, owners: Iterable[str], limits: OwnerLimits):
-        self._buckets = {owner: _Bucket(limits.requests_per_minute, limits.requests_per_minute / 60) for owner in owners}
+        self._buckets = {owner: TokenBucket(limits.requests_per_minute, limits.requests_per_minute / 60) for owner in owners}
         self._lock = threading.Lock()
 
     def take(self, owner: str) -> float:
@@ -128,15 +119,17 @@ class Admission:
     Order on every request: authenticate (an API key; on session routes the session's token,
     whose session names its owner), then charge that owner one request. A stranger's failed
     tries therefore never cost an owner anything. ``sessions_of(owner)`` counts an owner's live
-    sessions (closed and expired ones do not count).
+    sessions (closed and expired ones do not count); ``take(owner)`` counts one request and
+    returns 0, or the seconds until the owner may send one (default: buckets in this process;
+    on Ray Serve the app's shared ledger).
     """
 
     SESSION_FULL_RETRY_S = 5  # an owner at its session cap: a previous run's session may be closing
 
     def __init__(self, keys: dict[str, str], limits: OwnerLimits, sessions_of: Callable[[str], int],
-                 rates: RateLedger | None = None):
+                 take: Callable[[str], float] | None = None):
         self.keys, self.limits, self._sessions_of = keys, limits, sessions_of
-        self._rates = rates or LocalRates(keys, limits)
+        self._take = take or LocalRates(keys, limits).take
         self._opening: Counter[str] = Counter()  # owner -> session opens in progress here
         self._lock = threading.Lock()
 
@@ -159,7 +152,7 @@ class Admission:
 
     def charge(self, owner: str) -> None:
         """Count one request of an authenticated owner; a 429 Refusal with Retry-After past its rate."""
-        wait = self._rates.take(owner)
+        wait = self._take(owner)
         if wait:
             raise Refusal(429, f"owner {owner} is over its limit of {self.limits.requests_per_minute} requests per minute", wait)
 
@@ -168,14 +161,17 @@ class Admission:
         """Hold a place among the owner's sessions while one opens (before its key is read); a 429 Refusal at its cap."""
         with self._lock:
             if self._sessions_of(owner) + self._opening[owner] >= self.limits.sessions:
-                raise Refusal(429, f"owner {owner} is at its limit of {self.limits.sessions} concurrent sessions; "
-                                   "close one or let it expire", self.SESSION_FULL_RETRY_S)
+                raise self.full(owner)
             self._opening[owner] += 1
         try:
             yield
         finally:
             with self._lock:
                 self._opening[owner] -= 1
+
+    def full(self, owner: str) -> Refusal:
+        return Refusal(429, f"owner {owner} is at its limit of {self.limits.sessions} concurrent sessions; "
+                            "close one or let it expire", self.SESSION_FULL_RETRY_S)
 
     def describe(self) -> str:
         return (f"admission by API key ({len(self.keys)} owners; each at most {self.limits.sessions} sessions and "

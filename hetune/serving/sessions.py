@@ -27,7 +27,11 @@ S = TypeVar("S", bound=_HasToken)
 
 
 class SessionLimitError(Exception):
-    """The store is at its cap; the server answers 429 so the client retries later."""
+    """The store is at its cap, or ``owner`` at its own; the server answers 429 so the client retries later."""
+
+    def __init__(self, owner: str | None = None):
+        super().__init__(owner)
+        self.owner = owner
 
 
 class SessionStore(Generic[S]):
@@ -104,10 +108,10 @@ class SessionStore(Generic[S]):
         with self._lock:
             return list(self._sessions.values())
 
-    def count(self, where: Callable[[S], bool]) -> int:
-        """Live sessions for which ``where`` holds (e.g. one owner's)."""
+    def owned_by(self, owner: str) -> int:
+        """Live sessions opened by ``owner`` (sessions with an ``owner`` attribute)."""
         self.expire()
-        return sum(map(where, self.values()))
+        return sum(getattr(s, "owner", None) == owner for s in self.values())
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -3,9 +3,10 @@
 Why: with batched RLWE a worker session holds no key, only an authorization (scheme and
 parameter set), so it can travel in its token instead of in one process's memory. The
 replicas share an HMAC-SHA256 key (a file, or $HETUNE_SESSION_KEY; never logged) and
-whichever gets a request checks signature, session id and expiry itself. Closing a session
-puts its id on a revocation list (:class:`Revocations`, a Ray actor on a cluster) that every
-replica consults, until the session's tokens would have expired anyway.
+whichever gets a request checks signature, session id and expiry itself. What replicas must
+agree on lives in one :class:`SessionLedger` (a Ray actor on a cluster): the live sessions
+(for the caps), closed ones until their tokens would have expired anyway, and each owner's
+request rate.
 
 Token: ``v1.<claims>.<tag>``, claims the unpadded base64url of the JSON
 ``{"sid", "scheme", "set", "exp", "own"}`` (exp in Unix seconds; own the API-key owner who
@@ -31,6 +32,8 @@ from typing import Generic, Protocol, TypeVar
 
 from hetune.crypto.scheme import ParamSet
 from hetune.errors import ConfigError
+from hetune.serving.admission import TokenBucket
+from hetune.serving.sessions import SessionLimitError
 
 KEY_ENV = "HETUNE_SESSION_KEY"
 MIN_KEY_BYTES = 32
@@ -97,12 +100,69 @@ class SessionTokens:
         return Claims(data["sid"], data["scheme"], data["set"], data["exp"], data.get("own"))
 
 
-class Revocations(Protocol):
-    """Closed session ids, shared by every replica."""
+class SessionLedger(Protocol):
+    """The sessions every replica must agree on: live ones (for the caps), closed ones until their
+    tokens expire, and each owner's request bucket. :class:`LocalLedger` in one process; a Ray actor
+    over it on a cluster (``ray_serve``)."""
+
+    def open(self, session_id: str, owner: str | None, until: float, max_sessions: int, owner_sessions: int | None) -> str | None: ...
 
     def revoke(self, session_id: str, until: float) -> None: ...
 
     def is_revoked(self, session_id: str) -> bool: ...
+
+    def live(self, owner: str | None = None) -> int: ...
+
+    def take(self, owner: str, per_minute: int) -> float: ...
+
+
+class LocalLedger:
+    """:class:`SessionLedger` in memory. Every table is bounded: live sessions by ``max_sessions``,
+    closed ones by the opens within one TTL, buckets by the owners in the keys file."""
+
+    def __init__(self) -> None:
+        self._live: dict[str, tuple[str | None, float]] = {}  # session id -> (owner, token expiry)
+        self._closed: dict[str, float] = {}  # session id -> when its last token expires
+        self._buckets: dict[str, tuple[int, TokenBucket]] = {}
+        self._lock = threading.Lock()
+
+    def _prune(self) -> None:
+        now = time.time()
+        self._live = {sid: v for sid, v in self._live.items() if v[1] > now}
+        self._closed = {sid: t for sid, t in self._closed.items() if t > now}
+
+    def open(self, session_id: str, owner: str | None, until: float, max_sessions: int, owner_sessions: int | None) -> str | None:
+        """Record a new session; "worker" or "owner" (and nothing recorded) if that cap is full."""
+        with self._lock:
+            self._prune()
+            if len(self._live) >= max_sessions:
+                return "worker"
+            if owner is not None and owner_sessions is not None and \
+                    sum(o == owner for o, _ in self._live.values()) >= owner_sessions:
+                return "owner"
+            self._live[session_id] = (owner, until)
+            return None
+
+    def revoke(self, session_id: str, until: float) -> None:
+        with self._lock:
+            self._prune()
+            self._live.pop(session_id, None)
+            self._closed[session_id] = until
+
+    def is_revoked(self, session_id: str) -> bool:
+        return session_id in self._closed
+
+    def live(self, owner: str | None = None) -> int:
+        with self._lock:
+            self._prune()
+            return sum(owner is None or o == owner for o, _ in self._live.values())
+
+    def take(self, owner: str, per_minute: int) -> float:
+        """One request of ``owner`` against a bucket of ``per_minute``: 0, or the seconds to wait."""
+        with self._lock:
+            if self._buckets.get(owner, (None,))[0] != per_minute:
+                self._buckets[owner] = (per_minute, TokenBucket(per_minute, per_minute / 60))
+            return self._buckets[owner][1].take()
 
 
 class _Record(Protocol):
@@ -120,57 +180,43 @@ class SignedSessions(Generic[R]):
     Each request's record is rebuilt from its token's claims (``rebuild``), so a scheme that
     needs per-session state (GLWE's compression key) cannot use it. A token expires
     ``ttl_s`` after it was issued, whether used or not; the client then opens a new session.
-    ``len``, ``in`` and ``count`` see the sessions opened through this replica that are still
-    live (for /health); there is no cluster-wide session cap. Per-owner limits across
-    replicas are kept by the app's admission ledger (``ray_serve``), not here.
+    The caps (``max_sessions`` in all, ``owner_sessions`` per owner with API keys) and the
+    counts hold across replicas: they are kept in the shared ``ledger``, not here.
     """
 
-    def __init__(self, tokens: SessionTokens, ttl_s: float, revocations: Revocations, rebuild: Callable[[Claims, str], R]):
-        self.ttl_s, self._tokens, self._revocations, self._rebuild = ttl_s, tokens, revocations, rebuild
-        self._opened: dict[str, tuple[float, R]] = {}  # session id -> (expiry, record), sessions opened here
-        self._lock = threading.Lock()
-
-    def expire(self) -> None:
-        now = time.time()
-        with self._lock:
-            self._opened = {sid: opened for sid, opened in self._opened.items() if opened[0] > now}
+    def __init__(self, tokens: SessionTokens, ttl_s: float, ledger: SessionLedger, rebuild: Callable[[Claims, str], R],
+                 max_sessions: int, owner_sessions: int | None = None):
+        self.ttl_s, self._tokens, self._ledger, self._rebuild = ttl_s, tokens, ledger, rebuild
+        self.max_sessions, self.owner_sessions = max_sessions, owner_sessions
 
     def reserve(self):
-        """No cap to hold a place under (the interface of :meth:`SessionStore.reserve`)."""
+        """No place to hold here: the ledger checks the caps when the session is recorded (:meth:`create`)."""
         return nullcontext()
 
     def create(self, make: Callable[[str], R], reserved: bool = False) -> tuple[str, str]:
-        """A new (session id, token); of the record ``make`` builds only its scheme, set and owner are kept, in the token."""
+        """A new (session id, token); of the record ``make`` builds only its scheme, set and owner are kept, in the token.
+        Raises SessionLimitError (naming the owner if it is that owner's cap) when the ledger's caps are full."""
         record = make("")
         sid, expires = secrets.token_hex(16), int(time.time() + self.ttl_s)
-        token = self._tokens.issue(Claims(sid, record.params.scheme, record.params.name, expires, record.owner))
-        with self._lock:
-            self._opened[sid] = (expires, record)
-        return sid, token
+        full = self._ledger.open(sid, record.owner, expires, self.max_sessions, self.owner_sessions)
+        if full:
+            raise SessionLimitError(record.owner if full == "owner" else None)
+        return sid, self._tokens.issue(Claims(sid, record.params.scheme, record.params.name, expires, record.owner))
 
     def get(self, sid: str, token: str | None) -> R | None | bool:
         """The session; None if it expired or was closed; False if the token is not ours or is another session's."""
         claims = self._tokens.verify(token)
         if claims is None or claims.session_id != sid:
             return False
-        if claims.expires <= time.time() or self._revocations.is_revoked(sid):
+        if claims.expires <= time.time() or self._ledger.is_revoked(sid):
             return None
         return self._rebuild(claims, token)
 
     def close(self, sid: str) -> None:
-        self._revocations.revoke(sid, time.time() + self.ttl_s)  # no token of it outlives that
-        with self._lock:
-            self._opened.pop(sid, None)
+        self._ledger.revoke(sid, time.time() + self.ttl_s)  # no token of it outlives that
 
-    def count(self, where: Callable[[R], bool]) -> int:
-        self.expire()
-        with self._lock:
-            return sum(where(record) for _, record in self._opened.values())
+    def owned_by(self, owner: str) -> int:
+        return self._ledger.live(owner)
 
     def __len__(self) -> int:
-        self.expire()
-        return len(self._opened)
-
-    def __contains__(self, sid: str) -> bool:
-        self.expire()
-        return sid in self._opened
+        return self._ledger.live()

@@ -1,8 +1,9 @@
 """``hetune serve --ray``: the worker app on Ray Serve, stateless replicas behind one HTTP endpoint.
 
 Why replicas can be stateless: with batched RLWE a session holds no key, so it lives in a
-signed token (:mod:`hetune.serving.signed_sessions`) that any replica checks, and closed
-sessions sit in one small revocation-list actor. Every replica runs the same FastAPI app
+signed token (:mod:`hetune.serving.signed_sessions`) that any replica checks; what replicas
+must agree on (live sessions for the caps, closed ones, each owner's request rate) sits in
+one small ledger actor per app, so admission limits hold across replicas. Every replica runs the same FastAPI app
 (:func:`~hetune.protocols.hybrid_lora.worker.server.create_app`) behind Serve's HTTP proxy; Serve
 restarts a replica that dies and the client's retries carry the step through. A model too
 large for one replica is split by layer range: each :class:`OpSlice` deployment loads only
@@ -13,9 +14,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -30,9 +30,12 @@ from hetune.compile.manifest import Manifest
 from hetune.crypto.scheme import ParamSet
 from hetune.crypto.registry import resolve_params
 from hetune.errors import ConfigError
+from hetune.protocols.hybrid_lora import wire
 from hetune.protocols.hybrid_lora.worker.server import ServeConfig, Session, create_app
 from hetune.protocols.hybrid_lora.worker.runner import OpShape, Worker
-from hetune.serving.signed_sessions import KEY_ENV, KEY_HINT, Claims, SessionTokens, SignedSessions, load_session_key
+from hetune.serving.admission import Admission, OwnerLimits, read_keys_file
+from hetune.serving.signed_sessions import (KEY_ENV, KEY_HINT, Claims, LocalLedger, SessionTokens, SignedSessions,
+                                            load_session_key)
 
 APP_NAME = "hetune-worker"
 REPLICA_HEADER = "x-worker-replica"  # which replica answered: for tests and load-balancing checks
@@ -55,6 +58,7 @@ class RayServeConfig:
     num_gpus: float = 0.0
     layer_ranges: tuple[tuple[int, int], ...] = ()  # () keeps every op in the ingress replicas
     session_key_file: Path | None = None  # None: $HETUNE_SESSION_KEY in the replicas' environment
+    require_tls: bool = False  # refuse to serve unless Serve's proxies speak https (set by --tls-cert, or serve_config.yaml)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -88,34 +92,56 @@ class RayServeConfig:
                               f"make the last range end at {blocks}")
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class RevocationList:
-    """Closed session ids until their tokens expire: one per app, shared by its replicas (a restart forgets them)."""
-
-    def __init__(self) -> None:
-        self._until: dict[str, float] = {}
-
-    def revoke(self, session_id: str, until: float) -> None:
-        now = time.time()
-        self._until = {sid: t for sid, t in self._until.items() if t > now}
-        self._until[session_id] = until
-
-    def is_revoked(self, session_id: str) -> bool:
-        return session_id in self._until
+LedgerActor = ray.remote(num_cpus=0, max_restarts=-1)(LocalLedger)  # one per app; a restart forgets its tables
 
 
-class ActorRevocations:
-    """:class:`~hetune.serving.signed_sessions.Revocations` over the app's RevocationList actor."""
+class ActorLedger:
+    """:class:`~hetune.serving.signed_sessions.SessionLedger` over the app's ledger actor, shared by its replicas."""
 
     def __init__(self, app_name: str):
-        self._actor = RevocationList.options(name=f"{app_name}-revocations", namespace="hetune", get_if_exists=True,
-                                             lifetime="detached").remote()
+        self._actor = LedgerActor.options(name=f"{app_name}-ledger", namespace="hetune", get_if_exists=True,
+                                          lifetime="detached").remote()
+
+    def open(self, session_id: str, owner: str | None, until: float, max_sessions: int, owner_sessions: int | None) -> str | None:
+        return ray.get(self._actor.open.remote(session_id, owner, until, max_sessions, owner_sessions))
 
     def revoke(self, session_id: str, until: float) -> None:
         ray.get(self._actor.revoke.remote(session_id, until))
 
     def is_revoked(self, session_id: str) -> bool:
         return ray.get(self._actor.is_revoked.remote(session_id))
+
+    def live(self, owner: str | None = None) -> int:
+        return ray.get(self._actor.live.remote(owner))
+
+    def take(self, owner: str, per_minute: int) -> float:
+        return ray.get(self._actor.take.remote(owner, per_minute))
+
+
+_TLS_HINT = ("start Serve with the certificate (`serve shutdown`, then deploy again; or http_options.ssl_certfile and "
+             "ssl_keyfile in serve_config.yaml), or terminate TLS in a proxy in front and drop --tls-cert / require_tls")
+
+
+def check_endpoint(http, cfg: ServeConfig, require_tls: bool) -> None:
+    """Serve's proxies (``http``: their HTTPOptions) must serve what was asked: https when TLS was asked for,
+    and beyond loopback TLS and API keys unless ``cfg.insecure``. Serve itself only warns and keeps its old options."""
+    tls = bool(getattr(http, "ssl_certfile", None))
+    if (require_tls or cfg.tls_cert) and not tls:
+        raise ConfigError(f"TLS was asked for, but Serve's proxies on this cluster serve plain http on {http.host}:{http.port} "
+                          "(Serve was started before, without a certificate): it cannot be applied", _TLS_HINT)
+    if cfg.tls_cert and (http.ssl_certfile, http.ssl_keyfile) != (str(cfg.tls_cert), str(cfg.tls_key)):
+        raise ConfigError(f"Serve's proxies already serve https with {http.ssl_certfile}, not --tls-cert {cfg.tls_cert}",
+                          _TLS_HINT)
+    missing = [what for what, given in (("TLS", tls), ("API keys", cfg.api_keys)) if not given]
+    if not wire.is_loopback(http.host) and missing and not cfg.insecure:
+        raise ConfigError(f"Serve's proxies listen on {http.host} and this app has no {' and no '.join(missing)}",
+                          "pass --tls-cert/--tls-key and --api-keys (or their serve_config.yaml options), or --insecure")
+
+
+def _running_http_options():
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().http_config
 
 
 @serve.deployment
@@ -167,22 +193,31 @@ def _record(claims: Claims, token: str) -> Session:
 class WorkerIngress:
     """The worker's FastAPI app on a Serve replica, sessions in signed tokens; with slices, a router to them."""
 
-    def __init__(self, bundle: str, cfg: ServeConfig, session_key_file: str | None, threads: int, *slices: DeploymentHandle):
+    def __init__(self, bundle: str, cfg: ServeConfig, session_key_file: str | None, threads: int, require_tls: bool,
+                 *slices: DeploymentHandle):
         torch.set_num_threads(threads)
+        check_endpoint(_running_http_options(), cfg, require_tls)  # also for `serve deploy`, which bypasses the CLI
         key = load_session_key(Path(session_key_file) if session_key_file else None)
         if key is None:
             raise ConfigError("the replicas have no session key to sign and check tokens with", KEY_HINT)
-        app_name = serve.get_replica_context().app_name
-        self.sessions = SignedSessions(SessionTokens(key), cfg.session_ttl_s, ActorRevocations(app_name), _record)
+        ledger = ActorLedger(serve.get_replica_context().app_name)
+        owner_sessions = cfg.owner_limits.sessions if cfg.api_keys else None
+        self.sessions = SignedSessions(SessionTokens(key), cfg.session_ttl_s, ledger, _record, cfg.max_sessions, owner_sessions)
+        self.admission = None
+        if cfg.api_keys is not None:  # counts and rates in the shared ledger, so they hold across replicas
+            per_minute = cfg.owner_limits.requests_per_minute
+            self.admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits, self.sessions.owned_by,
+                                       lambda owner: ledger.take(owner, per_minute))
         self.path, self.cfg, self.slices = Path(bundle), cfg, slices
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         if self.slices:
             described = [(handle, await handle.describe.remote()) for handle in self.slices]
             manifest = read_manifest(self.path)
-            app = create_app(Bundle(self.path, manifest, {}), self.cfg, SliceRouter(manifest, described), self.sessions)
+            app = create_app(Bundle(self.path, manifest, {}), self.cfg, SliceRouter(manifest, described), self.sessions,
+                             self.admission)
         else:
-            app = create_app(load_bundle(self.path), self.cfg, sessions=self.sessions)
+            app = create_app(load_bundle(self.path), self.cfg, sessions=self.sessions, admission=self.admission)
         replica = serve.get_replica_context().replica_id.unique_id
 
         @app.middleware("http")
@@ -206,27 +241,45 @@ def build_app(bundle: Path, cfg: ServeConfig = ServeConfig(), rc: RayServeConfig
               for lo, hi in rc.layer_ranges]
     router = {"ray_actor_options": {"num_cpus": 0}, **rc.scaling()}  # with slices it only checks and forwards
     key_file = str(Path(rc.session_key_file).resolve()) if rc.session_key_file else None
-    return WorkerIngress.options(**(router if slices else compute)).bind(str(bundle), cfg, key_file, rc.threads, *slices)
+    if cfg.api_keys is not None:
+        read_keys_file(cfg.api_keys)  # a bad file fails here, not in every replica
+        cfg = replace(cfg, api_keys=Path(cfg.api_keys).resolve())
+    return WorkerIngress.options(**(router if slices else compute)).bind(str(bundle), cfg, key_file, rc.threads,
+                                                                         rc.require_tls, *slices)
 
 
-_BUILDER_ARGS = {
-    "session_ttl": ("session_ttl_s", float), "max_rows": ("max_rows", int), "replicas": ("replicas", int),
-    "min_replicas": ("min_replicas", int), "max_replicas": ("max_replicas", int), "num_cpus": ("num_cpus", float),
-    "num_gpus": ("num_gpus", float), "layer_ranges": ("layer_ranges", parse_layer_ranges),
-    "session_key_file": ("session_key_file", Path),
+def _flag(value) -> bool:
+    if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"{value!r} is not true or false", "write true or false")
+
+
+_SERVE_ARGS = {  # app arg -> (ServeConfig field, converter)
+    "session_ttl": ("session_ttl_s", float), "max_rows": ("max_rows", int), "max_sessions": ("max_sessions", int),
+    "api_keys": ("api_keys", Path), "body_budget_mib": ("body_budget_mib", int),
+    "owner_body_budget_mib": ("owner_body_budget_mib", int), "body_timeout": ("body_timeout_s", float),
+    "insecure": ("insecure", _flag),
 }
+_RAY_ARGS = {  # app arg -> (RayServeConfig field, converter)
+    "replicas": ("replicas", int), "min_replicas": ("min_replicas", int), "max_replicas": ("max_replicas", int),
+    "num_cpus": ("num_cpus", float), "num_gpus": ("num_gpus", float), "layer_ranges": ("layer_ranges", parse_layer_ranges),
+    "session_key_file": ("session_key_file", Path), "require_tls": ("require_tls", _flag),
+}
+_LIMIT_ARGS = ("owner_sessions", "owner_rpm")
 
 
-def app_builder(args: dict[str, str | int | float]) -> Application:
-    """For Ray's own ``serve run`` / ``serve deploy`` (deploy/ray-serve/): ``bundle`` and the CLI's options by name."""
-    unknown = set(args) - set(_BUILDER_ARGS) - {"bundle"}
-    if "bundle" not in args or unknown:
-        raise ConfigError(f"app args need 'bundle' and take {', '.join(sorted(_BUILDER_ARGS))}; got {sorted(args)}",
+def app_builder(args: dict[str, str | int | float | bool]) -> Application:
+    """For Ray's own ``serve run`` / ``serve deploy`` (deploy/ray-serve/): ``bundle`` and the CLI's options by name.
+    TLS itself is Serve's (``http_options`` in serve_config.yaml); ``require_tls: true`` makes its absence a hard error."""
+    known = {"bundle", *_SERVE_ARGS, *_RAY_ARGS, *_LIMIT_ARGS}
+    if "bundle" not in args or set(args) - known:
+        raise ConfigError(f"app args need 'bundle' and take {', '.join(sorted(known - {'bundle'}))}; got {sorted(args)}",
                           "see deploy/ray-serve/serve_config.yaml")
-    parsed = {field: convert(args[name]) for name, (field, convert) in _BUILDER_ARGS.items() if name in args}
-    serve_fields = {k: v for k, v in parsed.items() if k in ("session_ttl_s", "max_rows")}
-    rc = RayServeConfig(**{k: v for k, v in parsed.items() if k not in serve_fields})
-    return build_app(Path(args["bundle"]), ServeConfig(**serve_fields), rc)
+    serve_fields = {field: convert(args[name]) for name, (field, convert) in _SERVE_ARGS.items() if name in args}
+    ray_fields = {field: convert(args[name]) for name, (field, convert) in _RAY_ARGS.items() if name in args}
+    defaults = OwnerLimits()
+    limits = OwnerLimits(int(args.get("owner_sessions", defaults.sessions)), int(args.get("owner_rpm", defaults.requests_per_minute)))
+    return build_app(Path(args["bundle"]), ServeConfig(**serve_fields, owner_limits=limits), RayServeConfig(**ray_fields))
 
 
 def serve_on_ray(bundle: Path, cfg: ServeConfig, rc: RayServeConfig, address: str | None = None) -> None:
@@ -240,7 +293,8 @@ def serve_on_ray(bundle: Path, cfg: ServeConfig, rc: RayServeConfig, address: st
     http = {"host": cfg.host, "port": cfg.port}
     if cfg.tls_cert:  # Serve's proxies speak https themselves; the files must exist on every node
         http |= {"ssl_certfile": str(cfg.tls_cert), "ssl_keyfile": str(cfg.tls_key)}
-    serve.start(http_options=http)
+    serve.start(http_options=http)  # a Serve already running keeps its options (and only warns): checked next
+    check_endpoint(_running_http_options(), cfg, rc.require_tls)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=address is None)
     except KeyboardInterrupt:

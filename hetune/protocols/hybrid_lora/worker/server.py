@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from hetune.errors import ConfigError
 from hetune.protocols.hybrid_lora import wire
 from hetune.serving.admission import OPEN_ADMISSION, Admission, OwnerLimits, read_keys_file
 from hetune.protocols.hybrid_lora.worker.runner import OpRunner, Worker
-from hetune.serving.http_api import (BodyBudget, LoopbackServer, Refusal, add_access_log, add_refusals, bearer, error,
+from hetune.serving.http_api import (BodyBudget, LoopbackServer, add_access_log, add_refusals, bearer, error,
                                      read_body, require_session)
 from hetune.serving.sessions import SessionLimitError, SessionStore
 from hetune.serving.signed_sessions import SignedSessions
@@ -106,8 +106,7 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
     if sessions is None:  # not `or`: an empty store is falsy
         sessions = SessionStore(cfg.max_sessions, cfg.session_ttl_s, log)
     if admission is None and cfg.api_keys is not None:
-        admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits,
-                              lambda owner: sessions.count(lambda s: s.owner == owner))
+        admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits, sessions.owned_by)
     budget = BodyBudget(cfg.body_budget_mib * MIB, cfg.owner_body_budget_mib * MIB)
     manifest = bundle.manifest
     app = FastAPI(title="hetune worker", version=manifest.hetune_version, redirect_slashes=False)  # no Location from a Host header
@@ -124,9 +123,10 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
         admission.charge(owner)
         return owner
 
-    async def session_of(sid: str, request: Request) -> Session:
-        """Routes of a session: the session whose token this is (404 / 401 otherwise), then its owner charged one request."""
-        got = await run_in_threadpool(require_session, sessions, sid, request)  # signed sessions ask the revocation list
+    def session_of(sid: str, request: Request) -> Session:
+        """Routes of a session: the session whose token this is (404 / 401 otherwise), then its owner charged one request.
+        Sync, so FastAPI runs it in its thread pool: on Ray both steps may ask the shared ledger."""
+        got = require_session(sessions, sid, request)
         if admission is not None and got.owner is not None:
             admission.charge(got.owner)
         return got
@@ -175,8 +175,11 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
         if chosen.session_key_bytes and isinstance(sessions, SignedSessions):  # a token cannot carry a key
             return error(422, f"scheme {scheme} needs per-session keys; use rlwe with --ray")
         try:  # every cap is checked, and a place held, before the key (GLWE: 128 MiB) is read
-            with sessions.reserve(), admission.opening(owner) if admission else nullcontext(), \
-                    budget.hold(owner or "open", chosen.session_key_bytes):
+            with ExitStack() as held:
+                held.enter_context(sessions.reserve())
+                if admission is not None:  # in the thread pool: on Ray it counts in the shared ledger
+                    await run_in_threadpool(held.enter_context, admission.opening(owner))
+                held.enter_context(budget.hold(owner or "open", chosen.session_key_bytes))
                 body = await read_body(request, chosen.session_key_bytes, cfg.body_timeout_s)
                 if isinstance(body, JSONResponse):
                     return body
@@ -184,8 +187,11 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
                     state = await run_in_threadpool(get_scheme(scheme).open_session, chosen, body)
                 except PayloadError as err:
                     return error(err.status, err.message)
-                sid, token = sessions.create(lambda token: Session(token, chosen, state, owner), reserved=True)
-        except SessionLimitError:
+                sid, token = await run_in_threadpool(
+                    sessions.create, lambda token: Session(token, chosen, state, owner), True)
+        except SessionLimitError as err:
+            if err.owner is not None and admission is not None:  # the shared ledger found the owner's cap full
+                raise admission.full(err.owner) from None
             return error(429, f"worker is at its limit of {cfg.max_sessions} sessions; close one or retry later",
                          Admission.SESSION_FULL_RETRY_S)
         log.info("session %s created (%s/%s)", sid[:8], scheme, chosen.name)
