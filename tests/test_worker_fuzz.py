@@ -1,7 +1,9 @@
 """Fuzzing the worker's HTTP API in process: whatever arrives, a 2xx or a 4xx, never a 5xx or a crash.
 
 Property-based (hypothesis) over paths, query values, headers and bodies, plus a fixed
-corpus of malformed batched-RLWE requests (each header field broken in turn). The
+corpus of malformed batched-RLWE requests (each header field broken in turn), plus raw
+requests to a real uvicorn server with fuzzed Host, Content-Length, Transfer-Encoding and
+Authorization headers (framing included), checking that none creates state. The
 TestClient re-raises any exception in the app, so a crash fails the test with its
 traceback. The default run keeps example counts small (a few seconds); `pytest -m slow`
 runs many more.
@@ -227,3 +229,109 @@ def test_fuzz_worker_api(client, admitted, rlwe_keys, micro, session, valid):
 @pytest.mark.slow
 def test_fuzz_worker_api_long(client, admitted, rlwe_keys, micro, session, valid):
     fuzz_all(client, admitted, rlwe_keys, micro, session, valid, examples=3000)
+
+
+# ---- raw headers against the real server ----
+
+
+def raw_status(port: int, request: bytes, half_close: bool) -> int | None:
+    """Send bytes as they are; the answer's status, or None if the server closed the link without one."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+        data = b""
+        try:  # the server may answer and close before it has all the bytes
+            conn.sendall(request)
+            if half_close:
+                conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        try:
+            while chunk := conn.recv(65536):
+                data += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    fields = data.split(b" ", 2)
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
+header_text = st.text(st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"), max_size=40)
+
+
+def fuzz_headers(port: int, sid: str, token: str, valid: bytes, examples: int) -> None:
+    """Any Host, Content-Length, Transfer-Encoding and Authorization (framing included: uvicorn parses it) on the
+    routes that create or use state; the body is sent as is, chunk-encoded or not, and the link maybe half-closed."""
+    import collections
+
+    seen = collections.Counter()
+
+    def mostly(usual, unusual):
+        """Three draws in four keep the usual value, so most requests get past the parser to the routes."""
+        return st.one_of(st.just(usual), st.just(usual), st.just(usual), unusual)
+
+    @settings(max_examples=examples, **FUZZ)
+    @given(
+        route=st.sampled_from([("POST", "/v2/sessions"), ("POST", "/v2/sessions?scheme=glwe"),
+                               ("DELETE", f"/v2/sessions/{'cd' * 16}"), ("GET", "/v2/health"), ("GET", "/v2/info")]
+                              + [("POST", f"/v2/sessions/{sid}/ops/{OP}/forward?rows={ROWS}&cols=32")] * 4),  # mostly products
+        host=mostly("127.0.0.1", st.one_of(st.sampled_from(["", "a/?x=", "evil/v2/sessions#", "[::1", "x:99999", "h" * 300]),
+                                           header_text)),
+        length=mostly("exact", st.one_of(st.none(), st.integers(-5, 2**40).map(str),
+                                         st.sampled_from(["", "1e3", "0x10", " 5", "5, 5", "+5"]), header_text)),
+        encoding=mostly(None, st.one_of(st.sampled_from(["chunked", "gzip, chunked", "identity", "chunked, gzip", "CHUNKED", "x"]),
+                                        header_text)),
+        auth=mostly(f"Bearer {token}", st.one_of(st.none(), st.sampled_from(["Bearer", "Bearer ", "Basic abc", f"bearer {token}"]),
+                                                 header_text.map(lambda t: "Bearer " + t))),
+        body=st.one_of(st.just(valid), st.binary(max_size=600)),
+        chunked_body=mostly(False, st.just(True)),
+        half_close=st.booleans(),
+    )
+    def run(route, host, length, encoding, auth, body, chunked_body, half_close):
+        method, target = route
+        if chunked_body:
+            body = (f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n") if body else b"0\r\n\r\n"
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Connection: close"]
+        lines += [f"Content-Length: {len(body) if length == 'exact' else length}"] if length is not None else []
+        lines += [f"Transfer-Encoding: {encoding}"] if encoding is not None else []
+        lines += [f"Authorization: {auth}"] if auth is not None else []
+        status = raw_status(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body, half_close)
+        seen[status] += 1
+        assert status is None or status < 500, status
+
+    run()
+    assert seen[400] and seen[401] and seen[200] and len(seen) >= 5, seen  # parser, admission and the products were reached
+    print(f"header fuzz statuses: {dict(seen)}")
+
+
+def fuzz_headers_all(micro, rlwe_keys, valid, tmp_path_factory, examples: int) -> None:
+    import httpx
+
+    from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
+    from hetune.serving.admission import add_owner
+
+    path = tmp_path_factory.mktemp("header_keys") / "keys.txt"
+    key = add_owner(path, "clinic")
+    cfg = ServeConfig(max_sessions=4, max_rows=8, api_keys=path, body_timeout_s=1.0)
+    with LoopbackWorker(micro, cfg) as worker:
+        auth = {"authorization": f"Bearer {key}"}
+        s = httpx.post(f"{worker.url}/v2/sessions", headers=auth).json()
+        fuzz_headers(int(worker.url.rsplit(":", 1)[1]), s["session_id"], s["token"], valid[1], examples)
+        assert httpx.get(f"{worker.url}/v2/health", headers=auth).json()["sessions"] <= 1  # the fuzz opened none (no key)
+        q, body = valid
+        r = httpx.post(f"{worker.url}/v2/sessions/{s['session_id']}/ops/{OP}/forward", params={"rows": ROWS, "cols": 32},
+                       content=body, headers={"authorization": f"Bearer {s['token']}"})
+        if r.status_code == 404:  # the fuzz may have closed it (DELETE with its token): the worker still serves
+            s = httpx.post(f"{worker.url}/v2/sessions", headers=auth).json()
+            r = httpx.post(f"{worker.url}/v2/sessions/{s['session_id']}/ops/{OP}/forward", params={"rows": ROWS, "cols": 32},
+                           content=body, headers={"authorization": f"Bearer {s['token']}"})
+        assert r.status_code in (200, 429), r.text  # 429: the fuzz may have spent the owner's rate with its token
+        assert worker.server.config.app.state.budget.used == 0  # every body's hold was given back
+
+
+def test_fuzz_headers(micro, rlwe_keys, valid, tmp_path_factory):
+    fuzz_headers_all(micro, rlwe_keys, valid, tmp_path_factory, examples=60)
+
+
+@pytest.mark.slow
+def test_fuzz_headers_long(micro, rlwe_keys, valid, tmp_path_factory):
+    fuzz_headers_all(micro, rlwe_keys, valid, tmp_path_factory, examples=1500)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from hetune.serving.sessions import S, SessionStore
 
@@ -73,6 +74,8 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
                 chunks.append(chunk)
     except TimeoutError:
         return error(408, f"request body not received within {timeout_s:g} s; send it at once, or raise --body-timeout")
+    except ClientDisconnect:  # the client left mid-body: nobody reads this answer, but no traceback either
+        return error(400, "the client disconnected before its body was complete")
     return b"".join(chunks)
 
 
