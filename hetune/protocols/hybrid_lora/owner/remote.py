@@ -39,7 +39,7 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 MAX_INFO_BYTES = 256 * 2**20  # /info, /codec and session JSON: a Llama-3-8B codec is about 11 MB
-RESULT_BYTES_FACTOR = 16  # result <= this x a request of its shape (RLWE: 2 values of <= 8 bytes per 6-byte input; GLWE: 0.7x measured)
+RESULT_BYTES_FACTOR = 16  # result <= this x a request of its shape (RLWE: 2 values of <= 8 bytes per 6-byte input; GLWE: 0.7-1.3x measured)
 MAX_RETRY_AFTER_S = 120.0  # a worker's Retry-After beyond this is not believed
 API_KEY_ENV = "HETUNE_API_KEY"
 _API_KEY_HINT = f"set {API_KEY_ENV} or pass --api-key-file with the key the worker's operator made with `hetune keys new`"
