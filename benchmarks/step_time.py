@@ -104,18 +104,19 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
 class ServedWorker:
     """``hetune serve`` in a child process on a free loopback port."""
 
-    def __init__(self, bundle: Path):
+    def __init__(self, bundle: Path, *options: str):
+        """``options``: more `hetune serve` options (e.g. --api-keys FILE)."""
         import httpx
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        self.proc = subprocess.Popen([HETUNE, "serve", str(bundle), "--port", str(self.port)], stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([HETUNE, "serve", str(bundle), "--port", str(self.port), *options], stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 300
         while True:
             try:
-                httpx.get(f"{self.url}/v2/health", timeout=1)
+                httpx.get(f"{self.url}/v2/live", timeout=1)
                 return
             except httpx.TransportError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:

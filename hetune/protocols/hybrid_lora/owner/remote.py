@@ -40,7 +40,7 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 MAX_INFO_BYTES = 256 * 2**20  # /info, /codec and session JSON: a Llama-3-8B codec is about 11 MB
-RESULT_BYTES_FACTOR = 16  # a result is at most this times a request of its shape (RLWE: 2 values of <= 8 bytes per 1-byte input)
+RESULT_BYTES_FACTOR = 16  # result <= this x a request of its shape (RLWE: 2 values of <= 8 bytes per 6-byte input; GLWE: 0.7-1.3x measured)
 MAX_RETRY_AFTER_S = 120.0  # a worker's Retry-After beyond this is not believed
 CONNECT_TIMEOUT_S = 5.0  # a worker that does not accept a connection within this is down or firewalled
 API_KEY_ENV = "HETUNE_API_KEY"
