@@ -10,7 +10,7 @@ from hetune.compile.compiler import CompileConfig, compile_model
 from hetune.compile.manifest import CryptoSpec, Manifest
 from hetune.errors import BundleError, OverflowRiskError
 from hetune.models.layers import decoder_layers, member_linear
-from hetune.crypto.registry import resolve_params
+from hetune.crypto.registry import get_scheme, resolve_params
 from hetune.quant.budget import accumulator_bound
 from hetune.quant.config import QuantConfig
 from hetune.quant.integer import IntegerLinear
@@ -90,21 +90,24 @@ def test_compile_of_peft_model_equals_plain(tiny, compiled):
 
 
 def test_overflowing_config_is_refused_unless_accepted(tiny, tmp_path):
+    params = get_scheme("rlwe").params("p128")
+    limit = f"{params.max_weight_l2:.0f}"
     cfg = CompileConfig(quant=QuantConfig(bits_w=12, bits_a=12, bits_g=12), calibration_tokens=16)
-    with pytest.raises(OverflowRiskError, match=r"cannot decrypt exactly under rlwe/p128 .* exceeds the 11732") as info:
+    with pytest.raises(OverflowRiskError, match=rf"cannot decrypt exactly under rlwe/p128 .* exceeds the {limit}") as info:
         compile_model(tiny, cfg, progress=False)
     assert "--accept-overflow-risk" in info.value.hint
     risky = CompileConfig(quant=QuantConfig(12, 12, 12, accept_overflow_risk=True), calibration_tokens=16)
     result = compile_model(tiny, risky, progress=False)
     assert result.report["overflow_risk_ops"]
-    assert all(s.worst_acc_bits > 30 or max(s.forward_l2, s.backward_l2) > 11732
+    assert all(s.worst_acc_bits > params.budget_bits or max(s.forward_l2, s.backward_l2) > params.max_weight_l2
                for s in result.manifest.ops if s.name in result.report["overflow_risk_ops"])
     assert all((s.bits_a, s.bits_g) == (12, 12) for s in result.manifest.ops)  # accepted: the widths asked for
 
 
-@pytest.mark.parametrize("scheme,budget", [("rlwe", 30), ("glwe", 27)])
-def test_each_op_gets_the_widest_inputs_that_fit_the_scheme(tiny, scheme, budget):
+@pytest.mark.parametrize("scheme", ["rlwe", "glwe"])
+def test_each_op_gets_the_widest_inputs_that_fit_the_scheme(tiny, scheme):
     """10-bit weights, inputs up to 14 bits: every op narrowed just enough, each direction on its own."""
+    budget = resolve_params(scheme, None).budget_bits  # rlwe 29, glwe 27
     result = compile_model(tiny, CompileConfig(quant=QuantConfig(bits_w=10, bits_a=14, bits_g=14), calibration_tokens=16,
                                                scheme=scheme), progress=False)
     widths = set()
@@ -122,11 +125,11 @@ def test_each_op_gets_the_widest_inputs_that_fit_the_scheme(tiny, scheme, budget
 
 
 def test_glwe_bundles_check_against_their_own_27_bit_budget(tiny):
-    """10/11/11 bits fit the batched RLWE budget (30 bits); under Concrete ML's GLWE (27) compile narrows them."""
+    """10/11/11 bits fit the batched RLWE budget (29 bits); under Concrete ML's GLWE (27) compile narrows them."""
     cfg = dict(quant=QuantConfig(bits_w=10, bits_a=11, bits_g=11), calibration_tokens=16)
     rlwe = compile_model(tiny, CompileConfig(**cfg), progress=False)
     assert rlwe.manifest.crypto == CryptoSpec("rlwe", "p128")
-    assert 27 < max(s.worst_acc_bits for s in rlwe.manifest.ops) <= 30
+    assert 27 < max(s.worst_acc_bits for s in rlwe.manifest.ops) <= resolve_params("rlwe", None).budget_bits
     assert all((s.bits_a, s.bits_g) == (11, 11) for s in rlwe.manifest.ops)
     glwe = compile_model(tiny, CompileConfig(**cfg, scheme="glwe"), progress=False)
     assert max(s.worst_acc_bits for s in glwe.manifest.ops) <= 27

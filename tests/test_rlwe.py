@@ -12,7 +12,8 @@ import torch
 
 from hetune.crypto import randomness, rlwe, rlwe_wire
 from hetune.crypto.keys import generate_keys, load_keys
-from hetune.crypto.ring import BinaryPolyMultiplier, gemm_mod_2_64, limb_plan, negacyclic_mul_reference, split_signed
+from hetune.crypto.ring import (BinaryPolyMultiplier, gemm_mod_2_64, limb_plan, negacyclic_mul_reference, small_product_bits,
+                                small_product_error, split_signed)
 from hetune.crypto.rlwe_params import PARAM_SETS, WORST_WEIGHT_L2
 from hetune.crypto.scheme import PayloadError
 from hetune.crypto.registry import get_scheme
@@ -51,6 +52,24 @@ def test_negacyclic_product_equals_schoolbook(n):
     got = BinaryPolyMultiplier(s).mul(a)
     for row in range(3 if n <= 256 else 1):
         assert as_u64(got[row]) == negacyclic_mul_reference(as_u64(a[row]), s.tolist())
+
+
+@pytest.mark.parametrize("n", [16, 2048, 4096])
+def test_one_fft_product_stays_within_its_bound(n):
+    """mul_small at its widest operand, worst-case signs (x = +-2^(k-1), s all ones in some rows)."""
+    k = small_product_bits(n)
+    s = randomness.binary_secret(n)
+    s[: n // 2] = 1  # a heavy secret: ||s||_1 >= N/2
+    x = random_words(4, n) >> (65 - k)  # |x| < 2^(k-2), random signs
+    x[0] = 1 << (k - 1)  # all at the largest magnitude, one sign
+    x[1] = -(1 << (k - 1))
+    got = BinaryPolyMultiplier(s).mul_small(x)
+    bound = small_product_error(n, k)
+    for row in range(4 if n <= 2048 else 2):
+        ref = negacyclic_mul_reference([int(v) for v in x[row]], s.tolist())
+        exact_row = [v - 2**64 if v >= 2**63 else v for v in ref]  # |x s| < 2^52: no wrap, signed
+        assert max(abs(int(g) - e) for g, e in zip(got[row], exact_row)) <= bound
+    assert bound * 2.0 ** (64 - k) < 2**30  # ~2^28 in the phase: far below Delta / 2
 
 
 def test_gemm_mod_2_64_equals_python_integers():
@@ -115,7 +134,11 @@ def worst_case_noise_check(keys, n_values: int):
     assert np.array_equal(got, exact(x, w))
 
 
-def test_worst_case_weights_decode_exactly_over_a_million_values(keys):
+@pytest.mark.parametrize("full_width", [False, True])
+def test_worst_case_weights_decode_exactly_over_a_million_values(keys, monkeypatch, full_width):
+    """At the worker's chosen width, and with unrounded 8-byte results (decryption trims the mask result to fft_bits)."""
+    if full_width:
+        monkeypatch.setattr(type(keys.rp), "output_bytes", lambda self, weight_l2: 8)
     worst_case_noise_check(keys, 2**20)
 
 
@@ -127,8 +150,8 @@ def test_worst_case_weights_decode_exactly_over_ten_million_values(keys):
 
 def test_output_width_follows_the_weight_norm():
     rp = PARAM_SETS["p128"]
-    assert rp.log2_delta == 34 and rp.budget_bits == 30
-    assert rp.output_bytes(100.0) < rp.output_bytes(WORST_WEIGHT_L2) <= 8
+    assert rp.log2_delta == 35 and rp.budget_bits == 29  # TUniform(17): see rlwe_params
+    assert rp.output_bytes(WORST_WEIGHT_L2) < rp.output_bytes(rp.max_weight_l2 * 0.999) <= 8
     with pytest.raises(ValueError, match="exceeds"):
         rp.output_bytes(rp.max_weight_l2 * 1.01)
 
@@ -224,10 +247,32 @@ def test_registry_names_both_schemes_and_refuses_unknown_ones():
         SCHEME.params("p80")
 
 
-def test_noise_comes_from_the_os_csprng_not_torch(monkeypatch):
+def test_noise_comes_from_the_os_csprng_not_torch():
     torch.manual_seed(0)
-    a = randomness.rounded_gaussian(1000, 50000.0)
+    a = randomness.t_uniform(1000, 17)
     torch.manual_seed(0)
-    b = randomness.rounded_gaussian(1000, 50000.0)
+    b = randomness.t_uniform(1000, 17)
     assert not torch.equal(a, b)  # seeding torch does not reproduce it
-    assert 45000 < float(a.double().std()) < 55000
+
+
+def test_t_uniform_has_tfhe_rs_distribution():
+    """TUniform(b): every value of [-2^b, 2^b] with weight 2^-(b+1), the two ends 2^-(b+2)."""
+    b, count = 3, 2**20
+    e = randomness.t_uniform(count, b)
+    freq = torch.bincount(e + 2**b, minlength=2 ** (b + 1) + 1).double() / count
+    expected = torch.full((2 ** (b + 1) + 1,), 2.0 ** -(b + 1), dtype=torch.float64)
+    expected[0] = expected[-1] = 2.0 ** -(b + 2)
+    assert torch.allclose(freq, expected, atol=5 * math.sqrt(2.0 ** -(b + 1) / count))  # 5 sigma of a bin count
+    assert int(e.min()) == -(2**b) and int(e.max()) == 2**b
+    big = randomness.t_uniform(count, 17).double()
+    assert abs(float(big.var()) / PARAM_SETS["p128"].noise_variance - 1) < 0.01  # (2^35 + 1) / 6
+    assert abs(float(big.mean())) < 5 * PARAM_SETS["p128"].noise_std / math.sqrt(count)
+
+
+def test_keystream_is_aes_ctr_of_zeros():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = randomness.new_seed()
+    for count in (1, 3, 200_000):  # several shared-zero chunks for the largest
+        ref = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(8 * count))
+        assert randomness.aes_ctr_words(seed, count).numpy().tobytes() == ref

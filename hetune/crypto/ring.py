@@ -7,8 +7,11 @@ recombine with wrapping int64 arithmetic, which *is* arithmetic mod 2^64.
 - :class:`BinaryPolyMultiplier`: a (..., N) times a binary secret s, mod (X^N + 1, 2^64).
   Limbs are 32-bit signed (|limb| <= 2^31). With ||limb||_2 <= 2^31 sqrt(N) and
   ||s||_2 <= sqrt(N), Percival's bound for an FFT product of length N = 2^n
-  (about (3n + sqrt5 (3n + 1) + 3n/sqrt2) eps ||x|| ||y||, eps = 2^-53) is below 0.07
-  at N = 2048 and 0.15 at N = 4096: rounding to the nearest integer is exact.
+  (:func:`fft_product_error`: (3n + sqrt5 (3n + 1) + 3n/sqrt2) eps ||x|| ||y||,
+  eps = 2^-53; n = log2 N, one more than the folded transform's length, covers the
+  twists) is below 0.07 at N = 2048 and 0.15 at N = 4096: rounding is exact.
+- :meth:`BinaryPolyMultiplier.mul_small`: one FFT, no limbs, for a decryption that needs
+  only the top bits of a * s (the mask result trimmed to its top k bits): see there.
 - :func:`gemm_mod_2_64`: W (n_out, n_in) small signed integers times X (n_in, C) mod 2^64.
   Limb width L is chosen so that n_in * max|W| * 2^(L-1) < 2^53: every partial sum of
   the float64 GEMM is then an exact integer, whatever order the BLAS adds in.
@@ -21,6 +24,13 @@ import math
 import torch
 
 FLOAT64_EXACT_BITS = 53
+
+
+def fft_product_error(n: int, x_l2: float, y_l2: float) -> float:
+    """Percival's bound on the max error of a float64 FFT product of length n (C. Percival, Rapid
+    multiplication modulo the sum and difference of highly composite numbers, Math. Comp. 2003)."""
+    log_n = math.log2(n)
+    return (3 * log_n + math.sqrt(5) * (3 * log_n + 1) + 3 * log_n / math.sqrt(2)) * 2.0**-FLOAT64_EXACT_BITS * x_l2 * y_l2
 
 
 def split_signed(x: torch.Tensor, limb_bits: int, n_limbs: int) -> list[torch.Tensor]:
@@ -103,12 +113,38 @@ class BinaryPolyMultiplier:
         return torch.cat([z.real, z.imag], dim=-1)
 
     def mul(self, a: torch.Tensor) -> torch.Tensor:
-        """a: (..., N) int64 (values mod 2^64) -> a * s mod (X^N + 1, 2^64), int64."""
-        parts = []
-        for limb in split_signed(a, self.LIMB_BITS, 2):
-            prod = self._inverse(self._forward(limb.to(torch.float64)) * self.s_hat)
-            parts.append(torch.round(prod).to(torch.int64))
-        return combine_limbs(parts, self.LIMB_BITS)
+        """a: (..., N) int64 (values mod 2^64) -> a * s mod (X^N + 1, 2^64), int64, exactly."""
+        low, high = split_signed(a, self.LIMB_BITS, 2)
+        limbs = torch.stack([low.to(torch.float64), high.to(torch.float64)])  # both limbs in one FFT batch
+        prod = torch.round(self._inverse(self._forward(limbs) * self.s_hat)).to(torch.int64)
+        return combine_limbs([prod[0], prod[1]], self.LIMB_BITS)
+
+    def mul_small(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., N) int64 with |x| <= 2^(k-1), k <= :func:`small_product_bits` -> about x * s, int64.
+
+        One FFT product, no limbs, for values whose low bits do not matter. The exact
+        product x * s is an integer below N 2^(k-1) <= 2^52 in magnitude, so float64 holds it,
+        and the rounded result is within :func:`small_product_error` of it (Percival's bound
+        plus the final rounding), over the integers (no wrap). Decryption shifts it up by
+        64 - k bits: the error becomes at most small_product_error(N, k) 2^(64 - k), about
+        2^28 at N = 2048 whatever k, far below Delta / 2; :mod:`hetune.crypto.rlwe_params`
+        subtracts it from the decoding margin.
+        """
+        return torch.round(self._inverse(self._forward(x.to(torch.float64)) * self.s_hat)).to(torch.int64)
+
+
+def small_product_bits(n: int) -> int:
+    """Widest signed operand of :meth:`BinaryPolyMultiplier.mul_small` at ring degree n: N 2^(k-1) <= 2^52."""
+    return FLOAT64_EXACT_BITS - int(math.log2(n))
+
+
+def small_product_error(n: int, k: int) -> float:
+    """Bound on |mul_small(x) - x * s| for |x| <= 2^(k-1), binary s, in units of x (final rounding included).
+
+    ||x||_2 <= 2^(k-1) sqrt(N), ||s||_2 <= sqrt(N); the result is an integer, so the bound on
+    the float error plus the 1/2 of rounding bounds the integer error.
+    """
+    return fft_product_error(n, 2.0 ** (k - 1) * math.sqrt(n), math.sqrt(n)) + 0.5
 
 
 def negacyclic_mul_reference(a: list[int], s: list[int]) -> list[int]:

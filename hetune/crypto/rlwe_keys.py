@@ -22,9 +22,14 @@ _POLY_CHUNK = 1024  # polynomials per FFT batch (bounds memory)
 _KEY_MAGIC = b"HTRLWEsk"
 
 
-def _chunked_mul(mult: BinaryPolyMultiplier, a: torch.Tensor) -> torch.Tensor:
-    """a (P, N) -> a * s, in batches of polynomials."""
-    return torch.cat([mult.mul(a[i : i + _POLY_CHUNK]) for i in range(0, a.shape[0], _POLY_CHUNK)])
+def _chunked(fn, a: torch.Tensor) -> torch.Tensor:
+    """fn over a (P, N) in batches of polynomials (bounds the FFT's memory)."""
+    return torch.cat([fn(a[i : i + _POLY_CHUNK]) for i in range(0, a.shape[0], _POLY_CHUNK)])
+
+
+def top_bits(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Values mod 2^64 rounded to their top k bits, as signed integers |x'| <= 2^(k-1): x ~ x' 2^(64-k)."""
+    return (x + (1 << (63 - k))) >> (64 - k) if k < 64 else x  # wrapping add, arithmetic shift: round mod 2^k
 
 
 class RlweKeys(ClientKeys):
@@ -43,12 +48,11 @@ class RlweKeys(ClientKeys):
         rows, cols = x.shape
         n = self.rp.n
         c = blocks(rows, n)
-        m = torch.zeros(cols, c * n, dtype=torch.int64)
-        m[:, :rows] = x.T  # feature j's polynomial holds its T tokens (block-major)
         seed = randomness.new_seed()
         a = randomness.aes_ctr_words(seed, cols * c * n).view(cols * c, n)
-        e = randomness.rounded_gaussian(cols * c * n, self.rp.sigma).view(cols * c, n)
-        b = _chunked_mul(self._mult, a) + e + (m.view(cols * c, n) << self.rp.log2_delta)
+        b = _chunked(self._mult.mul, a)  # exact a * s: 2 limbs
+        b += randomness.t_uniform(cols * c * n, self.rp.noise_bound_log2).view(cols * c, n)
+        b.view(cols, c * n)[:, :rows] += x.T << self.rp.log2_delta  # feature j's polynomial holds its T tokens (block-major)
         header = wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed)
         return header.pack() + wire.pack_top(b, self.rp.input_bytes)
 
@@ -61,7 +65,8 @@ class RlweKeys(ClientKeys):
             raise PayloadError(f"result of {rows}x{cols} must carry {2 * count * header.value_bytes} bytes, got {len(body)}")
         a = wire.unpack_top(body[: count * header.value_bytes], count, header.value_bytes).view(cols * c, n)
         b = wire.unpack_top(body[count * header.value_bytes :], count, header.value_bytes).view(cols * c, n)
-        phase = b - _chunked_mul(self._mult, a)  # Delta m + noise, mod 2^64
+        k = min(8 * header.value_bytes, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
+        phase = b - (_chunked(self._mult.mul_small, top_bits(a, k)) << (64 - k))  # Delta m + noise, mod 2^64
         d = self.rp.log2_delta
         m = (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
         return m.view(cols, c * n)[:, :rows].T.contiguous().numpy()

@@ -62,18 +62,24 @@ class Header:
         return cls(got_kind, got_scheme, got_set, r, c, vb, seed)
 
 
+def _top_bytes(nbytes: int) -> np.dtype:
+    """An int64 seen as (low bytes, top ``nbytes`` bytes), little-endian: field copies are one memcpy per value."""
+    return np.dtype([("low", f"V{8 - nbytes}"), ("top", f"V{nbytes}")])
+
+
 def pack_top(x: torch.Tensor, nbytes: int) -> bytes:
     """Round int64 values (mod 2^64) to their top ``nbytes`` bytes and serialize them."""
     drop = 64 - 8 * nbytes
-    if drop:
-        x = (x + (1 << (drop - 1))) >> drop  # low bytes of this are the rounded top bits
-    raw = x.contiguous().numpy().view(np.uint8).reshape(-1, 8)[:, :nbytes]  # little-endian: low bytes first
-    return raw.tobytes()
+    if not drop:
+        return x.contiguous().numpy().tobytes()
+    rounded = x.contiguous().numpy() + np.int64(1 << (drop - 1))  # wraps mod 2^64: the top bytes are the rounded value
+    return rounded.view(_top_bytes(nbytes))["top"].tobytes()
 
 
 def unpack_top(data, count: int, nbytes: int) -> torch.Tensor:
     """Inverse of :func:`pack_top`: ``count`` int64 values with the top bytes restored, low bytes zero."""
-    raw = np.frombuffer(data, dtype=np.uint8, count=count * nbytes).reshape(count, nbytes)
-    full = np.zeros((count, 8), dtype=np.uint8)
-    full[:, 8 - nbytes :] = raw
-    return torch.from_numpy(full.view(np.int64).reshape(count))
+    if nbytes == 8:
+        return torch.from_numpy(np.frombuffer(data, dtype=np.int64, count=count).copy())
+    full = np.zeros(count, dtype=np.int64)
+    full.view(_top_bytes(nbytes))["top"] = np.frombuffer(data, dtype=f"V{nbytes}", count=count)
+    return torch.from_numpy(full)

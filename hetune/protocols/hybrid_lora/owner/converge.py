@@ -80,7 +80,7 @@ def quant_label(q: QuantConfig) -> str:
 def lever_configs(q: QuantConfig) -> list[QuantConfig]:
     """At the weight bits of ``q``: 8-bit inputs without levers, each lever alone, then together."""
     base = replace(q, bits_a=8, bits_g=8, rotation="none", clip_a=1.0)
-    wide = replace(base, bits_a=12, bits_g=12)  # 4 more bits each fit the 30-bit RLWE budget at 8-bit weights
+    wide = replace(base, bits_a=12, bits_g=12)  # 4 more bits each fit the 29-bit RLWE budget at 8-bit weights
     return [base, replace(base, clip_a=0.9), replace(base, rotation="hadamard"), wide, replace(wide, rotation="hadamard")]
 
 

@@ -1,0 +1,66 @@
+"""The data owner's crypto per ciphertext: encryption and decryption of the batched RLWE scheme.
+
+Question: what does one ciphertext (one feature x one block of N tokens) cost the data
+owner to encrypt and to decrypt? One product of T = N tokens, ``--features`` inputs and
+``--outputs`` outputs; best of ``--repeat`` after one warm-up; per ciphertext = time /
+ciphertexts. Run it on two checkouts (PYTHONPATH) to compare before and after.
+
+    .venv/bin/python benchmarks/owner_crypto.py [--features 64 --outputs 64 --repeat 5 --threads 1] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from common import environment, write_json
+
+from hetune.crypto.scheme import get_scheme
+
+
+def best(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--features", type=int, default=64)
+    ap.add_argument("--outputs", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scheme = get_scheme("rlwe")
+    keys = scheme.generate_keys("p128")
+    n = keys.params.poly_size
+    x = torch.randint(-127, 128, (n, args.features))
+    w = torch.randint(-127, 128, (args.outputs, args.features))
+    body = keys.encrypt(x)
+    result = scheme.multiply(keys.params, None, body, w)
+    enc = best(lambda: keys.encrypt(x), args.repeat)
+    dec = best(lambda: keys.decrypt(result, n, args.outputs), args.repeat)
+    report = {
+        "environment": environment(), "threads": torch.get_num_threads(), "n": n, "features": args.features,
+        "outputs": args.outputs, "encrypt_us_per_ciphertext": 1e6 * enc / args.features,
+        "decrypt_us_per_ciphertext": 1e6 * dec / args.outputs,
+        "request_bytes": len(body), "result_bytes": len(result),
+    }
+    print(f"encrypt {report['encrypt_us_per_ciphertext']:.1f} us, decrypt {report['decrypt_us_per_ciphertext']:.1f} us "
+          f"per ciphertext (N = {n}, {torch.get_num_threads()} threads)")
+    if args.out:
+        write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
