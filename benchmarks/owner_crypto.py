@@ -18,7 +18,8 @@ import torch
 
 from common import environment, write_json
 
-from hetune.crypto.scheme import get_scheme
+from hetune.crypto.keys import generate_keys
+from hetune.crypto.registry import get_scheme
 
 
 def best(fn, repeat: int) -> float:
@@ -42,7 +43,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     scheme = get_scheme("rlwe")
-    keys = scheme.generate_keys("p128")
+    keys = generate_keys("rlwe", "p128")
     n = keys.params.poly_size
     x = torch.randint(-127, 128, (n, args.features))
     w = torch.randint(-127, 128, (args.outputs, args.features))
