@@ -34,3 +34,8 @@ def generate_keys(scheme: str | None = None, param_set: str | None = None) -> Cl
 def load_keys(path: Path, scheme: str | None = None) -> ClientKeys:
     """Keys written by ``ClientKeys.save`` (``--save-key``)."""
     return _KEYS[get_scheme(scheme).name][1](Path(path))
+
+
+def fixed_mask_keys(param_set: str | None, cache_root: Path) -> rlwe_keys.FixedMaskKeys:
+    """Batched RLWE with fixed masks and a fresh secret per product: hints cached under ``cache_root``."""
+    return rlwe_keys.fixed_masks(param_set, cache_root)

@@ -26,23 +26,29 @@ def new_seed() -> bytes:
     return secrets.token_bytes(SEED_BYTES)
 
 
-def _keystream_into(seed: bytes, out: torch.Tensor, nbytes: int) -> None:
-    """Fill the first ``nbytes`` of ``out``'s storage with the AES-128-CTR keystream of ``seed`` (counter from 0)."""
+def _keystream_into(seed: bytes, out: torch.Tensor, nbytes: int, block: int = 0) -> None:
+    """Fill the first ``nbytes`` of ``out``'s storage with the AES-128-CTR keystream of ``seed`` from counter ``block``."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a seed is {SEED_BYTES} bytes, got {len(seed)}")
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(block.to_bytes(16, "big"))).encryptor()
     buf = memoryview(out.numpy()).cast("B")  # `out` has AES_BLOCK - 1 spare bytes: update_into's requirement
     for start in range(0, nbytes, len(_ZEROS)):
         size = min(len(_ZEROS), nbytes - start)
         encryptor.update_into(memoryview(_ZEROS)[:size], buf[start : start + size + _AES_BLOCK - 1])
 
 
-def aes_ctr_words(seed: bytes, count: int) -> torch.Tensor:
-    """``count`` pseudo-random 64-bit words (int64, two's complement) from AES-128-CTR keyed by ``seed``."""
+def aes_ctr_words(seed: bytes, count: int, start: int = 0) -> torch.Tensor:
+    """Words ``start .. start + count`` (int64, two's complement) of the AES-128-CTR stream keyed by ``seed``.
+
+    Two words per AES block, so ``start`` is even: the stream is seekable, and a block of
+    fixed masks is read without expanding the ones before it.
+    """
+    if start % 2:
+        raise ValueError(f"a keystream starts at an even word (one AES block is two words), got {start}")
     out = torch.empty(count + 2, dtype=torch.int64)  # 2 spare words: update_into's tail room
-    _keystream_into(seed, out, 8 * count)
+    _keystream_into(seed, out, 8 * count, start // 2)
     return out[:count]
 
 

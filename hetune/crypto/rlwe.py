@@ -54,8 +54,14 @@ class RlweScheme(Scheme):
         return wire.HEADER_BYTES + cols * blocks(rows, rp.n) * rp.n * rp.input_bytes
 
     def check_request(self, params: ParamSet, body: bytes, rows: int, cols: int) -> None:
-        header = wire.Header.parse(body, wire.REQUEST, NAME, params.name, rows, cols)
+        kinds = (wire.REQUEST, wire.HINTED_REQUEST, wire.HINT_QUERY)
+        header = wire.Header.parse(body, kinds, NAME, params.name, rows, cols)
         rp = PARAM_SETS[params.name]
+        if header.kind == wire.HINT_QUERY:
+            if rows % rp.n or len(body) != wire.HEADER_BYTES:
+                raise PayloadError(f"a hint query is the {wire.HEADER_BYTES}-byte header alone, rows a multiple of {rp.n}; "
+                                   f"got {len(body)} bytes, rows {rows}", 422)
+            return
         if header.value_bytes != rp.input_bytes:
             raise PayloadError(f"{NAME}/{params.name} requests carry {rp.input_bytes}-byte values, header says {header.value_bytes}")
         expected = self.request_bytes(params, rows, cols)
@@ -63,25 +69,41 @@ class RlweScheme(Scheme):
             raise PayloadError(f"a {rows}x{cols} {NAME}/{params.name} request is {expected} bytes, got {len(body)} (truncated?)", 422)
 
     def multiply(self, params: ParamSet, session: object, body: bytes, weight: torch.Tensor, device: str = "cpu") -> bytes:
-        """W (n_out, n_in) times every ciphertext: A_out = W A, B_out = W B mod 2^64, rounded per the op's norm."""
+        """W (n_out, n_in) times every ciphertext mod 2^64, each result rounded to the widths the op's norm allows.
+
+        REQUEST (fresh masks): A_out = W A and B_out = W B. HINTED_REQUEST (fixed masks): B_out
+        only, half the work and the bytes. HINT_QUERY: the hint H_k = W A_k of one block.
+        """
         rp = PARAM_SETS[params.name]
-        header = wire.Header.parse(body, wire.REQUEST, NAME, params.name)
-        n_in, cols_coef = weight.shape[1], blocks(header.rows, rp.n) * rp.n
-        count = n_in * cols_coef
-        a = randomness.aes_ctr_words(header.seed, count).view(n_in, cols_coef)
-        b = wire.unpack_top(memoryview(body)[wire.HEADER_BYTES :], count, header.value_bytes).view(n_in, cols_coef)
+        header = wire.Header.parse(body, (wire.REQUEST, wire.HINTED_REQUEST, wire.HINT_QUERY), NAME, params.name)
+        n_in, n_out = weight.shape[1], weight.shape[0]
         w = weight.to(torch.int64)
         wmax = int(w.abs().max()) if w.numel() else 0
-        out_bytes = rp.output_bytes(float(w.to(torch.float64).norm(dim=1).max()) if w.numel() else 0.0)
+        norm = float(w.to(torch.float64).norm(dim=1).max()) if w.numel() else 0.0
         wf = w.to(device=device, dtype=torch.float64)  # converted once per product, not per model
-        out_a, out_b = [], []
-        for start in range(0, cols_coef, _COL_CHUNK):
-            for src, dst in ((a, out_a), (b, out_b)):
-                chunk = src[:, start : start + _COL_CHUNK].to(device)
-                dst.append(gemm_mod_2_64(wf, chunk, max_abs_weight=wmax).cpu())
-        a_out, b_out = torch.cat(out_a, dim=1), torch.cat(out_b, dim=1)
-        result = wire.Header(wire.RESULT, NAME, params.name, header.rows, weight.shape[0], out_bytes, bytes(16))
-        return result.pack() + wire.pack_top(a_out, out_bytes) + wire.pack_top(b_out, out_bytes)
+
+        def product(x: torch.Tensor) -> torch.Tensor:  # (n_in, C) -> W x mod 2^64, (n_out, C), in column chunks
+            return torch.cat([gemm_mod_2_64(wf, x[:, i : i + _COL_CHUNK].to(device), max_abs_weight=wmax).cpu()
+                              for i in range(0, x.shape[1], _COL_CHUNK)], dim=1)
+
+        if header.kind == wire.HINT_QUERY:
+            block = header.rows // rp.n - 1
+            a = randomness.aes_ctr_words(header.seed, n_in * rp.n, start=block * n_in * rp.n).view(n_in, rp.n)
+            mask_bytes, _ = rp.hinted_bytes(norm)
+            hint = wire.Header(wire.HINT, NAME, params.name, header.rows, n_out, mask_bytes, header.seed).pack()
+            hint += wire.pack_top(product(a), mask_bytes)
+            return hint + wire.digest(hint)
+        cols_coef = blocks(header.rows, rp.n) * rp.n
+        count = n_in * cols_coef
+        b = wire.unpack_top(memoryview(body)[wire.HEADER_BYTES :], count, header.value_bytes).view(n_in, cols_coef)
+        if header.kind == wire.HINTED_REQUEST:
+            _, body_bytes = rp.hinted_bytes(norm)
+            result = wire.Header(wire.HINTED_RESULT, NAME, params.name, header.rows, n_out, body_bytes, bytes(16))
+            return result.pack() + wire.pack_top(product(b), body_bytes)
+        a = randomness.aes_ctr_words(header.seed, count).view(n_in, cols_coef)
+        out_bytes = rp.output_bytes(norm)
+        result = wire.Header(wire.RESULT, NAME, params.name, header.rows, n_out, out_bytes, bytes(16))
+        return result.pack() + wire.pack_top(product(a), out_bytes) + wire.pack_top(product(b), out_bytes)
 
 
 SCHEME = RlweScheme()

@@ -5,6 +5,8 @@ The worker never imports this module (tests/test_layout.py).
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from hetune.crypto.ring import BinaryPolyMultiplier
 from hetune.crypto.rlwe import NAME, SCHEME, blocks
 from hetune.crypto.rlwe_params import PARAM_SETS, RlweParamSet
 from hetune.crypto.scheme import ClientKeys, PayloadError
-from hetune.errors import ConfigError
+from hetune.errors import ConfigError, HetuneError
 from hetune.files import write_atomic
 
 _POLY_CHUNK = 1024  # polynomials per FFT batch (bounds memory)
@@ -91,3 +93,172 @@ def load(path: Path) -> RlweKeys:
     rp = PARAM_SETS[name]
     bits = np.unpackbits(np.frombuffer(data[16:], dtype=np.uint8))[: rp.n]
     return RlweKeys(rp, torch.from_numpy(bits.astype(np.int64)))
+
+
+# ---- Fixed masks, a fresh secret per product (the hint) -------------------------------------------------
+
+class SecretReuseError(HetuneError):
+    """A per-call secret was asked to encrypt a second message: (mask, secret) pairs are used once."""
+
+
+HintFetch = Callable[[str, str, bytes, int, int], bytes]  # (op, direction, query body, rows, cols) -> hint body
+
+
+class HintCache:
+    """The session's mask seed and the hints H = W A, on disk, bound to the bundle and the seed.
+
+    Layout: ``root/<set>-<bundle sha256>/mask_seed`` (16 bytes, made once: the masks are
+    public, the seed is kept so a resumed run reuses the cached hints) and one file per
+    (op, direction, block): the worker's hint (header, values, SHA-256 of both) followed by
+    SHA-256(bundle hash, header, values). Every file is checked once per process (sizes,
+    header, seed, both digests); a bad one is deleted and fetched again, and a second bad
+    fetch raises PayloadError. Values are read through a memory map, one chunk at a time.
+    """
+
+    def __init__(self, root: Path, bundle_sha256: str, rp: RlweParamSet, fetch: HintFetch):
+        self.rp, self.bundle_sha256, self.fetch = rp, bundle_sha256, fetch
+        self.dir = Path(root) / f"{rp.name}-{bundle_sha256}"
+        seed_path = self.dir / "mask_seed"
+        seed = seed_path.read_bytes() if seed_path.exists() else b""
+        if len(seed) != randomness.SEED_BYTES:
+            seed = randomness.new_seed()
+            write_atomic(seed_path, seed, mode=0o600)
+        self.mask_seed = seed
+        self._maps: dict[tuple[str, str, int], tuple[np.memmap, int]] = {}
+
+    def op_seed(self, op: str, direction: str) -> bytes:
+        """The seed of one op and direction's masks: a hash of the session seed and their names."""
+        return hashlib.sha256(b"hetune/rlwe/masks\0" + self.mask_seed + f"{op}\0{direction}".encode()).digest()[:16]
+
+    def values(self, op: str, direction: str, block: int, n_in: int, n_out: int) -> tuple[np.memmap, int]:
+        """Block ``block``'s hint values (packed, n_out x N) and their bytes per value."""
+        key = (op, direction, block)
+        if key not in self._maps:
+            path = self.dir / f"{op}.{direction}.{block}.hint"
+            for attempt in range(2):
+                if not path.exists():
+                    query = wire.Header(wire.HINT_QUERY, NAME, self.rp.name, (block + 1) * self.rp.n, n_in, 8,
+                                        self.op_seed(op, direction)).pack()
+                    data = self.fetch(op, direction, query, (block + 1) * self.rp.n, n_in)
+                    write_atomic(path, bytes(data) + self._binding(data), mode=0o600)
+                problem = self._check(path, op, direction, block, n_out)
+                if problem is None:
+                    break
+                path.unlink()
+                if attempt:
+                    raise PayloadError(f"the hint of {op} {direction} block {block} is {problem}, twice; "
+                                       "check the worker serves the bundle this cache was made for")
+            with path.open("rb") as fh:
+                vb = wire.Header.parse(fh.read(wire.HEADER_BYTES), wire.HINT, NAME, self.rp.name).value_bytes
+            self._maps[key] = (np.memmap(path, dtype=np.uint8, mode="r", offset=wire.HEADER_BYTES,
+                                         shape=(n_out * self.rp.n * vb,)), vb)
+        return self._maps[key]
+
+    def _binding(self, data) -> bytes:
+        return wire.digest(self.bundle_sha256.encode() + bytes(data[: len(data) - wire.DIGEST_BYTES]))
+
+    def _check(self, path: Path, op: str, direction: str, block: int, n_out: int) -> str | None:
+        data = path.read_bytes()
+        try:
+            header = wire.Header.parse(data, wire.HINT, NAME, self.rp.name, (block + 1) * self.rp.n, n_out)
+        except PayloadError as err:
+            return f"not a hint of this shape ({err.message})"
+        values_end = wire.HEADER_BYTES + n_out * self.rp.n * header.value_bytes
+        if len(data) != values_end + 2 * wire.DIGEST_BYTES:
+            return f"{len(data)} bytes, expected {values_end + 2 * wire.DIGEST_BYTES} (truncated?)"
+        if header.seed != self.op_seed(op, direction):
+            return "for other masks (another mask seed)"
+        if wire.digest(data[:values_end]) != data[values_end : values_end + wire.DIGEST_BYTES]:
+            return "corrupted (checksum mismatch)"
+        if self._binding(data[: values_end + wire.DIGEST_BYTES]) != data[values_end + wire.DIGEST_BYTES :]:
+            return "bound to another bundle"
+        return None
+
+
+class CallKey:
+    """One product call: a fresh binary secret that encrypts exactly one message under the op's fixed masks.
+
+    Never saved and never pickled (so no checkpoint can restore a used secret); a second
+    :meth:`encrypt` raises :class:`SecretReuseError`: two messages under one secret and the
+    same masks would hand the worker Delta (M - M') + (E - E').
+    """
+
+    def __init__(self, rp: RlweParamSet, cache: HintCache, op: str, direction: str):
+        self.rp, self.cache, self.op, self.direction = rp, cache, op, direction
+        self._mult = BinaryPolyMultiplier(randomness.binary_secret(rp.n))
+        self._used = False
+
+    def __reduce__(self):
+        raise TypeError("a per-call RLWE key is never saved or copied: a resumed run makes fresh ones")
+
+    def encrypt(self, q) -> bytes:
+        if self._used:
+            raise SecretReuseError(f"this call's secret already encrypted a message ({self.op} {self.direction}); "
+                                   "a retry or another micro-batch takes a new call key")
+        self._used = True
+        x = torch.as_tensor(np.asarray(q), dtype=torch.int64)  # (T, k) small integers
+        rows, cols = x.shape
+        n, c = self.rp.n, blocks(rows, self.rp.n)
+        seed = self.cache.op_seed(self.op, self.direction)
+        a = torch.cat([randomness.aes_ctr_words(seed, cols * n, start=k * cols * n).view(cols, n) for k in range(c)], dim=1)
+        b = _chunked(self._mult.mul, a.view(cols * c, n))  # exact a * s: 2 limbs; row j c + k: feature j, block k
+        b += randomness.t_uniform(cols * c * n, self.rp.noise_bound_log2).view(cols * c, n)
+        b.view(cols, c * n)[:, :rows] += x.T << self.rp.log2_delta
+        header = wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed)
+        return header.pack() + wire.pack_top(b, self.rp.input_bytes)
+
+    def decrypt(self, result: bytes, rows: int, cols: int, n_in: int) -> np.ndarray:
+        """B_out minus the cached hint times this call's secret, block by block, rounded to Delta."""
+        header = wire.Header.parse(result, wire.HINTED_RESULT, NAME, self.rp.name, rows, cols)
+        n, c = self.rp.n, blocks(rows, self.rp.n)
+        vb = header.value_bytes
+        body = memoryview(result)[wire.HEADER_BYTES :]
+        if len(body) != cols * c * n * vb:
+            raise PayloadError(f"result of {rows}x{cols} must carry {cols * c * n * vb} bytes, got {len(body)}")
+        phase = wire.unpack_top(body, cols * c * n, vb).view(cols, c, n)
+        for k in range(c):
+            hint, hb = self.cache.values(self.op, self.direction, k, n_in, cols)
+            bits = min(8 * hb, self.rp.fft_bits)
+            for i in range(0, cols, _POLY_CHUNK):  # bounded memory: a chunk of output polynomials at a time
+                rows_i = min(_POLY_CHUNK, cols - i)
+                h = wire.unpack_top(hint[i * n * hb : (i + rows_i) * n * hb], rows_i * n, hb).view(rows_i, n)
+                phase[i : i + rows_i, k] -= self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
+        d = self.rp.log2_delta
+        m = (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
+        return m.view(cols, c * n)[:, :rows].T.contiguous().numpy()
+
+
+class FixedMaskKeys(ClientKeys):
+    """The data owner's side of a fixed-mask session: a hint cache and fresh per-call keys, no long-term secret."""
+
+    fixed_masks = True
+
+    def __init__(self, rp: RlweParamSet, cache_root: Path):
+        self.rp, self.params, self.cache_root = rp, SCHEME.params(rp.name), Path(cache_root)
+        self.cache: HintCache | None = None
+
+    def session_key(self) -> bytes:
+        return b""
+
+    def attach(self, bundle_sha256: str, fetch: HintFetch) -> None:
+        """Bind to the worker's bundle: the cache directory of that bundle (and its mask seed)."""
+        self.cache = HintCache(self.cache_root, bundle_sha256, self.rp, fetch)
+
+    def new_call(self, op: str, direction: str) -> CallKey:
+        if self.cache is None:
+            raise ConfigError("fixed-mask keys are not bound to a bundle yet", "build the encrypted backend with them")
+        return CallKey(self.rp, self.cache, op, direction)
+
+    def encrypt(self, q) -> bytes:
+        raise SecretReuseError("fixed-mask keys encrypt per call: use new_call(op, direction).encrypt(q)")
+
+    def decrypt(self, result: bytes, rows: int, cols: int) -> np.ndarray:
+        raise SecretReuseError("fixed-mask keys decrypt per call: use the CallKey that encrypted the request")
+
+    def save(self, path: Path) -> None:
+        raise ConfigError("a fixed-mask session has no long-term secret to save (each product's lives for one call)",
+                          "drop --save-key, or use fresh masks per request")
+
+
+def fixed_masks(param_set: str, cache_root: Path) -> FixedMaskKeys:
+    return FixedMaskKeys(PARAM_SETS[SCHEME.resolve(param_set).name], cache_root)

@@ -137,6 +137,18 @@ class RlweParamSet:
                 return nbytes
         raise ValueError(f"weight L2 norm {weight_l2:.0f} exceeds {self.max_weight_l2:.0f}: decoding cannot be exact")
 
+    def hinted_bytes(self, weight_l2: float) -> tuple[int, int]:
+        """(hint bytes, body bytes) with fixed masks: the per-call body result as narrow as it can be, then the hint.
+
+        The hint (the mask result W A, sent once) is trimmed by decryption to ``fft_bits``
+        anyway, so it never needs more than ceil(fft_bits / 8) bytes.
+        """
+        for body in range(1, 9):
+            for mask in range(1, -(-self.fft_bits // 8) + 1):
+                if self.variance(weight_l2, 8 * mask, 8 * body) <= self.noise_limit(8 * mask):
+                    return mask, body
+        raise ValueError(f"weight L2 norm {weight_l2:.0f} exceeds {self.max_weight_l2:.0f}: decoding cannot be exact")
+
     @property
     def input_bytes(self) -> int:
         return self.input_bits // 8

@@ -1,12 +1,20 @@
 """Wire format of the batched RLWE scheme: a fixed header, then packed 64-bit values.
 
-Header (little-endian, 47 bytes): magic ``HTRL``, format version, kind (request or
-result), scheme and parameter-set names (8 bytes each, NUL-padded), rows (tokens) and
-columns (features) as uint32, bytes per value, and the 16-byte mask seed (zero in
-results). A request body is b for every (feature, block) ciphertext, each coefficient
-rounded to its top ``value_bytes`` bytes; a result body is A_out then B_out, rounded the
-same way to the width the worker picked. The worker checks the header and the exact
-size before any heavy work.
+Header (little-endian, 47 bytes): magic ``HTRL``, format version, kind, scheme and
+parameter-set names (8 bytes each, NUL-padded), rows (tokens) and columns (features) as
+uint32, bytes per value, and the 16-byte mask seed (zero in results). Values are
+coefficients rounded to their top ``value_bytes`` bytes, little-endian, feature-major:
+feature (or output) j's blocks of N coefficients one after the other.
+
+Kinds, with fresh masks per request (the masks of every ciphertext from the request's seed):
+- REQUEST: b of every (feature, block) ciphertext; RESULT: A_out then B_out.
+With fixed masks (the hint; version 2): the masks of an op and direction come from one
+seed fixed for the session, block k's at words [k n_in N, (k + 1) n_in N) of its stream:
+- HINTED_REQUEST: b as in REQUEST, under a fresh secret per call; HINTED_RESULT: B_out only;
+- HINT_QUERY: the header alone, rows = (k + 1) N asks for block k; HINT: H_k = W A_k
+  (n_out x N), then a SHA-256 of header and values, so a truncated or corrupted hint is
+  detected wherever it is read (the wire or the owner's disk cache).
+The worker checks the header and the exact size before any heavy work.
 """
 
 from __future__ import annotations
@@ -20,8 +28,11 @@ import torch
 from hetune.crypto.scheme import PayloadError
 
 MAGIC = b"HTRL"
-VERSION = 1
-REQUEST, RESULT = 1, 2
+VERSION = 2  # 2: fixed masks and hints (kinds 3-6)
+REQUEST, RESULT, HINTED_REQUEST, HINTED_RESULT, HINT_QUERY, HINT = 1, 2, 3, 4, 5, 6
+_WHAT = {REQUEST: "request", RESULT: "result", HINTED_REQUEST: "request", HINTED_RESULT: "result",
+         HINT_QUERY: "hint query", HINT: "hint"}
+DIGEST_BYTES = 32  # SHA-256 after a hint's values
 _FORMAT = "<4sBB8s8sIIB16s"
 HEADER_BYTES = struct.calcsize(_FORMAT)
 
@@ -41,10 +52,11 @@ class Header:
                            self.rows, self.cols, self.value_bytes, self.seed)
 
     @classmethod
-    def parse(cls, data: bytes, kind: int, scheme: str, param_set: str,
+    def parse(cls, data: bytes, kind: int | tuple[int, ...], scheme: str, param_set: str,
               rows: int | None = None, cols: int | None = None) -> "Header":
-        """Parse and check against what the receiver expects; PayloadError names the mismatch."""
-        what = "request" if kind == REQUEST else "result"
+        """Parse and check against what the receiver expects (one kind or several); PayloadError names the mismatch."""
+        kinds = (kind,) if isinstance(kind, int) else kind
+        what = _WHAT[kinds[0]]
         if len(data) < HEADER_BYTES or bytes(data[:4]) != MAGIC:
             raise PayloadError(f"body is not a batched-RLWE {what} (expected scheme {scheme}/{param_set})")
         magic, version, got_kind, s, p, r, c, vb, seed = struct.unpack_from(_FORMAT, data)
@@ -53,7 +65,7 @@ class Header:
         got_scheme, got_set = s.rstrip(b"\0").decode(errors="replace"), p.rstrip(b"\0").decode(errors="replace")
         if (got_scheme, got_set) != (scheme, param_set):
             raise PayloadError(f"body is for {got_scheme}/{got_set}, this session uses {scheme}/{param_set}", 422)
-        if got_kind != kind:
+        if got_kind not in kinds:
             raise PayloadError(f"body is not an RLWE {what} (kind {got_kind})")
         if (rows is not None and r != rows) or (cols is not None and c != cols):
             raise PayloadError(f"header says {r}x{c}, expected {rows}x{cols}", 422)
@@ -65,6 +77,12 @@ class Header:
 def _top_bytes(nbytes: int) -> np.dtype:
     """An int64 seen as (low bytes, top ``nbytes`` bytes), little-endian: field copies are one memcpy per value."""
     return np.dtype([("low", f"V{8 - nbytes}"), ("top", f"V{nbytes}")])
+
+
+def digest(data) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(data).digest()
 
 
 def pack_top(x: torch.Tensor, nbytes: int) -> bytes:

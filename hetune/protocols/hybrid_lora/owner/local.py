@@ -36,8 +36,13 @@ class LocalTransport:
     def in_features(self, op: str) -> int:
         return self.worker.shape(op, "forward").cols
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
-        """The result body and the worker's seconds."""
+    @property
+    def weights_sha256(self) -> str:
+        return self.worker.bundle.manifest.model.weights_sha256
+
+    def run(self, op: str, direction: str, payload, rows: int, cols: int) -> tuple[bytes, float]:
+        """The result body and the worker's seconds; ``payload``: bytes, or a callable that makes them."""
+        payload = payload() if callable(payload) else payload
         get_scheme(self._params.scheme).check_request(self._params, payload, rows, cols)
         t0 = time.perf_counter()
         result = self.worker.run(op, direction, self._params, self._session, payload)

@@ -105,13 +105,15 @@ class WorkerClient:
         self._key: bytes | None = None
         self._params = None  # the session's hetune.crypto.scheme.ParamSet
 
-    def _request(self, method: str, path: str, **kwargs):
+    def _request(self, method: str, path: str, content: bytes | None = None, remake=None, **kwargs):
+        """``remake``: a callable that makes a fresh body for each retry (a product is re-encrypted, never resent)."""
         import httpx
 
         for attempt in range(self.retry.retries + 1):
             wait = self.retry.backoff_s * 2**attempt
             try:
-                response = self.http.request(method, path, **kwargs)
+                body = remake() if remake is not None and attempt else content
+                response = self.http.request(method, path, content=body, **kwargs)
             except httpx.TransportError as err:
                 if _certificate_failure(err):  # retrying cannot help, and the worker may be an impostor
                     raise WorkerError(f"worker {self.url} has a certificate this client does not trust: {err}",
@@ -154,12 +156,14 @@ class WorkerClient:
         data = self._checked(response, "a new session", _API_KEY_HINT if response.status_code == 401 else None).json()
         self.session_id, self._token = data["session_id"], data["token"]
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
-        """The result body and the worker's seconds (its ``x-worker-seconds`` header)."""
+    def run(self, op: str, direction: str, payload, rows: int, cols: int) -> tuple[bytes, float]:
+        """The result body and the worker's seconds (its ``x-worker-seconds`` header); ``payload``: bytes, or a
+        callable that makes a fresh request body for each try."""
         path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
         for reopened in (False, True):
             response = self._request(
-                "POST", path, content=payload, params={"rows": rows, "cols": cols},
+                "POST", path, content=payload() if callable(payload) else payload,
+                remake=payload if callable(payload) else None, params={"rows": rows, "cols": cols},
                 headers={"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"},
             )
             if response.status_code == 404 and "session" in response.text and not reopened:
@@ -216,7 +220,11 @@ class HttpTransport:
         for client in self.clients:
             client.open(params, session_key)
 
-    def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
+    @property
+    def weights_sha256(self) -> str:
+        return self.manifest.model.weights_sha256
+
+    def run(self, op: str, direction: str, payload, rows: int, cols: int) -> tuple[bytes, float]:
         return self._by_op[op].run(op, direction, payload, rows, cols)
 
     def close(self) -> None:

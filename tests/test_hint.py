@@ -1,0 +1,199 @@
+"""Fixed masks with a fresh secret per product (the hint): exact steps, secrets used once, a safe hint cache, exact sizes."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from hetune.crypto import rlwe_wire as wire
+from hetune.crypto.keys import fixed_mask_keys, generate_keys
+from hetune.crypto.rlwe import SCHEME
+from hetune.crypto.rlwe_keys import CallKey, SecretReuseError
+from hetune.crypto.scheme import PayloadError
+from hetune.protocols.hybrid_lora.owner.client import build_private_model
+
+from test_hybrid_lora import assert_equal_grads, lora_grads, noise_audit, reference  # noqa: F401  (fixtures)
+
+N = 2048
+
+
+def exact(x, w):
+    return (x.double() @ w.T.double()).long().numpy()
+
+
+class LocalWorker:
+    """The worker's product in this process, counting hint queries; ``damage`` alters the hints it returns."""
+
+    def __init__(self, weights):
+        self.weights, self.queries, self.damage = weights, 0, None
+
+    def __call__(self, op, direction, query, rows, cols):
+        SCHEME.check_request(SCHEME.params("p128"), query, rows, cols)
+        self.queries += 1
+        hint = SCHEME.multiply(SCHEME.params("p128"), None, query, self.weights[(op, direction)])
+        return self.damage(hint) if self.damage else hint
+
+
+@pytest.fixture
+def op():
+    gen = torch.Generator().manual_seed(11)
+    return torch.randint(-127, 128, (40, 24), generator=gen), torch.randint(0, 256, (2100, 24), generator=gen)
+
+
+def product(keys, w, x, name="op"):
+    call = keys.new_call(name, "forward")
+    body = call.encrypt(x)
+    SCHEME.check_request(keys.params, body, *x.shape)
+    return call.decrypt(SCHEME.multiply(keys.params, None, body, w), x.shape[0], w.shape[0], x.shape[1])
+
+
+def test_fixed_mask_products_are_exact_and_bytes_per_value_are_the_wire_formats(tmp_path, op):
+    w, x = op
+    keys = fixed_mask_keys("p128", tmp_path)
+    worker = LocalWorker({("op", "forward"): w})
+    keys.attach("a" * 64, worker)
+    for rows in (1, 2048, 2100):  # T < N, T = N, two blocks
+        assert np.array_equal(product(keys, w, x[:rows]), exact(x[:rows], w))
+    assert worker.queries == 2  # one hint per block, fetched once
+    call = keys.new_call("op", "forward")
+    body = call.encrypt(x[:2048])
+    result = SCHEME.multiply(keys.params, None, body, w)
+    assert len(body) == wire.HEADER_BYTES + 24 * N * 6  # 6 B per input value at full blocks (b at 48 bits)
+    assert len(result) == wire.HEADER_BYTES + 40 * N * 5  # 5 B per output value per call: the body result alone
+    hint_file = keys.cache.dir / "op.forward.0.hint"
+    assert hint_file.stat().st_size == wire.HEADER_BYTES + 40 * N * 5 + 2 * wire.DIGEST_BYTES  # once: 5 B per output coefficient
+    fresh_body = generate_keys("rlwe").encrypt(x[:2048])  # today's layout: masks per request
+    fresh = SCHEME.multiply(keys.params, None, fresh_body, w)
+    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 5  # 10 B per output value
+
+
+def test_a_call_key_encrypts_once_and_is_never_saved(tmp_path, op):
+    w, x = op
+    keys = fixed_mask_keys("p128", tmp_path)
+    keys.attach("b" * 64, LocalWorker({("op", "forward"): w}))
+    call = keys.new_call("op", "forward")
+    call.encrypt(x[:8])
+    with pytest.raises(SecretReuseError, match="already encrypted"):
+        call.encrypt(x[:8])
+    with pytest.raises(TypeError, match="never saved"):
+        pickle.dumps(call)
+    with pytest.raises(SecretReuseError, match="per call"):
+        keys.encrypt(x[:8])
+    with pytest.raises(Exception, match="no long-term secret"):
+        keys.save(tmp_path / "k")
+    secrets_ = {bytes(keys.new_call("op", "forward")._mult.s_hat.numpy().tobytes()) for _ in range(5)}
+    assert len(secrets_) == 5  # a fresh secret per call
+
+
+@pytest.mark.parametrize("damage,refetched", [
+    ("truncate", True), ("flip", True), ("other_seed", True), ("other_bundle", True),
+])
+def test_a_bad_cached_hint_is_fetched_again_never_used(tmp_path, op, damage, refetched):
+    w, x = op
+    keys = fixed_mask_keys("p128", tmp_path)
+    worker = LocalWorker({("op", "forward"): w})
+    keys.attach("c" * 64, worker)
+    assert np.array_equal(product(keys, w, x[:100]), exact(x[:100], w))
+    path = keys.cache.dir / "op.forward.0.hint"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-100]
+    elif damage == "flip":
+        data[wire.HEADER_BYTES + 1000] ^= 1
+    elif damage == "other_seed":
+        data[wire.HEADER_BYTES - 1] ^= 1
+    path.write_bytes(bytes(data))
+    again = fixed_mask_keys("p128", tmp_path)  # an owner restart: same cache, same mask seed
+    again.attach("d" * 64 if damage == "other_bundle" else "c" * 64, worker)
+    if damage == "other_bundle":  # another bundle has its own directory: fetched there
+        assert again.cache.dir != keys.cache.dir
+    before = worker.queries
+    assert np.array_equal(product(again, w, x[:100]), exact(x[:100], w))
+    assert worker.queries == before + 1
+
+
+def test_a_worker_that_keeps_sending_a_bad_hint_gets_a_clear_error(tmp_path, op):
+    w, x = op
+    keys = fixed_mask_keys("p128", tmp_path)
+    worker = LocalWorker({("op", "forward"): w})
+    worker.damage = lambda hint: hint[:-7]
+    keys.attach("e" * 64, worker)
+    with pytest.raises(PayloadError, match="twice"):
+        product(keys, w, x[:10])
+    worker.damage = lambda hint: hint[:500] + bytes([hint[500] ^ 1]) + hint[501:]
+    with pytest.raises(PayloadError, match="corrupted.*twice"):
+        product(keys, w, x[:10])
+    assert not list(keys.cache.dir.glob("*.hint"))  # nothing bad stays on disk
+
+
+def test_cached_hint_is_reused_after_an_owner_restart(tmp_path, op):
+    w, x = op
+    worker = LocalWorker({("op", "forward"): w})
+    first = fixed_mask_keys("p128", tmp_path)
+    first.attach("f" * 64, worker)
+    product(first, w, x[:10])
+    second = fixed_mask_keys("p128", tmp_path)
+    second.attach("f" * 64, worker)
+    assert second.cache.mask_seed == first.cache.mask_seed
+    assert np.array_equal(product(second, w, x[:10]), exact(x[:10], w))
+    assert worker.queries == 1
+
+
+def test_fixed_mask_steps_equal_quantized_in_process_and_remote_across_restarts(reference, micro_bundle, loopback_worker,
+                                                                                noise_audit, tmp_path, monkeypatch):  # noqa: F811
+    """A whole step of micro-llama, forward and backward, fused ops: in process, remote, an owner restart
+    (the cached hints reused) and a worker restart (the same hints still valid); every call its own secret."""
+    _, quantized = reference
+    secrets_ = []
+    original = CallKey.__init__
+
+    def spy(self, *args):
+        original(self, *args)
+        secrets_.append(self._mult.s_hat.numpy().tobytes())
+
+    monkeypatch.setattr(CallKey, "__init__", spy)
+    pm = build_private_model("micro-llama", "encrypted", bundle=micro_bundle, keys=fixed_mask_keys("p128", tmp_path))
+    assert_equal_grads(lora_grads(pm), quantized)
+    stats = pm.backend.stats
+    assert max(noise_audit) == 0 and stats.round_trips == 15 and stats.hint_bytes > 0
+    assert len(secrets_) == len(set(secrets_)) == 15  # forward and backward: one fresh secret per product
+
+    worker = loopback_worker()
+    pm = build_private_model("micro-llama", "remote", workers=(worker.url,), keys=fixed_mask_keys("p128", tmp_path))
+    assert_equal_grads(lora_grads(pm), quantized)
+    assert pm.backend.stats.hint_bytes == 0  # the owner restarted: hints from its disk cache
+    pm.close()
+    worker.stop()
+    worker = loopback_worker()  # a worker restart: the hints depend on the bundle and the seed only
+    pm = build_private_model("micro-llama", "remote", workers=(worker.url,), keys=fixed_mask_keys("p128", tmp_path))
+    assert_equal_grads(lora_grads(pm), quantized)
+    assert max(noise_audit) == 0 and len(secrets_) == len(set(secrets_)) == 45
+    pm.close()
+
+
+def test_a_retry_after_a_network_error_re_encrypts(micro_bundle, loopback_worker, tmp_path, monkeypatch):
+    import httpx
+
+    from hetune.protocols.hybrid_lora.owner import remote
+
+    worker = loopback_worker()
+    pm = build_private_model("micro-llama", "remote", workers=(worker.url,), keys=fixed_mask_keys("p128", tmp_path))
+    client = pm.backend.transport.clients[0]
+    client.retry = remote.RetryPolicy(retries=2, backoff_s=0.01)
+    sent, original = [], client.http.request
+
+    def flaky(method, path, content=None, **kwargs):
+        if "/ops/" in path and content and len(content) > wire.HEADER_BYTES:
+            sent.append(content)
+            if len(sent) == 1:
+                raise httpx.ConnectError("connection reset")
+        return original(method, path, content=content, **kwargs)
+
+    monkeypatch.setattr(client.http, "request", flaky)
+    lora_grads(pm, torch.tensor([[72, 101]]))
+    assert len(sent) == pm.backend.stats.round_trips + 1  # one product was tried twice
+    assert sent[0] != sent[1]  # the retried product was encrypted again, under a new secret
+    assert len(set(sent)) == len(sent)
+    pm.close()
+
