@@ -16,6 +16,11 @@ Workloads (LoRA r=8 on all seven linears of every block, one forward + backward)
   *extrapolated*: output values of the step x GLWE seconds per output value, measured
   in this run at n_in = 2048.
 
+Both mask layouts run side by side: masks per request (``encrypted``, ``remote``) and
+fixed masks with a fresh secret per product (``encrypted-hint``, ``remote-hint``: the
+hints are fetched before the timed step, their seconds and bytes reported apart as
+``hint_s`` and ``hint_bytes``).
+
 Wall time is split into client crypto (encryption, decryption), the worker's product
 (as the worker reports it), transfer (request to result, minus the worker) and the
 client's clear compute (the rest: non-linearities, attention, LoRA, loss, quantization).
@@ -44,7 +49,7 @@ import torch
 from common import environment, write_json
 
 from hetune.crypto.registry import get_scheme
-from hetune.crypto.keys import generate_keys
+from hetune.crypto.keys import fixed_mask_keys, generate_keys
 from hetune.protocols.hybrid_lora.owner.client import build_private_model
 
 HETUNE = str(Path(sys.executable).with_name("hetune"))
@@ -79,14 +84,23 @@ def measure(model_id: str, backend: str, ids: torch.Tensor, **kwargs) -> dict:
 
 
 def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> dict:
+    hint_cache = kwargs.pop("hint_cache", None)
+    if hint_cache:  # fixed masks, a fresh secret per product
+        kwargs["keys"] = fixed_mask_keys("p128", Path(hint_cache))
     pm = build_private_model(model_id, backend, **kwargs)
     if not pm.backend.encrypted and ids.numel() < 100:
         one_step(pm, ids)  # warm-up where a step is cheap
+    once = {}
+    if hint_cache:  # the hints are fetched once per session: timed and sized apart from the step
+        t0 = time.perf_counter()
+        pm.backend.prefetch_hints(ids.numel())
+        once = {"hint_s": time.perf_counter() - t0, "hint_bytes": pm.backend.stats.hint_bytes}
     before = pm.backend.stats.snapshot()
     step_s = one_step(pm, ids)
     st = {k: v - before[k] for k, v in pm.backend.stats.snapshot().items()}
     pm.close()
-    row = {"backend": backend, "tokens": ids.numel(), "step_s": step_s, "values_out": st["values_out"],
+    row = {"backend": backend + (" (fixed masks)" if hint_cache else ""), "masks": "fixed" if hint_cache else "per request",
+           **once, "tokens": ids.numel(), "step_s": step_s, "values_out": st["values_out"],
            "round_trips": st["round_trips"], "client_peak_gib": gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
     if pm.backend.encrypted:
         crypto = st["encrypt_s"] + st["decrypt_s"]
@@ -148,13 +162,16 @@ def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str]
     rows = []
     result = {"workload": model_id, "tokens": ids.numel(), "rows": rows}
     for backend in backends:
-        if backend == "remote":
+        hint = {"hint_cache": tempfile.mkdtemp(prefix="hetune-hints-")} if backend.endswith("-hint") else {}
+        if backend.startswith("remote"):
             worker = ServedWorker(bundle)
             try:
-                row = measure(model_id, "remote", ids, workers=(worker.url,))
+                row = measure(model_id, "remote", ids, workers=(worker.url,), **hint)
             finally:
                 peak = worker.stop()
             rows.append({**row, "worker_peak_gib": peak})
+        elif backend == "encrypted-hint":
+            rows.append(measure(model_id, "encrypted", ids, bundle=bundle, **hint))
         elif backend == "encrypted-glwe":
             rows.append(measure(model_id, "encrypted", ids, bundle=bundle, scheme="glwe"))
         elif backend in ("plain",):
@@ -192,15 +209,18 @@ def main() -> None:
         root = Path(tmp)
         micro = make_bundle("micro-llama", root)
         done.append(workload("micro-llama", torch.tensor([[72, 101, 108]]), micro,
-                             ["quantized", "plain", "encrypted", "remote", "encrypted-glwe"], spv, save))
+                             ["quantized", "plain", "encrypted", "encrypted-hint", "remote", "remote-hint", "encrypted-glwe"],
+                             spv, save))
         if args.smollm2:
             smol = make_bundle("smollm2-135m", root)
             ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
-            done.append(workload("smollm2-135m", ids, smol, ["quantized", "plain", "encrypted", "remote"], spv, save))
+            done.append(workload("smollm2-135m", ids, smol, ["quantized", "plain", "encrypted", "encrypted-hint", "remote",
+                                                             "remote-hint"], spv, save))
         elif not args.quick:
             one_b = make_bundle("llama-3.2-1b-shape", root)
             ids = torch.randint(0, 128256, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-            done.append(workload("llama-3.2-1b-shape", ids, one_b, ["encrypted", "remote", "quantized"], spv, save))
+            done.append(workload("llama-3.2-1b-shape", ids, one_b, ["encrypted", "encrypted-hint", "remote", "remote-hint",
+                                                                   "quantized"], spv, save))
     print(f"wrote {args.out}")
 
 

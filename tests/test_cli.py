@@ -30,8 +30,13 @@ def test_compile_then_inspect(run_cli, tmp_path):
     assert code == 0 and len(summary["ops"]) == 16 and summary["bits"] == {"w": 8, "a": 12, "g": 12}
     assert all(8 <= op["bits_a"] <= 12 and 8 <= op["bits_g"] <= 12 and op["acc_bits"] <= 30 for op in summary["ops"])
     assert 0.9 < summary["outsourced_share"] < 1.0
+    for op in summary["ops"]:  # tight widths per op and direction, recorded at compile time
+        for direction in ("forward", "backward"):
+            widths = op["wire_bytes"][direction]
+            assert widths["upload"] == 6 and widths["fresh_result"] == 10 and widths["body"] == 5 and 5 <= widths["hint"] <= 6
     code, stdout, _ = run_cli("inspect", out)
     assert code == 0 and "layers.3.down" in stdout and "bits a/g" in stdout
+    assert "upload 6 fresh 10 body 5 hint 5 | upload 6 fresh 10 body 5 hint 5" in stdout
 
 
 def test_unfused_compile_with_lm_head(run_cli, tmp_path):

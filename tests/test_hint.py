@@ -197,3 +197,20 @@ def test_a_retry_after_a_network_error_re_encrypts(micro_bundle, loopback_worker
     assert len(set(sent)) == len(sent)
     pm.close()
 
+
+def test_the_worker_answers_at_the_widths_the_manifest_records(micro_bundle, tmp_path):
+    from hetune.compile.bundle import load_bundle
+
+    bundle = load_bundle(micro_bundle)
+    params = SCHEME.params(bundle.manifest.crypto["param_set"])
+    spec = bundle.manifest.ops[0]
+    w = bundle.tensors[spec.weight_key]  # (out, in)
+    for direction, weight in (("forward", w), ("backward", w.T)):
+        keys = fixed_mask_keys("p128", tmp_path)
+        keys.attach(bundle.manifest.model.weights_sha256, LocalWorker({(spec.name, direction): weight}))
+        call = keys.new_call(spec.name, direction)
+        result = SCHEME.multiply(params, None, call.encrypt(torch.zeros(4, weight.shape[1], dtype=torch.int64)), weight)
+        recorded = spec.wire_bytes[direction]
+        assert wire.Header.parse(result, wire.HINTED_RESULT, "rlwe", "p128").value_bytes == recorded["body"]
+        hint = keys.cache.values(spec.name, direction, 0, weight.shape[1], weight.shape[0])[1]
+        assert hint == recorded["hint"]

@@ -154,7 +154,7 @@ def calibration_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), progress: bool = True) -> CompiledModel:
     from tqdm.auto import tqdm
 
-    from hetune.crypto.registry import resolve_params
+    from hetune.crypto.registry import get_scheme, resolve_params
 
     model, qcfg = loaded.model, cfg.quant
     params = resolve_params(cfg.scheme, cfg.param_set)
@@ -179,6 +179,7 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
             members=members, forward_acc_bits=bound.forward_bits, backward_acc_bits=bound.backward_bits,
             generic_acc_bits=bound.generic_bits, forward_l2=bound.forward_l2, backward_l2=bound.backward_l2,
             bits_a=bits_a, bits_g=bits_g,
+            wire_bytes=get_scheme(params.scheme).wire_bytes(params, bound.forward_l2, bound.backward_l2),
         )
         why = params.check_op(spec.forward_l2, spec.backward_l2, spec.worst_acc_bits)
         if why:

@@ -40,6 +40,7 @@ class OpSpec:
     backward_l2: float = 0.0  # largest L2 norm of a column of W_q
     bits_a: int = 0  # this op's activation width: QuantConfig.bits_a, narrowed to fit the scheme (0: not quantized)
     bits_g: int = 0  # this op's gradient width, likewise
+    wire_bytes: dict = field(default_factory=dict)  # per direction, bytes per value on the wire (Scheme.wire_bytes)
 
     @property
     def worst_acc_bits(self) -> int:

@@ -49,6 +49,19 @@ class RlweScheme(Scheme):
             raise PayloadError(f"an {NAME} session takes no key; send an empty body (got {len(key)} bytes)")
         return None
 
+    def wire_bytes(self, params: ParamSet, forward_l2: float, backward_l2: float) -> dict:
+        """Per direction: upload (b), fresh-mask result (A_out and B_out), and with fixed masks the per-call
+        body result and the one-time hint, each the fewest bytes the op's norm allows (rlwe_params)."""
+        rp = PARAM_SETS[params.name]
+        out = {}
+        for direction, l2 in (("forward", forward_l2), ("backward", backward_l2)):
+            try:
+                hint, body = rp.hinted_bytes(l2)
+                out[direction] = {"upload": rp.input_bytes, "fresh_result": 2 * rp.output_bytes(l2), "body": body, "hint": hint}
+            except ValueError:  # beyond the set's norm limit: compile refuses the op (or the user accepted the risk)
+                out[direction] = {}
+        return out
+
     def request_bytes(self, params: ParamSet, rows: int, cols: int) -> int:
         rp = PARAM_SETS[params.name]
         return wire.HEADER_BYTES + cols * blocks(rows, rp.n) * rp.n * rp.input_bytes

@@ -104,6 +104,10 @@ class Scheme(ABC):
     def multiply(self, params: ParamSet, session: object, body: bytes, weight: torch.Tensor, device: str = "cpu") -> bytes:
         """Worker side: Enc(X) (T, n_in) times the clear integer weight (n_out, n_in)^T -> result body, computed on ``device``."""
 
+    def wire_bytes(self, params: ParamSet, forward_l2: float, backward_l2: float) -> dict:
+        """Bytes per value each direction of an op puts on the wire, from its weight norms; {} when not norm-driven."""
+        return {}
+
     def resolve(self, param_set: str | None) -> ParamSet:
         return self.params(param_set or self.default_param_set)
 

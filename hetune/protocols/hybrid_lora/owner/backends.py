@@ -116,6 +116,16 @@ class EncryptedBackend(FrozenBackend):
         if self.fixed_masks:
             keys.attach(transport.weights_sha256, self._fetch_hint)
 
+    def prefetch_hints(self, tokens: int) -> None:
+        """Fixed masks: fetch (or check in the cache) every op's hints for steps of up to ``tokens`` tokens now,
+        instead of during the first step."""
+        n = self.keys.params.poly_size
+        for op, codec in self.codecs.items():
+            n_in, n_out = self.transport.in_features(op), codec.out_features
+            for direction, (cols, out) in (("forward", (n_in, n_out)), ("backward", (n_out, n_in))):
+                for block in range(-(-tokens // n)):
+                    self.keys.cache.values(op, direction, block, cols, out)
+
     def _fetch_hint(self, op: str, direction: str, query: bytes, rows: int, cols: int) -> bytes:
         hint, _ = self.transport.run(op, direction, query, rows=rows, cols=cols)
         self.stats.hint_bytes += len(hint)
