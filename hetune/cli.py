@@ -53,7 +53,7 @@ def compile(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
     seed: int = typer.Option(0, "--seed", help="Seed for built-in models' random weights."),
 ) -> None:
-    """Quantize a Llama-class (Llama, Mistral, Qwen2, Qwen3) model's outsourced linears and write a worker bundle."""
+    """Quantize the outsourced linears of a model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3) and write a worker bundle."""
     from hetune.compile.bundle import check_output_dir, write_bundle
     from hetune.compile.compiler import CompileConfig, compile_model
     from hetune.models.loading import load_model

@@ -28,7 +28,7 @@ class ConfigError(HetuneError):
 
 
 class ModelLoadError(HetuneError):
-    """The model could not be found, loaded, or is not a Llama-class causal LM."""
+    """The model could not be found, loaded, or is not of a supported family (hetune.models.families)."""
 
     exit_code = 3
 

@@ -49,6 +49,17 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
+FAMILY_CONFIGS = {  # one tiny config per record of hetune.models.families (test_families checks they match)
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    # one sliding-window block and one global block, as Gemma 3 interleaves them
+    "gemma3": ("Gemma3TextConfig", dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, query_pre_attn_scalar=16)),
+    "phi3": ("Phi3Config", dict(head_dim=None)),  # Phi-3's head size is hidden / heads (16)
+}
+
+
 @pytest.fixture(scope="session")
 def family_model():
     """Build a tiny random model of a family from its transformers config class (2 blocks, hidden 64, byte vocab).
@@ -56,18 +67,18 @@ def family_model():
     Biases and norm weights are moved off their init values (0 and 1) so that a model
     that dropped or mixed them up would not pass for the original.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     from hetune.models.builtin import BUILTIN_CONFIGS
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
     byte_ids = {k: BUILTIN_CONFIGS["micro-llama"][k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
 
     def build(family: str, seed: int = 0) -> torch.nn.Module:
-        config = classes[family](
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, max_position_embeddings=128, **byte_ids,
-        )
+        config_class, extra = FAMILY_CONFIGS[family]
+        kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, max_position_embeddings=128, **byte_ids) | extra
+        config = getattr(transformers, config_class)(**{k: v for k, v in kwargs.items() if v is not None})
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
         with torch.no_grad():

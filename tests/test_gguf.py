@@ -127,10 +127,10 @@ def _package(field: str, value: str) -> builtin.PackagedGguf:
 @pytest.mark.parametrize(
     "source, patch, message",
     [
-        ("gpt2.gguf", None, "is a 'gpt2' model, not a Llama-class causal LM"),
+        ("gpt2.gguf", None, "is a 'gpt2' model, not a supported decoder-only family"),
         ("garbage.gguf", None, "is not a GGUF model file transformers can read"),
         ("missing.gguf", None, "does not exist"),
-        ("smollm2-135m", _package("package", "hetune-no-such-package"), "needs the package hetune-no-such-package in "),
+        ("smollm2-135m", _package("packages", ("hetune-no-such-package",)), "needs the package hetune-no-such-package in "),
         ("smollm2-135m", _package("sha256", "0" * 64), "expected 0000"),
     ],
 )

@@ -1,6 +1,7 @@
-"""Compile a Llama-class model into a worker bundle.
+"""Compile a decoder-only model into a worker bundle.
 
-For every outsourced op (q/k/v, o, gate/up, down of each block; lm_head optional):
+For every outsourced op (its family's, :mod:`hetune.models.families`: q/k/v, o, gate/up, down
+of each block; lm_head optional):
 Brevitas quantizes the weight per output channel (after rotating its input dimension
 when the QuantConfig asks for it, :mod:`hetune.quant.rotation`), the accumulator worst case is
 checked against the encryption scheme's result budget (and, for the batched RLWE
@@ -157,7 +158,7 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
     model, qcfg = loaded.model, cfg.quant
     params = resolve_params(cfg.scheme, cfg.param_set)
     config = model.config
-    groups = op_groups(config.num_hidden_layers, fuse=cfg.fuse)
+    groups = op_groups(config, fuse=cfg.fuse)
     if cfg.include_lm_head:
         groups.append(OpGroup("lm_head", -1, ("lm_head",)))
 

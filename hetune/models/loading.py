@@ -9,11 +9,7 @@ import torch
 
 from hetune.errors import ModelLoadError
 from hetune.models.builtin import BUILTIN_CONFIGS, BUILTIN_GGUF, BUILTIN_NAMES, builtin_config, byte_tokenizer, packaged_gguf_path
-
-# Families whose blocks have exactly q/k/v/o + gate/up/down linears around client-side
-# non-linearities. Qwen2's q/k/v biases are added by the data owner after the frozen
-# product; Qwen3's per-head q/k RMSNorms run on the data owner's side like every norm.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from hetune.models.families import family_of
 
 
 @dataclass
@@ -21,16 +17,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     model_id: str
-
-
-def _check_family(config, source: str) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_TYPES:
-        raise ModelLoadError(
-            f"{source} is a '{model_type}' model, not a Llama-class causal LM",
-            f"hetune supports model types {', '.join(SUPPORTED_TYPES)} "
-            "(Llama-2/3, Llama-3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2 and their fine-tunes)",
-        )
 
 
 def gguf_path(name_or_path: str) -> Path | None:
@@ -54,7 +40,7 @@ def load_config(name_or_path: str):
         from hetune.models.gguf import load_gguf_config
 
         config = load_gguf_config(gguf)
-        _check_family(config, name_or_path)
+        family_of(config, name_or_path)
         return config
     from transformers import AutoConfig
 
@@ -81,7 +67,7 @@ def load_config(name_or_path: str):
             f"{name_or_path} --local-dir DIR`, copy DIR here and pass DIR instead of the id; "
             f"or use a built-in model: {', '.join(BUILTIN_NAMES)}",
         ) from err
-    _check_family(config, name_or_path)
+    family_of(config, name_or_path)
     return config
 
 
@@ -101,7 +87,12 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
         source, extra = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (name_or_path, {})
         try:
             model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **extra)
-            tokenizer = AutoTokenizer.from_pretrained(source, config=config, **extra)  # config: parsed once
+            if gguf is not None:
+                from hetune.models.gguf import load_gguf_tokenizer
+
+                tokenizer = load_gguf_tokenizer(gguf, config)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(source, config=config)
         except OSError as err:
             raise ModelLoadError(
                 f"could not load the weights or tokenizer of {name_or_path}: {err}",

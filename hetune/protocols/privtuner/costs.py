@@ -24,7 +24,7 @@ its cores, the unit the planner scales by each device's frequency.
 ``per_sample`` turns a fit into the planner's per-sample figures for a workload: training
 sequences of ``seq_len`` tokens, ``batch`` of them per encrypted request (the client's
 micro-batch: its tokens share each request, and rlwe pads them to N), through one LoRA
-step of a Llama-class model (forward products of every outsourced op, backward products
+step of a model of a supported family (forward products of every outsourced op, backward products
 of every op but the first block's q/k/v, as the core client does).
 """
 
@@ -130,13 +130,11 @@ class Product:
 
 def workload_products(model: str) -> list[Product]:
     """Encrypted products of one LoRA training step (forward and backward) of ``model``."""
+    from hetune.models.families import family_of
     from hetune.models.loading import load_config
 
     c = load_config(model)
-    h, inter = c.hidden_size, c.intermediate_size
-    head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
-    qkv = h + 2 * c.num_key_value_heads * head_dim
-    ops = [(h, qkv), (h, h), (h, 2 * inter), (inter, h)]  # (in, out) of qkv, o, gate_up, down
+    ops = [(k, n) for _, k, n in family_of(c, model).op_shapes(c)]  # (in, out) of the block's fused ops, first one first
     products = []
     for layer in range(c.num_hidden_layers):
         for i, (k, n) in enumerate(ops):

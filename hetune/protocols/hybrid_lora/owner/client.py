@@ -16,29 +16,26 @@ import torch
 
 from hetune.compile.manifest import OpSpec
 from hetune.errors import ConfigError
-from hetune.models.layers import decoder_layers, op_groups
+from hetune.models.families import family_of
+from hetune.models.layers import op_groups
 from hetune.protocols.hybrid_lora.owner.backends import EncryptedBackend, FrozenBackend, PlainBackend, QuantizedBackend, check_backend_name
 from hetune.protocols.hybrid_lora.owner.layer import OutsourcedOp, attach_backend
 
 if TYPE_CHECKING:
     from hetune.protocols.hybrid_lora.owner.remote import WorkerAccess
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    targets: tuple[str, ...] = LORA_TARGETS  # all-linear, lm_head excluded
+    targets: tuple[str, ...] | None = None  # linear names, e.g. ("q_proj", "v_proj"); None: all of the family's (lm_head excluded)
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ConfigError(f"lora r={self.r} must be >= 1", "use a rank such as 8")
-        unknown = set(self.targets) - set(LORA_TARGETS)
-        if unknown:
-            raise ConfigError(f"unknown LoRA targets {sorted(unknown)}", f"choose among {', '.join(LORA_TARGETS)}")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("lora targets are empty", "name at least one linear, or pass None for all of them")
 
 
 @dataclass
@@ -57,7 +54,7 @@ def plain_ops(model: torch.nn.Module, fuse: bool = True) -> tuple[list[OpSpec], 
     from hetune.compile.compiler import group_weight
 
     specs, weights = [], {}
-    for group in op_groups(len(decoder_layers(model)), fuse=fuse):
+    for group in op_groups(model.config, fuse=fuse):
         weight, members = group_weight(model, group)
         specs.append(OpSpec(group.name, group.layer, weight.shape[1], weight.shape[0], members, 0, 0, 0))
         weights[group.name] = weight
@@ -67,8 +64,12 @@ def plain_ops(model: torch.nn.Module, fuse: bool = True) -> tuple[list[OpSpec], 
 def _wrap_lora(model: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    allowed = family_of(model.config).lora_targets
+    unknown = sorted(set(lora.targets or ()) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown LoRA targets {unknown} for a {model.config.model_type} model", f"choose among {', '.join(allowed)}")
     torch.manual_seed(seed)  # LoRA A init: same adapters on every backend
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets))
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets or allowed))
     return get_peft_model(model, cfg)
 
 
