@@ -65,7 +65,7 @@ def test_unknown_and_non_llama_models(run_cli, tmp_path):
 
     BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=37).save_pretrained(tmp_path / "bert")
     code, _, stderr = run_cli("compile", tmp_path / "bert", "--out", tmp_path / "o")
-    assert code == 3 and "'bert' model, not a Llama-class" in stderr
+    assert code == 3 and "'bert' model, not a supported decoder-only family" in stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -11,7 +11,7 @@ def test_directory_load_skips_outsourced_weights(tmp_path):
     full = load_model("tiny-llama", seed=5)
     full.model.save_pretrained(tmp_path)
     full.tokenizer.save_pretrained(tmp_path)
-    members = [m for g in op_groups(4) for m in g.members]
+    members = [m for g in op_groups(full.model.config) for m in g.members]
     client = load_client_model(str(tmp_path), members)
     layers = decoder_layers(client.model)
     for path in members:

@@ -86,7 +86,7 @@ def test_gguf_file_loads_the_weights_it_was_written_from(tiny_gguf):
 def test_client_reads_only_what_it_keeps_from_a_gguf_file(tiny_gguf):
     model, path = tiny_gguf
     client = load_client_model(str(path))
-    members = [m for g in op_groups(model.config.num_hidden_layers) for m in g.members]
+    members = [m for g in op_groups(model.config) for m in g.members]
     for member in members:
         assert member_linear(decoder_layers(client.model), member).weight.untyped_storage().nbytes() == 4  # placeholder
     kept = {n: t for n, t in client.model.state_dict().items() if not n.endswith("_proj.weight")}
@@ -191,3 +191,38 @@ def test_model_packages_are_looked_up_in_the_models_dir_only(tmp_path, monkeypat
     assert "hetune models install smollm2-135m" in err.value.hint
     code, _, err_text = run_cli("models", "install", "no-such-model")
     assert code == 3 and "no built-in GGUF model named no-such-model" in err_text
+
+
+def _fake_package(models, package: str, file: str, data: bytes) -> None:
+    """A package installed by `pip --target`, as importlib.metadata finds it: its file and dist-info."""
+    top = package.replace("-", "_")
+    (models / top).mkdir(parents=True)
+    (models / top / file).write_bytes(data)
+    info = models / f"{top}-1.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0.0\n")
+    (info / "RECORD").write_text(f"{top}/{file},,\n")
+
+
+def test_a_split_gguf_is_joined_in_package_order_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    models = tmp_path / "models"
+    monkeypatch.setenv(builtin.MODELS_DIR_ENV, str(models))
+    chunks = [b"GGUF first part|", b"second part|", b"third"]
+    packages = tuple(f"hetune-test-part{i}" for i in range(3))
+    files = tuple(f"m.gguf.part{i:02d}" for i in range(3))
+    for package, file, chunk in zip(packages, files, chunks):
+        _fake_package(models, package, file, chunk)
+    whole = b"".join(chunks)
+    spec = builtin.PackagedGguf(packages, "1.0.0", files, hashlib.sha256(whole).hexdigest(), "m.gguf")
+    monkeypatch.setitem(builtin.BUILTIN_GGUF, "split-test", spec)
+    assert builtin.packaged_gguf_path("split-test") == models / "m.gguf"
+    assert (models / "m.gguf").read_bytes() == whole
+    (models / "m.gguf").unlink()
+    reordered = dataclasses.replace(spec, packages=packages[::-1], files=files[::-1])  # same bytes, wrong order
+    monkeypatch.setitem(builtin.BUILTIN_GGUF, "split-test", reordered)
+    with pytest.raises(ModelLoadError, match="join to sha256") as info:
+        builtin.packaged_gguf_path("split-test")
+    assert "hetune models install split-test" in info.value.hint
+    assert sorted(p.name for p in models.iterdir() if not p.is_dir()) == []  # nothing half-written left

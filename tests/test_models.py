@@ -45,7 +45,7 @@ def test_llama_3_2_1b_shape_matches_the_real_model():
         model = LlamaForCausalLM(builtin_config("llama-3.2-1b-shape"))
     total = sum(p.numel() for p in model.parameters())
     layers = decoder_layers(model)
-    outsourced = sum(member_linear(layers, m).weight.numel() for g in op_groups(16) for m in g.members)
+    outsourced = sum(member_linear(layers, m).weight.numel() for g in op_groups(model.config) for m in g.members)
     assert round(total / 1e6, 1) == 1235.8
     assert round(outsourced / 1e6, 1) == 973.1
 
@@ -57,16 +57,17 @@ def test_peft_wrapped_model_exposes_the_same_base_layers(tiny):
 
     peft_model = get_peft_model(copy.deepcopy(tiny.model), LoraConfig(r=4, target_modules="all-linear"))
     plain, wrapped = decoder_layers(tiny.model), decoder_layers(peft_model)
-    for group in op_groups(2, fuse=False):
+    for group in op_groups(tiny.model.config, fuse=False):
         (path,) = group.members
         assert torch.equal(member_linear(plain, path).weight, member_linear(wrapped, path).weight)
         assert type(member_linear(wrapped, path)) is torch.nn.Linear
 
 
 def test_unfused_groups_cover_seven_linears_per_block():
-    groups = op_groups(3, fuse=False)
-    assert len(groups) == 21 and groups[0].name == "layers.0.q"
-    assert [g.name for g in op_groups(1)] == ["layers.0.qkv", "layers.0.o", "layers.0.gate_up", "layers.0.down"]
+    config = builtin_config("micro-llama")  # 2 blocks
+    groups = op_groups(config, fuse=False)
+    assert len(groups) == 14 and groups[0].name == "layers.0.q"
+    assert [g.name for g in op_groups(config)][:4] == ["layers.0.qkv", "layers.0.o", "layers.0.gate_up", "layers.0.down"]
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
@@ -78,7 +79,7 @@ def test_non_llama_model_is_refused(tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="'gpt2' model, not a Llama-class"):
+    with pytest.raises(ModelLoadError, match="'gpt2' model, not a supported decoder-only family"):
         load_config(str(tmp_path))
 
 

@@ -1,9 +1,10 @@
 """GGUF files (llama.cpp's format): config, and selective tensor reads for the data owner.
 
-transformers reads a GGUF file with ``from_pretrained(dir, gguf_file=name)`` and
-dequantizes every tensor to float; the config alone is enough to refuse another family
-(by its model type, as for a directory). The data owner's model reads only the tensors
-it keeps (embeddings, norms, biases), never dequantizing the outsourced weights.
+transformers parses a GGUF file's metadata into a config (enough to refuse another
+family, by its model type, as for a directory). The tensors are read here, each file
+parsed once per process: the data owner's model reads only the tensors it keeps
+(embeddings, norms, biases), never dequantizing the outsourced weights; the full model
+(compile, ``plain``) reads them all.
 transformers also undoes llama.cpp's norm offset (Gemma's RMSNorm is x * (1 + w), the
 GGUF stores 1 + w; its Gemma tensor processor subtracts 1), which ``read_gguf_tensors``
 reuses; Gemma's vocabulary needs :func:`load_gguf_tokenizer`.
@@ -11,6 +12,7 @@ reuses; Gemma's vocabulary needs :func:`load_gguf_tokenizer`.
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +22,12 @@ from hetune.errors import ModelLoadError
 
 
 def load_gguf_config(path: Path):
-    """The transformers config of a GGUF file (parses its metadata, not its tensors)."""
+    """The transformers config of a GGUF file (parses its metadata, not its tensors), a fresh copy per call."""
+    return copy.deepcopy(_gguf_config(path))
+
+
+@lru_cache(maxsize=2)
+def _gguf_config(path: Path):
     from transformers import AutoConfig
 
     try:
@@ -108,7 +115,7 @@ def _bpe_from_scores(reader):
     # control and user-defined pieces are whole tokens, never split (SentencePiece's rule)
     core.add_tokens([AddedToken(t, special=ty == 3, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=tokens[ids["bos"]], eos_token=tokens[ids["eos"]],
+        tokenizer_object=core, model_input_names=["input_ids", "attention_mask"], bos_token=tokens[ids["bos"]], eos_token=tokens[ids["eos"]],
         unk_token=tokens[ids["unknown"]], pad_token=tokens[ids["padding"]],
     )
     if "tokenizer.ggml.add_bos_token" not in f or f["tokenizer.ggml.add_bos_token"].contents():

@@ -72,7 +72,7 @@ def load_config(name_or_path: str):
 
 
 def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Standard ``from_pretrained`` loading (GGUF weights dequantized); built-ins are built from their config with ``seed``."""
+    """Hub id or directory: ``from_pretrained``; GGUF: every tensor dequantized; built-ins: built from their config with ``seed``."""
     config = load_config(name_or_path)
     if name_or_path in BUILTIN_CONFIGS:
         from transformers import LlamaForCausalLM
@@ -80,19 +80,17 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(dtype)
         tokenizer = byte_tokenizer()
+    elif (gguf := gguf_path(name_or_path)) is not None:
+        from hetune.models.client_weights import load_client_model
+
+        loaded = load_client_model(name_or_path, outsourced=[])  # the data owner's reader, leaving nothing out
+        model, tokenizer = loaded.model.to(dtype), loaded.tokenizer
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = gguf_path(name_or_path)
-        source, extra = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (name_or_path, {})
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **extra)
-            if gguf is not None:
-                from hetune.models.gguf import load_gguf_tokenizer
-
-                tokenizer = load_gguf_tokenizer(gguf, config)
-            else:
-                tokenizer = AutoTokenizer.from_pretrained(source, config=config)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=config)  # config: parsed once
         except OSError as err:
             raise ModelLoadError(
                 f"could not load the weights or tokenizer of {name_or_path}: {err}",
