@@ -59,7 +59,7 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def compile(
-    model: str = typer.Argument(..., help="Hugging Face hub id, local model directory, .gguf file, or built-in name (tiny-llama, smollm2-135m, ...)."),
+    model: str = typer.Argument(..., help="Hugging Face hub id, local model directory, .gguf file, or built-in name (tiny-llama, smollm2-135m, gemma3-270m, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the worker bundle to."),
     bits_w: int = typer.Option(QuantConfig.bits_w, "--bits-w", help="Signed weight bits, per output channel (2..16)."),
     bits_a: int = typer.Option(QuantConfig.bits_a, "--bits-a", help="Unsigned activation bits, per token (2..16), at most: an op whose worst case exceeds the scheme's budget is narrowed, down to 8."),
@@ -75,7 +75,7 @@ def compile(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
     seed: int = typer.Option(0, "--seed", help="Seed for built-in models' random weights."),
 ) -> None:
-    """Quantize the outsourced linears of a model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3) and write a worker bundle."""
+    """Quantize a model's outsourced linears into a worker bundle (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3 families)."""
     from hetune.compile.bundle import check_output_dir, write_bundle
     from hetune.compile.compiler import CompileConfig, compile_model
     from hetune.models.loading import load_model

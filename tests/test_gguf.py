@@ -305,3 +305,56 @@ def test_gemma3_gguf_norms_and_vocabulary_load_as_the_original(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=torch.tensor([ids])).logits, model(input_ids=torch.tensor([ids])).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    """The built-in Gemma 3 270M (Q4_K_M GGUF in 4 packages), loaded once: about 2 minutes on 2 busy cores."""
+    return load_model("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_is_a_real_pretrained_model(gemma3):
+    """Shape, norm convention and vocabulary right: whole-word tokens and a greedy fact (a wrong norm offset gives nonsense)."""
+    cfg, tok = gemma3.model.config, gemma3.tokenizer
+    shape = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+             cfg.intermediate_size, cfg.vocab_size)
+    assert (cfg.model_type, *shape) == ("gemma3_text", 18, 640, 4, 1, 256, 2048, 262144)
+    ids = tok("The capital of France is")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "The", "▁capital", "▁of", "▁France", "▁is"]
+    text = "Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        answer = gemma3.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert tok.decode(answer[0, ids.shape[1]:]).startswith(" Italy")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_remote_step_equals_quantized_bit_for_bit(gemma3, tmp_path):
+    """Compile the real model; the data owner's model from the GGUF without its outsourced weights; one step
+    through a loopback worker under batched RLWE equal to quantized bit for bit, and quantized close to float."""
+    from test_hybrid_lora import assert_equal_grads, lora_grads
+
+    from hetune.compile.bundle import load_bundle, write_bundle
+    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.crypto.keys import generate_keys
+    from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
+
+    compiled = compile_model(gemma3, CompileConfig(calibration_tokens=32), progress=False)
+    write_bundle(tmp_path / "bundle", compiled.manifest, compiled.tensors, compiled.report)
+    text = "Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of"
+    ids = gemma3.tokenizer(text, return_tensors="pt")["input_ids"]
+    pm = build_private_model("gemma3-270m", "quantized", bundle=tmp_path / "bundle")
+    with torch.no_grad():
+        reference, quantized = gemma3.model(input_ids=ids).logits, pm.model(input_ids=ids).logits
+    assert float((quantized - reference).norm() / reference.norm()) < 0.2
+    assert gemma3.tokenizer.decode(quantized[0, -1].argmax()) == " Italy"
+    step = ids[:, :8]
+    expected = lora_grads(pm, step)
+    worker = LoopbackWorker(load_bundle(tmp_path / "bundle"))
+    try:
+        remote = build_private_model("gemma3-270m", "remote", workers=(worker.url,), keys=generate_keys("rlwe"))
+        assert_equal_grads(lora_grads(remote, step), expected)
+        remote.close()
+    finally:
+        worker.stop()
