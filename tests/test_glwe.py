@@ -48,7 +48,7 @@ def test_forward_and_backward_match_integer_reference(keys, compiled):
     y_he = lin.decode_output(torch.from_numpy(raw).to(torch.float64), tq)
     y_q = lin.forward(x)
     # noise in raw maps to at most bound * x_scale * w_scale in the float output
-    assert ((y_he - y_q).abs() <= RESULT_NOISE_BOUND * tq.scale * lin.scale.double()[None, :] + 1e-12).all()
+    assert ((y_he - y_q).abs() <= RESULT_NOISE_BOUND * tq.scale * lin.codec.scale.double()[None, :] + 1e-12).all()
     assert float((y_he - y_q).norm() / y_q.norm()) < 1e-2
 
     # backward: signed per-token gradients, Enc(G_q) @ W_q

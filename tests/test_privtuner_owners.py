@@ -17,7 +17,7 @@ from hetune.protocols.hybrid_lora.owner.client import build_private_model
 
 pytestmark = pytest.mark.he
 
-OWNERS = {  # name: (param set, tokens, seed for LoRA init and B)
+OWNERS = {  # name: (param set, tokens, seed for LoRA B); the base model and LoRA A are the bundle's (seed 0)
     "clinic": ("p128", torch.tensor([[72, 105]]), 11),
     "bank": ("p192", torch.tensor([[79, 107]]), 22),
 }
@@ -50,11 +50,11 @@ def test_two_owners_train_concurrently_without_mixing(micro_bundle, loopback_wor
         return raw
 
     monkeypatch.setattr(backends.EncryptedBackend, "_round_trip", audited)
-    reference = {name: lora_grads(build_private_model("micro-llama", "quantized", bundle=micro_bundle, seed=seed), ids, seed)
+    reference = {name: lora_grads(build_private_model("micro-llama", "quantized", bundle=micro_bundle), ids, seed)
                  for name, (_, ids, seed) in OWNERS.items()}
     worker = loopback_worker(max_sessions=4)
-    models = {name: build_private_model("micro-llama", "remote", workers=(worker.url,), scheme="rlwe", param_set=ps, seed=seed)
-              for name, (ps, _, seed) in OWNERS.items()}
+    models = {name: build_private_model("micro-llama", "remote", workers=(worker.url,), scheme="rlwe", param_set=ps)
+              for name, (ps, _, _) in OWNERS.items()}
     assert {(m.backend.keys.params.scheme, m.backend.keys.params.name) for m in models.values()} == {("rlwe", "p128"), ("rlwe", "p192")}
     results, failures = {}, []
 
