@@ -202,7 +202,7 @@ def test_the_worker_answers_at_the_widths_the_manifest_records(micro_bundle, tmp
     from hetune.compile.bundle import load_bundle
 
     bundle = load_bundle(micro_bundle)
-    params = SCHEME.params(bundle.manifest.crypto["param_set"])
+    params = SCHEME.params(bundle.manifest.crypto.param_set)
     spec = bundle.manifest.ops[0]
     w = bundle.tensors[spec.weight_key]  # (out, in)
     for direction, weight in (("forward", w), ("backward", w.T)):
