@@ -214,3 +214,30 @@ def test_the_worker_answers_at_the_widths_the_manifest_records(micro_bundle, tmp
         assert wire.Header.parse(result, wire.HINTED_RESULT, "rlwe", "p128").value_bytes == recorded["body"]
         hint = keys.cache.values(spec.name, direction, 0, weight.shape[1], weight.shape[0])[1]
         assert hint == recorded["hint"]
+
+
+def test_train_cli_with_a_hint_cache_equals_quantized_at_half_the_download(run_cli, micro_bundle, loopback_worker, stdlib_jsonl, tmp_path):
+    """`hetune train --hint-cache DIR`: the remote run's losses equal quantized's, each step downloads only body results
+    (half of fresh masks' bytes), and the hints land in DIR once."""
+    import json
+
+    data = stdlib_jsonl(4_000)
+    worker = loopback_worker()
+    common = ["--model", "micro-llama", "--data", data, "--steps", "2", "--seq-len", "8", "--batch-size", "1",
+              "--warmup-steps", "1", "--eval-every", "10", "--save-every", "10"]
+
+    def losses_and_bytes(out, *args):
+        code, _, err = run_cli("train", *common, "--out", tmp_path / out, *args)
+        assert code == 0, err
+        rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], [r["bytes_received"] for r in rows if "bytes_received" in r]
+
+    quantized, _ = losses_and_bytes("q", "--backend", "quantized", "--bundle", micro_bundle)
+    fresh, fresh_bytes = losses_and_bytes("fresh", "--backend", "remote", "--worker", worker.url)
+    hinted, hinted_bytes = losses_and_bytes("hint", "--backend", "remote", "--worker", worker.url, "--hint-cache", tmp_path / "hints")
+    assert hinted == fresh == quantized and len(hinted) == 2
+    assert hinted_bytes[1] * 2 <= fresh_bytes[1] + 4096  # body result only (5 B) against mask and body (2 x 5 B)
+    assert len(list((tmp_path / "hints").rglob("*.hint"))) > 0
+    code, _, err = run_cli("train", *common, "--out", tmp_path / "bad", "--backend", "remote", "--worker", worker.url,
+                           "--hint-cache", tmp_path / "hints", "--save-key", tmp_path / "k")
+    assert code == 2 and "no session key to save or load" in err

@@ -74,12 +74,19 @@ def _wrap_lora(model: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.n
     return get_peft_model(model, cfg)
 
 
-def _new_keys(transport, scheme: str | None, param_set: str | None):
-    """Fresh keys for the named scheme and set; a name left None takes the bundle's (the worker's rule)."""
-    from hetune.crypto.keys import generate_keys
+def _new_keys(transport, scheme: str | None, param_set: str | None, hint_cache: Path | None = None):
+    """Fresh keys for the named scheme and set; a name left None takes the bundle's (the worker's rule).
+
+    ``hint_cache``: batched RLWE with fixed masks and a fresh secret per product, hints kept there."""
+    from hetune.crypto.keys import fixed_mask_keys, generate_keys
 
     params = transport.resolve_session(scheme, param_set)
-    return generate_keys(params.scheme, params.name)
+    if hint_cache is None:
+        return generate_keys(params.scheme, params.name)
+    if params.scheme != "rlwe":
+        raise ConfigError(f"fixed masks (a hint cache) are a batched RLWE layout, not {params.scheme}'s",
+                          "drop --hint-cache, or use --scheme rlwe")
+    return fixed_mask_keys(params.name, hint_cache)
 
 
 def _check_needs(backend: str, bundle: Path | None, workers: tuple[str, ...]) -> None:
@@ -103,6 +110,7 @@ def make_private(
     tokenizer: object | None = None,
     access: WorkerAccess | None = None,
     model_id: str | None = None,
+    hint_cache: Path | None = None,
 ) -> PrivateModel:
     """Make a peft LoRA model private, in place: its frozen linears run on ``backend``.
 
@@ -113,7 +121,7 @@ def make_private(
     worker's) must be compiled from the same base weights: checked before anything runs
     (:mod:`hetune.compile.fingerprint`); ``model_id`` (hub id, directory, .gguf file) is needed for
     that only if ``model`` lacks its outsourced weights (``load_client_model``). ``keys``,
-    ``scheme``, ``param_set``, ``access``: as in :func:`build_private_model`.
+    ``scheme``, ``param_set``, ``access``, ``hint_cache``: as in :func:`build_private_model`.
     """
     from hetune.compile.fingerprint import check_bundle_model
 
@@ -134,7 +142,7 @@ def make_private(
             transport.close()
             raise
         transport.verified(manifest.model.outsourced_sha256)
-        engine = EncryptedBackend(transport.codecs(), transport, keys=keys or _new_keys(transport, scheme, param_set))
+        engine = EncryptedBackend(transport.codecs(), transport, keys=keys or _new_keys(transport, scheme, param_set, hint_cache))
     else:
         from hetune.compile.bundle import load_bundle
 
@@ -149,7 +157,7 @@ def make_private(
             from hetune.protocols.hybrid_lora.owner.local import LocalTransport
 
             transport = LocalTransport(b)
-            engine = EncryptedBackend({k: v.codec for k, v in ops.items()}, transport, keys=keys or _new_keys(transport, scheme, param_set))
+            engine = EncryptedBackend({k: v.codec for k, v in ops.items()}, transport, keys=keys or _new_keys(transport, scheme, param_set, hint_cache))
     return PrivateModel(model, tokenizer, engine, attach_backend(model, specs, engine), manifest)
 
 
@@ -165,13 +173,16 @@ def build_private_model(
     scheme: str | None = None,
     param_set: str | None = None,
     access: WorkerAccess | None = None,
+    hint_cache: Path | None = None,
 ) -> PrivateModel:
     """Load ``model_id`` (without its outsourced weights, except on ``plain``), add LoRA, make it private.
 
     ``scheme`` and ``param_set`` (encrypted/remote, when ``keys`` is None): what to generate keys for;
     either left None takes the bundle's (the worker's) default. ``access`` (remote): a
     :class:`~hetune.protocols.hybrid_lora.owner.remote.WorkerAccess` (CA to trust, API key); None: the
-    system's trust store, no key."""
+    system's trust store, no key. ``hint_cache`` (batched RLWE): fixed masks with a fresh secret per
+    product, the worker's hints (W times the masks, fetched once) kept in that folder; None: fresh masks
+    per request."""
     from hetune.models.client_weights import load_client_model
     from hetune.models.loading import load_model
 
@@ -179,4 +190,5 @@ def build_private_model(
     loaded = load_model(model_id, seed=seed) if backend == "plain" else load_client_model(model_id, seed=seed)
     model = _wrap_lora(loaded.model, lora, seed)
     return make_private(model, backend, bundle=bundle, workers=workers, keys=keys, scheme=scheme,
-                        param_set=param_set, tokenizer=loaded.tokenizer, access=access, model_id=model_id)
+                        param_set=param_set, tokenizer=loaded.tokenizer, access=access, model_id=model_id,
+                        hint_cache=hint_cache)

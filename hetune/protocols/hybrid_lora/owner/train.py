@@ -73,6 +73,7 @@ class TrainConfig:
     load_key: Path | None = None  # use this saved secret key (e.g. to resume with the same key)
     scheme: str | None = None  # encryption scheme (None: the bundle's, batched RLWE by default)
     param_set: str | None = None  # its allow-listed parameter set (privacy level); None: the bundle's
+    hint_cache: Path | None = None  # batched RLWE with fixed masks: the worker's hints kept here; None: fresh masks per request
     ca_cert: Path | None = None  # remote: the CA that signed the workers' certificates; None: the system's store
     insecure: bool = False  # remote: allow plain http:// to a worker that is not on loopback
     api_key_file: Path | None = None  # remote: the admission key (else $HETUNE_API_KEY); the key itself is never in the config
@@ -93,7 +94,8 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction={self.eval_fraction} must be in (0, 1)", "use e.g. 0.1")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0", "use e.g. 1e-3 for LoRA")
-        crypto = {"--scheme": self.scheme, "--param-set": self.param_set, "--save-key": self.save_key, "--load-key": self.load_key}
+        crypto = {"--scheme": self.scheme, "--param-set": self.param_set, "--save-key": self.save_key, "--load-key": self.load_key,
+                  "--hint-cache": self.hint_cache}
         given = [flag for flag, value in crypto.items() if value is not None]
         if given and self.backend not in ("encrypted", "remote"):
             raise ConfigError(f"{', '.join(given)} apply to the encrypted and remote backends, not {self.backend!r}",
@@ -104,6 +106,9 @@ class TrainConfig:
             scheme = get_scheme(self.scheme)  # ConfigError naming the choices
             if self.param_set is not None and self.param_set not in scheme.param_sets:
                 raise scheme.unknown_set(self.param_set)
+        if self.hint_cache is not None and (self.save_key or self.load_key):
+            raise ConfigError("--hint-cache draws a fresh secret for every product: there is no session key to save or load",
+                              "drop --save-key/--load-key, or drop --hint-cache")
         if self.load_key is not None and not Path(self.load_key).is_file():
             raise ConfigError(f"--load-key {self.load_key} does not exist", "pass the file written by --save-key")
         if self.backend == "remote":
@@ -388,7 +393,7 @@ def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
         access = WorkerAccess.load(cfg.ca_cert, cfg.insecure, cfg.api_key_file)
     pm = build_private_model(
         cfg.model, cfg.backend, bundle=cfg.bundle, workers=cfg.workers, lora=cfg.lora, seed=cfg.seed,
-        keys=keys, scheme=cfg.scheme, param_set=cfg.param_set, access=access,
+        keys=keys, scheme=cfg.scheme, param_set=cfg.param_set, access=access, hint_cache=cfg.hint_cache,
     )
     writer = None
     try:
