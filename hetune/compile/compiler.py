@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import hetune
+from hetune.compile.fingerprint import gguf_source_sha256, outsourced_sha256
 from hetune.compile.manifest import CryptoSpec, Manifest, MemberSpec, ModelInfo, OpSpec
 from hetune.errors import OverflowRiskError
 from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
@@ -208,6 +209,7 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
     info = ModelInfo(
         id=loaded.model_id, model_type=config.model_type, weights_sha256=weights_sha256(model), total_params=total,
         config={k: getattr(config, k) for k in CONFIG_FIELDS if getattr(config, k, None) is not None},
+        outsourced_sha256=outsourced_sha256(model, ops), source_sha256=gguf_source_sha256(loaded.model_id),
     )
     manifest = Manifest(hetune_version=hetune.__version__, model=info, quant=qcfg,
                         crypto=CryptoSpec(params.scheme, params.name), fused=cfg.fuse, ops=tuple(ops))

@@ -96,9 +96,11 @@ class CryptoSpec:
 class ModelInfo:
     id: str
     model_type: str
-    weights_sha256: str  # of the source model's base weights, so a client can check it matches
+    weights_sha256: str  # of all the source model's base weights (float32): identifies the model, for people
     total_params: int
     config: dict  # the architecture fields a client needs (hidden size, heads, ...)
+    outsourced_sha256: str = ""  # of the outsourced weights only: what the data owner checks (hetune.compile.fingerprint)
+    source_sha256: str = ""  # of the GGUF file compiled from, if any: the owner's check for a GGUF model
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hetune.compile.manifest import OpSpec
+from hetune.compile.manifest import Manifest, OpSpec
 from hetune.errors import ConfigError
 from hetune.models.layers import decoder_layers, op_groups
 from hetune.protocols.hybrid_lora.owner.backends import EncryptedBackend, FrozenBackend, PlainBackend, QuantizedBackend, check_backend_name
@@ -47,6 +47,7 @@ class PrivateModel:
     tokenizer: object | None
     backend: FrozenBackend
     ops: dict[str, OutsourcedOp] = field(default_factory=dict)
+    manifest: Manifest | None = None  # the bundle's (the worker's); None on plain
 
     def close(self) -> None:
         self.backend.close()
@@ -100,17 +101,23 @@ def make_private(
     param_set: str | None = None,
     tokenizer: object | None = None,
     access: WorkerAccess | None = None,
+    model_id: str | None = None,
 ) -> PrivateModel:
     """Make a peft LoRA model private, in place: its frozen linears run on ``backend``.
 
     The one call for training with your own loop or ``transformers.Trainer``: load a
     supported model (``hetune.models.loading.load_model``), wrap it with peft's
     ``get_peft_model``, call this, then train ``.model`` as usual and ``close()`` at the
-    end. The frozen weights are dropped (biases stay with the data owner); ``bundle`` must be
-    compiled from the same base model. ``keys``, ``scheme``, ``param_set``, ``access``: as in
-    :func:`build_private_model`.
+    end. The frozen weights are dropped (biases stay with the data owner). ``bundle`` (or the
+    worker's) must be compiled from the same base weights: checked before anything runs
+    (:mod:`hetune.compile.fingerprint`); ``model_id`` (hub id, directory, .gguf file) is needed for
+    that only if ``model`` lacks its outsourced weights (``load_client_model``). ``keys``,
+    ``scheme``, ``param_set``, ``access``: as in :func:`build_private_model`.
     """
+    from hetune.compile.fingerprint import check_bundle_model
+
     _check_needs(backend, bundle, workers)
+    manifest = None
     if backend == "plain":
         specs, weights = plain_ops(model)
         engine: FrozenBackend = PlainBackend(weights)
@@ -118,14 +125,22 @@ def make_private(
         from hetune.protocols.hybrid_lora.owner.remote import HttpTransport
 
         transport = HttpTransport(workers, access)
-        specs = list(transport.manifest.ops)
-        transport.check_model(model)
+        manifest = transport.manifest
+        specs = list(manifest.ops)
+        try:
+            check_bundle_model(manifest, model, model_id, f"the bundle of worker {transport.clients[0].url}")
+        except BaseException:
+            transport.close()
+            raise
+        transport.verified(manifest.model.outsourced_sha256)
         engine = EncryptedBackend(transport.codecs(), transport, keys=keys or _new_keys(transport, scheme, param_set))
     else:
         from hetune.compile.bundle import load_bundle
 
         b = load_bundle(bundle)
-        specs = list(b.manifest.ops)
+        manifest = b.manifest
+        check_bundle_model(manifest, model, model_id, f"bundle {bundle}")
+        specs = list(manifest.ops)
         ops = {s.name: b.op(s.name) for s in specs}
         if backend == "quantized":
             engine = QuantizedBackend(ops)
@@ -134,7 +149,7 @@ def make_private(
 
             transport = LocalTransport(b)
             engine = EncryptedBackend({k: v.codec for k, v in ops.items()}, transport, keys=keys or _new_keys(transport, scheme, param_set))
-    return PrivateModel(model, tokenizer, engine, attach_backend(model, specs, engine))
+    return PrivateModel(model, tokenizer, engine, attach_backend(model, specs, engine), manifest)
 
 
 def build_private_model(
@@ -163,4 +178,4 @@ def build_private_model(
     loaded = load_model(model_id, seed=seed) if backend == "plain" else load_client_model(model_id, seed=seed)
     model = _wrap_lora(loaded.model, lora, seed)
     return make_private(model, backend, bundle=bundle, workers=workers, keys=keys, scheme=scheme,
-                        param_set=param_set, tokenizer=loaded.tokenizer, access=access)
+                        param_set=param_set, tokenizer=loaded.tokenizer, access=access, model_id=model_id)

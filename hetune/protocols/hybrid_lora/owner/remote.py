@@ -104,6 +104,7 @@ class WorkerClient:
         self._token: str | None = None
         self._key: bytes | None = None
         self._params = None  # the session's hetune.crypto.scheme.ParamSet
+        self.fingerprint: str | None = None  # outsourced_sha256 the data owner verified; each session must report it
 
     def _request(self, method: str, path: str, **kwargs):
         import httpx
@@ -152,6 +153,12 @@ class WorkerClient:
         admission = {"authorization": f"Bearer {self._access.api_key}"} if self._access.api_key else {}
         response = self._request("POST", "/sessions", content=session_key, params=query, headers=admission)
         data = self._checked(response, "a new session", _API_KEY_HINT if response.status_code == 401 else None).json()
+        served = data.get("outsourced_sha256")
+        if self.fingerprint is not None and served != self.fingerprint:  # e.g. restarted on another bundle since /info
+            self.close_session(data["session_id"], data["token"])
+            raise WorkerError(f"worker {self.url} opened a session on other weights (outsourced weights sha256 "
+                              f"{str(served)[:12]}) than the bundle checked against the local model ({self.fingerprint[:12]})",
+                              "serve the bundle compiled from your model on that worker, then rerun (with --resume if a run had started)")
         self.session_id, self._token = data["session_id"], data["token"]
 
     def run(self, op: str, direction: str, payload: bytes, rows: int, cols: int) -> tuple[bytes, float]:
@@ -170,12 +177,15 @@ class WorkerClient:
             return response.content, float(response.headers.get("x-worker-seconds", 0.0))
         raise AssertionError("unreachable")
 
+    def close_session(self, session_id: str, token: str) -> None:
+        try:
+            self.http.delete(f"/sessions/{session_id}", headers={"authorization": f"Bearer {token}"})
+        except Exception:  # closing is best effort: the session expires anyway
+            pass
+
     def close(self) -> None:
         if self.session_id:
-            try:
-                self.http.delete(f"/sessions/{self.session_id}", headers={"authorization": f"Bearer {self._token}"})
-            except Exception:  # closing is best effort: the session expires anyway
-                pass
+            self.close_session(self.session_id, self._token)
         self.session_id = self._token = self._key = self._params = None
         self.http.close()
 
@@ -196,15 +206,10 @@ class HttpTransport:
         tensors = self.clients[0].codec_tensors()
         return {op.name: op.codec(tensors, self.manifest.quant) for op in self.manifest.ops}
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """The client's model must have the architecture the bundle was compiled from."""
-        for key, value in self.manifest.model.config.items():
-            mine = getattr(model.config, key, None)
-            if mine is not None and mine != value:
-                raise WorkerError(
-                    f"the worker's bundle was compiled for {key}={value}, the local model has {mine}",
-                    f"use the model the bundle was compiled from ({self.manifest.model.id})",
-                )
+    def verified(self, fingerprint: str) -> None:
+        """The data owner checked the manifest's weights against its model: every session must serve these."""
+        for client in self.clients:
+            client.fingerprint = fingerprint
 
     def in_features(self, op: str) -> int:
         return self.manifest.op(op).in_features

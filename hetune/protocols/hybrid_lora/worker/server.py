@@ -149,7 +149,8 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             sessions.close(sid)
             return refusal
         log.info("session %s created (%s/%s)", sid[:8], scheme, chosen.name)
-        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "scheme": scheme, "param_set": chosen.name}
+        return {"session_id": sid, "token": token, "ttl_s": cfg.session_ttl_s, "scheme": scheme, "param_set": chosen.name,
+                "outsourced_sha256": manifest.model.outsourced_sha256}  # the weights this session computes with
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
     def close_session(sid: str, request: Request):
