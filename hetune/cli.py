@@ -3,6 +3,7 @@ function, and prints. Errors become one clear message and a non-zero exit code."
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,8 +32,29 @@ _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _main(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show other libraries' notices and warnings (CUDA, transformers, peft)."),
+) -> None:
     _state["debug"] = debug
+    if not verbose and ctx.invoked_subcommand != "keys":
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Keep other libraries' notices off the user's screen: torch's "No CUDA runtime is found" (printed when
+    its C++-extension module is imported, as brevitas does), transformers' logs, and library warnings."""
+    import contextlib
+    import io
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|transformers|peft|brevitas|concrete|huggingface_hub|tensorboardX)\b")
+    with contextlib.redirect_stderr(io.StringIO()):
+        import torch.utils.cpp_extension  # noqa: F401
 
 
 @app.command()
@@ -139,7 +161,7 @@ def train(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle for the quantized and encrypted backends."),
     worker: list[str] = typer.Option([], "--worker", help="Worker URL for the remote backend (repeatable)."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in json/jsonl data."),
-    steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
+    steps: int = typer.Option(100, "--steps", help="Optimizer steps of the whole run: with --resume, the total to reach, not steps to add."),
     seq_len: int = typer.Option(64, "--seq-len", help="Tokens per packed block."),
     batch_size: int = typer.Option(4, "--batch-size", help="Blocks per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
@@ -148,11 +170,14 @@ def train(
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
     clip_norm: float = typer.Option(1.0, "--clip-norm", help="Gradient clipping norm."),
     eval_every: int = typer.Option(50, "--eval-every", help="Steps between eval-loss measurements."),
-    save_every: int = typer.Option(50, "--save-every", help="Steps between checkpoints."),
+    save_every: int = typer.Option(50, "--save-every", help="Steps between checkpoints (Ctrl-C also writes one)."),
+    save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Keep only the newest N checkpoints (default: all)."),
+    report_to: list[str] = typer.Option([], "--report-to", help="Also log metrics to: tensorboard (under OUT/tensorboard; `tensorboard --logdir OUT`)."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
     lora_alpha: int = typer.Option(16, "--lora-alpha", help="LoRA alpha."),
     seed: int = typer.Option(0, "--seed", help="Seed for LoRA init, data order and built-in weights."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (same model, bundle, data, --seq-len, --batch-size, scheme)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (its metrics, checkpoints, adapter)."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="End after this step (checkpointed); --resume continues, on any backend."),
     save_key: Optional[Path] = typer.Option(None, "--save-key", help="Also write the secret key to this file (mode 0600). Never written otherwise."),
     load_key: Optional[Path] = typer.Option(None, "--load-key", help="Use a secret key saved by --save-key (same --scheme)."),
@@ -164,7 +189,7 @@ def train(
 ) -> None:
     """Fine-tune LoRA adapters privately: frozen products on a backend, everything else here."""
     from hetune.protocols.hybrid_lora.owner.client import LoraSettings
-    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, train as run_training
+    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, TrainingInterrupted, train as run_training
 
     cfg = TrainConfig(
         model=model, data=tuple(data), out=out, backend=backend, bundle=bundle, workers=tuple(worker),
@@ -172,11 +197,46 @@ def train(
         warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm, eval_every=eval_every,
         save_every=save_every, lora=LoraSettings(r=lora_r, alpha=lora_alpha), seed=seed, save_key=save_key,
         load_key=load_key, scheme=scheme, param_set=param_set, stop_after=stop_after, ca_cert=ca_cert, insecure=insecure,
-        api_key_file=api_key_file,
+        api_key_file=api_key_file, save_total_limit=save_total_limit, overwrite=overwrite, report_to=tuple(report_to),
     )
-    summary = run_training(cfg, resume=resume)
+    for warning in cfg.warnings():
+        typer.secho(f"warning: {warning}", fg="yellow", err=True)
+    try:
+        summary = run_training(cfg, resume=resume, echo=lambda m: typer.echo(m, err=True))
+    except TrainingInterrupted as err:
+        again = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+        err.hint = f"continue with: hetune {shlex.join(again)} --resume" if "checkpoint" in err.message else err.hint
+        raise
     typer.echo(f"final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
     typer.echo(f"adapter: {summary['adapter']}  metrics: {summary['metrics']}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="Text to continue (with --chat: the user's message)."),
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory written by `hetune train` (OUT/adapter)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate (greedy)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
+) -> None:
+    """Quick look at a trained adapter: its base model (loaded here, in the clear) plus the adapter, greedy decoding."""
+    from hetune.protocols.hybrid_lora.owner.adapter import generate as run_generate
+
+    typer.echo(run_generate(adapter, prompt, max_new_tokens, chat))
+
+
+@app.command()
+def certs(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for ca.pem, worker.pem and worker-key.pem (0600)."),
+    host: list[str] = typer.Option(..., "--host", help="DNS name or IP address the data owners dial (repeatable): each becomes a subject alternative name."),
+    days: int = typer.Option(30, "--days", help="Validity in days."),
+) -> None:
+    """Make a test deployment's TLS files: a throw-away CA and a worker certificate naming --host (see docs/protocol.md for production)."""
+    from hetune.tls import make_worker_certs
+
+    files = make_worker_certs(out, host, days)
+    typer.echo(f"wrote {files.ca}, {files.cert}, {files.key}")
+    typer.echo(f"worker: hetune serve BUNDLE --host 0.0.0.0 --tls-cert {files.cert} --tls-key {files.key}\n"
+               f"owners: hetune train ... --worker https://{host[0]}:8765 --ca-cert {files.ca}")
 
 
 @app.command()
@@ -339,7 +399,7 @@ def federate_sfprompt(
 
 @plan_app.command("privtuner")
 def plan_privtuner(
-    cell: Path = typer.Option(..., "--cell", help="Cell TOML: [cell], [workload], one [[owner]] per data owner (docs/examples/cell.toml)."),
+    cell: Path = typer.Option(..., "--cell", help="Cell TOML: \\[cell], \\[workload], one \\[\\[owner]] per data owner (docs/examples/cell.toml)."),
     omega: float = typer.Option(1e-3, "--omega", help="Privacy weight: joules per security bit."),
     costs: Optional[Path] = typer.Option(None, "--costs", help="Cost fit from `hetune plan measure` (default: the fit shipped for --scheme)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="Encryption scheme whose sets are planned: rlwe (default) or glwe; with --costs, the file's."),

@@ -73,7 +73,7 @@ def test_unwritable_output(run_cli, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, _, stderr = run_cli("compile", "tiny-llama", "--out", blocker / "sub")
-    assert code == 5 and "does not exist" in stderr
+    assert code == 5 and "is not a directory, so" in stderr
     code, _, stderr = run_cli("compile", "tiny-llama", "--out", blocker)
     assert code == 5 and "not a directory" in stderr
     # a read-only filesystem: fails at write time, after compiling, and leaves nothing

@@ -34,8 +34,10 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BundleError(f"{out} already exists and is not empty", "pass --overwrite or choose another --out path")
     parent = out.resolve().parent
+    while not parent.exists():  # missing parents are created when the bundle is written
+        parent = parent.parent
     if not parent.is_dir():
-        raise BundleError(f"parent directory {parent} does not exist", "create it first or choose another --out path")
+        raise BundleError(f"{parent} is not a directory, so {out} cannot be created under it", "choose another --out path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BundleError(f"cannot write to {parent} (permission denied)", "choose a writable --out path")
 
@@ -48,6 +50,7 @@ def write_bundle(out: Path, manifest: Manifest, tensors: dict[str, torch.Tensor]
     check_output_dir(out, overwrite)
     tmp = out.resolve().parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         files = {WEIGHTS_FILE: {"sha256": sha256_file(tmp / WEIGHTS_FILE), "bytes": (tmp / WEIGHTS_FILE).stat().st_size}}

@@ -22,6 +22,7 @@ import torch
 from hetune.compile.manifest import Manifest
 from hetune.errors import ConfigError, WorkerError
 from hetune.protocols.hybrid_lora import wire
+from hetune.protocols.hybrid_lora.owner.connection import connection_error
 from hetune.quant.integer import OpCodec
 
 
@@ -33,6 +34,7 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+CONNECT_TIMEOUT_S = 5.0  # a worker that does not accept a connection within this is down or firewalled
 API_KEY_ENV = "HETUNE_API_KEY"
 _API_KEY_HINT = f"set {API_KEY_ENV} or pass --api-key-file with the key the worker's operator made with `hetune keys new`"
 
@@ -98,8 +100,9 @@ class WorkerClient:
         self.retry = retry or DEFAULT_RETRY
         self._access = access or WorkerAccess()
         self._access.check_url(self.url)
-        self.http = httpx.Client(base_url=f"{self.url}/{wire.API_VERSION}", timeout=self.retry.timeout_s,
-                                 verify=self._access.ssl_context())
+        self.http = httpx.Client(base_url=f"{self.url}/{wire.API_VERSION}", verify=self._access.ssl_context(),
+                                 timeout=httpx.Timeout(self.retry.timeout_s, connect=CONNECT_TIMEOUT_S))
+        self._reached = False  # until the worker first answers, a failure is a set-up mistake: reported, not retried
         self.session_id: str | None = None
         self._token: str | None = None
         self._key: bytes | None = None
@@ -114,11 +117,11 @@ class WorkerClient:
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as err:
-                if _certificate_failure(err):  # retrying cannot help, and the worker may be an impostor
-                    raise WorkerError(f"worker {self.url} has a certificate this client does not trust: {err}",
-                                      "pass --ca-cert FILE with the CA that signed the worker's certificate") from err
+                if not self._reached or _certificate_failure(err):  # retrying cannot help; the worker may be an impostor
+                    raise connection_error(self.url, self._access.ca_cert, err) from err
                 problem = f"cannot reach worker {self.url}: {err}"
             else:
+                self._reached = True
                 retry_after = response.headers.get("retry-after", "")
                 if response.status_code < 500 and not (response.status_code == 429 and retry_after.isdigit()
                                                        and attempt < self.retry.retries):
@@ -127,7 +130,7 @@ class WorkerClient:
                 wait = float(retry_after) if retry_after.isdigit() else wait  # a 429 says when to come back
             if attempt < self.retry.retries:
                 time.sleep(wait)
-        raise WorkerError(problem, "check that `hetune serve` is running there, then resume from the last checkpoint")
+        raise WorkerError(problem, "check that `hetune serve` is still running there")
 
     def _checked(self, response, what: str, hint: str | None = None):
         if response.status_code >= 400:

@@ -432,10 +432,8 @@ def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
                     signals.in_step = False
                 except WorkerError as err:
                     where = latest_checkpoint(cfg.out)
-                    raise WorkerError(
-                        f"{err.message} (at step {step + 1})",
-                        f"last checkpoint: {where or 'none yet'}; restart the worker, then rerun with --resume",
-                    ) from err
+                    then = f"rerun with --resume (from {where})" if where else "rerun with --overwrite (no checkpoint yet)"
+                    raise WorkerError(f"{err.message} (at step {step + 1})", f"{err.hint + '; ' if err.hint else ''}then {then}") from err
                 except _Abandon:
                     bar.close()
                     _interrupted(cfg, signals.signum, done, pm, optimizer, scheduler, position, rng, run, abandoned=step + 1)
