@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from hetune.errors import WorkerError
 
 _PROBE_S = 3.0
-_CA_CODES = {18, 19, 20, 21, 2}  # self-signed leaf / in chain, unknown issuer, unverifiable leaf, issuer cert
+_CA_CODES = {2, 7, 18, 19, 20, 21}  # issuer unknown or not the signer (7: a CA of the same name), self-signed leaf or chain
 _NAME_CODES = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 _EXPIRED = 10
 
