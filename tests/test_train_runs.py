@@ -95,13 +95,13 @@ def test_tensorboard_events_and_warmup_warning(run_cli, tmp_path, train_jsonl, m
 def test_sigint_mid_run_checkpoints_and_resumes_bit_for_bit(run_cli, tmp_path, train_jsonl, micro_bundle):
     """Ctrl-C in a running `hetune train` (a subprocess): the step in flight finishes, a checkpoint is written,
     the exit code is 130 with how to resume; resuming ends on the uninterrupted run's adapter, bit for bit."""
-    steps = "400"
+    steps = "12"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
     out = tmp_path / "stopped"
     proc = subprocess.Popen([HETUNE, *map(str, _args(out, train_jsonl, micro_bundle, "--steps", steps, "--eval-every", "1000"))],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
-    while len(read_metrics(out)) < 3:
+    while len(read_metrics(out)) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
@@ -109,7 +109,7 @@ def test_sigint_mid_run_checkpoints_and_resumes_bit_for_bit(run_cli, tmp_path, t
     assert proc.returncode == 130, err
     stopped = latest_checkpoint(out)
     done = int(stopped.name.removeprefix("step-"))
-    assert 3 <= done < int(steps), err
+    assert 2 <= done < int(steps), err
     assert f"SIGINT: stopped after step {done} of {steps}; checkpoint" in err and "Traceback" not in err
     assert "--resume" in err.splitlines()[-1]
     assert run_cli(*_args(out, train_jsonl, micro_bundle, "--steps", steps, "--eval-every", "1000", "--resume"))[0] == 0
