@@ -123,3 +123,19 @@ def test_serve_runs_a_worker_and_refuses_a_damaged_bundle(micro_bundle, tmp_path
     (bad / "manifest.json").write_text("{}")
     result = subprocess.run([HETUNE, "serve", str(bad)], capture_output=True, text=True)
     assert result.returncode == 5 and "not a hetune bundle" in result.stderr
+
+
+def test_quiet_by_default_and_verbose_on_demand(tmp_path):
+    """Other libraries' notices ("No CUDA runtime is found" from torch, printed where CUDA_HOME is set) stay off
+    the screen unless --verbose; the bundle is written into folders that did not exist."""
+    noisy = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], capture_output=True, text=True).stderr
+    args = ["compile", "micro-llama", "--out", str(tmp_path / "new" / "dir" / "b"), "--calibration-tokens", "16"]
+    quiet = subprocess.run([HETUNE, *args], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "No CUDA runtime" not in quiet.stderr and (tmp_path / "new" / "dir" / "b" / "manifest.json").is_file()
+    loud = subprocess.run([HETUNE, "--verbose", *args, "--overwrite"], capture_output=True, text=True)
+    assert loud.returncode == 0 and ("No CUDA runtime" in loud.stderr) == ("No CUDA runtime" in noisy)
+
+
+def test_help_renders_brackets():
+    out = subprocess.run([HETUNE, "plan", "privtuner", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "[cell], [workload], one" in out and "[[owner]]" in out
