@@ -92,3 +92,19 @@ def test_manifest_records_the_gguf_file_and_outsourced_weights(compiled, tiny):
         other = load_model("tiny-llama", seed=0).model
         other.model.embed_tokens.weight.add_(1.0)  # client-side weights only: the outsourced fingerprint stays
     assert outsourced_sha256(other, compiled.manifest.ops) == compiled.manifest.model.outsourced_sha256
+
+
+def test_gguf_model_is_checked_by_its_file(run_cli, tmp_path, train_jsonl):
+    """A GGUF source's owner hashes the file: the bundle of one GGUF file refuses another's model."""
+    from test_gguf import write_gguf
+
+    for seed in (0, 1):
+        write_gguf(load_model("micro-llama", seed=seed).model, tmp_path / f"s{seed}.gguf")
+    code, _, err = run_cli("compile", tmp_path / "s0.gguf", "--out", tmp_path / "bundle", "--calibration-tokens", "16")
+    assert code == 0, err
+    code, _, err = _train(run_cli, tmp_path, train_jsonl, "--model", tmp_path / "s1.gguf", "--backend", "quantized",
+                          "--bundle", tmp_path / "bundle")
+    assert code == 5 and "GGUF file sha256" in err and "compiled from other weights" in err
+    code, _, err = _train(run_cli, tmp_path, train_jsonl, "--model", tmp_path / "s0.gguf", "--backend", "quantized",
+                          "--bundle", tmp_path / "bundle")
+    assert code == 0, err
