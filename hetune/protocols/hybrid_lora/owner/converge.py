@@ -164,7 +164,7 @@ def converge(cfg: ConvergeConfig, echo=print) -> dict:
         summary = train(TrainConfig(
             model=cfg.model, data=data, out=run_dir, backend=v.backend, bundle=bundle, seq_len=cfg.seq_len,
             batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-            eval_every=cfg.eval_every, save_every=cfg.steps, seed=cfg.seed, progress=cfg.progress,
+            eval_every=cfg.eval_every, save_every=cfg.steps, seed=cfg.seed, progress=cfg.progress, overwrite=True,
         ))
         rows = read_metrics(run_dir)
         tail = rows[-min(10, len(rows)):]

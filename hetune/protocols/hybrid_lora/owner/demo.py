@@ -88,11 +88,11 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     worker = LoopbackWorker(load_bundle(bundle_dir))
     try:
         echo(f"[3/5] {k} private LoRA step(s) with real encryption against a worker on {worker.url}")
-        remote = train(TrainConfig(out=private, backend="remote", workers=(worker.url,), stop_after=k, **common))
+        remote = train(TrainConfig(out=private, backend="remote", workers=(worker.url,), stop_after=k, overwrite=True, **common))
     finally:
         worker.stop()
     stats = remote["backend_stats"]
-    train(TrainConfig(out=check, backend="quantized", bundle=bundle_dir, stop_after=k, progress=False, **common))
+    train(TrainConfig(out=check, backend="quantized", bundle=bundle_dir, stop_after=k, progress=False, overwrite=True, **common))
     enc_rows, check_rows = read_metrics(private), read_metrics(check)
     exact = [r["loss"] for r in enc_rows] == [r["loss"] for r in check_rows] and _same_adapters(
         latest_checkpoint(private) / "adapter", latest_checkpoint(check) / "adapter")
@@ -107,7 +107,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     else:
         echo("[4/5] the same steps in plaintext")
         private_run = remote
-    plain = train(TrainConfig(out=out / "plain", backend="plain", progress=False, **common))
+    plain = train(TrainConfig(out=out / "plain", backend="plain", progress=False, overwrite=True, **common))
 
     runs = {"plain": read_metrics(out / "plain"), "private": read_metrics(private)}
     echo(f"\n{'step':>4} {'plaintext':>10} {'private':>10} {'gap':>8}")
