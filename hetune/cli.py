@@ -225,6 +225,17 @@ def generate(
 
 
 @app.command()
+def merge(
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory written by `hetune train` (OUT/adapter)."),
+    out: Path = typer.Option(..., "--out", "-o", help="New directory for the merged model (Hugging Face format, with tokenizer)."),
+) -> None:
+    """Fold a trained adapter into its base model: a full model directory for any Hugging Face tool."""
+    from hetune.protocols.hybrid_lora.adapter import merge as run_merge
+
+    typer.echo(f"wrote {run_merge(adapter, out)}")
+
+
+@app.command()
 def certs(
     out: Path = typer.Option(..., "--out", "-o", help="Directory for ca.pem, worker.pem and worker-key.pem (0600)."),
     host: list[str] = typer.Option(..., "--host", help="DNS name or IP address the data owners dial (repeatable): each becomes a subject alternative name."),

@@ -61,3 +61,20 @@ def test_generate_prints_the_adapted_models_greedy_text(run_cli, tmp_path, train
     assert code == 2 and "not an adapter directory" in err
     code, _, err = run_cli("generate", "--adapter", adapter, "--chat", "hi")
     assert code == 2 and "no chat template" in err
+
+
+def test_merge_writes_a_full_model_equal_to_base_plus_adapter(run_cli, tmp_path, train_jsonl, micro_bundle):
+    from transformers import AutoModelForCausalLM
+
+    from hetune.protocols.hybrid_lora.adapter import load_adapted
+
+    adapter = _train(run_cli, tmp_path / "run", train_jsonl, "micro-llama", micro_bundle)
+    code, _, err = run_cli("merge", "--adapter", adapter, "--out", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    model, tok = load_adapted(adapter)
+    ids = tok("for i in range(", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, model(**ids).logits, rtol=1e-5, atol=1e-5)  # float reassociation only
+    code, _, err = run_cli("merge", "--adapter", adapter, "--out", tmp_path / "merged")
+    assert code == 2 and "already exists" in err

@@ -49,6 +49,8 @@ def test_resume_checks_settings_and_total_steps(run_cli, tmp_path, train_jsonl, 
     assert code == 2 and "is at step 3 (step-3); --steps 2 is the total" in err and "Traceback" not in err
     after = _adapter(out)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the adapter was not rewritten
+    code, _, err = run_cli(*_args(out, train_jsonl, micro_bundle, "--steps", "6", "--stop-after", "2", "--resume"))
+    assert code == 2 and "already at step 3; --stop-after 2 is a step" in err
     code, _, err = run_cli(*_args(out, train_jsonl, micro_bundle, "--steps", "5", "--resume"))
     assert code == 0, err
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]

@@ -79,3 +79,20 @@ def generate(adapter: Path, prompt: str, max_new_tokens: int = 64, chat: bool = 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def merge(adapter: Path, out: Path) -> Path:
+    """Fold the adapter into its base model's weights and save a full Hugging Face model directory (with the tokenizer)."""
+    from hetune.files import write_dir_atomic
+
+    model, tok = load_adapted(adapter)
+    merged = model.merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    if Path(out).exists():
+        raise ConfigError(f"{out} already exists", "choose a new --out directory for the merged model")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return write_dir_atomic(out, write)

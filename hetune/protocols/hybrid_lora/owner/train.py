@@ -4,7 +4,10 @@ The same loop runs on every backend; only ``build_private_model`` differs. Check
 hold the adapter (peft ``save_pretrained``), optimizer, scheduler, RNG states and the
 data position, written atomically, so ``--resume`` continues exactly and a worker that
 goes away mid-step, a kill, or a full disk leaves the last checkpoint intact. Training
-data is read and checked before a model is built or ``out`` is created.
+data is read and checked before a model is built or ``out`` is created. A run directory
+holds one run: a new run into it is refused without ``overwrite``, a resume must keep the
+settings that define the run (``RESUME_MUST_MATCH``, the bundle's weights, the scheme), and
+SIGINT/SIGTERM end it after the current step with a checkpoint.
 """
 
 from __future__ import annotations
@@ -111,7 +114,6 @@ class TrainConfig:
         for flag, path in (("--ca-cert", self.ca_cert), ("--api-key-file", self.api_key_file)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{flag} {path} does not exist", f"pass an existing file to {flag}")
-
 
     def warnings(self) -> list[str]:
         """Settings that run but are probably not what the user meant."""
@@ -239,6 +241,9 @@ def check_resume(cfg: TrainConfig, state: dict, ckpt: Path) -> None:
     if cfg.steps <= step:
         raise ConfigError(f"the run in {cfg.out} is at step {step} ({ckpt.name}); --steps {cfg.steps} is the total, so "
                           "there is nothing left to train", f"pass --steps above {step} to continue it")
+    if cfg.stop_after is not None and cfg.stop_after <= step:
+        raise ConfigError(f"the run in {cfg.out} is already at step {step}; --stop-after {cfg.stop_after} is a step, not a count",
+                          f"pass --stop-after above {step}, or leave it out to train to --steps {cfg.steps}")
 
 
 def check_resume_run(cfg: TrainConfig, saved: dict, now: dict) -> None:
