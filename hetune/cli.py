@@ -230,7 +230,7 @@ def merge(
     out: Path = typer.Option(..., "--out", "-o", help="New directory for the merged model (Hugging Face format, with tokenizer)."),
 ) -> None:
     """Fold a trained adapter into its base model: a full model directory for any Hugging Face tool."""
-    from hetune.protocols.hybrid_lora.adapter import merge as run_merge
+    from hetune.protocols.hybrid_lora.owner.adapter import merge as run_merge
 
     typer.echo(f"wrote {run_merge(adapter, out)}")
 

@@ -44,7 +44,7 @@ def test_adapter_of_a_directory_model_loads_with_auto_peft(run_cli, tmp_path, tr
 
 
 def test_generate_prints_the_adapted_models_greedy_text(run_cli, tmp_path, train_jsonl, micro_bundle):
-    from hetune.protocols.hybrid_lora.adapter import load_adapted
+    from hetune.protocols.hybrid_lora.owner.adapter import load_adapted
 
     adapter = _train(run_cli, tmp_path / "run", train_jsonl, "micro-llama", micro_bundle)
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "micro-llama"
@@ -66,7 +66,7 @@ def test_generate_prints_the_adapted_models_greedy_text(run_cli, tmp_path, train
 def test_merge_writes_a_full_model_equal_to_base_plus_adapter(run_cli, tmp_path, train_jsonl, micro_bundle):
     from transformers import AutoModelForCausalLM
 
-    from hetune.protocols.hybrid_lora.adapter import load_adapted
+    from hetune.protocols.hybrid_lora.owner.adapter import load_adapted
 
     adapter = _train(run_cli, tmp_path / "run", train_jsonl, "micro-llama", micro_bundle)
     code, _, err = run_cli("merge", "--adapter", adapter, "--out", tmp_path / "merged")

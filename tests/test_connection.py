@@ -6,7 +6,7 @@ import time
 import pytest
 
 from hetune.compile.bundle import load_bundle
-from hetune.protocols.hybrid_lora.server import LoopbackWorker, ServeConfig
+from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker, ServeConfig
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def tls_worker(micro_bundle, certs):
 def _train(run_cli, tmp_path, data, url, *extra):
     """The CLI's exit code and stderr, and the seconds the same mistake takes to be reported once the model is loaded."""
     from hetune.errors import WorkerError
-    from hetune.protocols.hybrid_lora.remote import HttpTransport, WorkerAccess
+    from hetune.protocols.hybrid_lora.owner.remote import HttpTransport, WorkerAccess
 
     code, _, err = run_cli("train", "--model", "micro-llama", "--data", data, "--out", tmp_path / "run", "--backend", "remote",
                            "--worker", url, "--steps", "1", "--seq-len", "8", "--batch-size", "1", *extra)

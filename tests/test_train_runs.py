@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hetune.protocols.hybrid_lora.train import latest_checkpoint, read_metrics
+from hetune.protocols.hybrid_lora.owner.train import latest_checkpoint, read_metrics
 
 HETUNE = str(Path(sys.executable).with_name("hetune"))
 
