@@ -120,3 +120,37 @@ def test_sigint_mid_run_checkpoints_and_resumes_bit_for_bit(run_cli, tmp_path, t
     a, b = _adapter(straight), _adapter(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in read_metrics(straight)] == [r["loss"] for r in read_metrics(out)]
+
+
+def test_second_signal_abandons_the_step_and_checkpoints_the_one_before(tmp_path, train_jsonl, micro_bundle, monkeypatch):
+    """SIGTERM, then SIGINT during step 3: step 3 is dropped, step 2 checkpointed, exit code 143 (the first signal's);
+    the resumed run equals an uninterrupted one bit for bit."""
+    from hetune.data import text
+    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, TrainingInterrupted, train
+
+    def cfg(out):
+        return TrainConfig(model="micro-llama", data=(str(train_jsonl),), out=out, backend="quantized", bundle=micro_bundle,
+                           seq_len=16, batch_size=2, steps=5, warmup_steps=1, save_every=10, eval_every=10, progress=False)
+
+    calls = {"n": 0}
+    original = text.BlockSampler.next
+
+    def signals_in_step_3(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(text.BlockSampler, "next", signals_in_step_3)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg(tmp_path / "b"), echo=lambda m: None)
+    monkeypatch.setattr(text.BlockSampler, "next", original)
+    assert info.value.exit_code == 143 and "SIGTERM: step 3 abandoned; stopped after step 2 of 5" in info.value.message
+    assert latest_checkpoint(tmp_path / "b").name == "step-2" and [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+    train(cfg(tmp_path / "b"), resume=True)
+    train(cfg(tmp_path / "a"))
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
