@@ -263,8 +263,14 @@ def demo(
     """The main job, offline: privately teach SmolLM2 a fictional company's facts, beside plaintext."""
     from hetune.protocols.hybrid_lora.owner.demo import run_demo
 
-    run_demo(DemoConfig(out=out, model=model, steps=steps, encrypted_steps=encrypted_steps, seq_len=seq_len,
-                        batch_size=batch_size, seed=seed), echo=typer.echo)
+    from hetune.protocols.hybrid_lora.owner.train import TrainingInterrupted
+
+    try:
+        run_demo(DemoConfig(out=out, model=model, steps=steps, encrypted_steps=encrypted_steps, seq_len=seq_len,
+                            batch_size=batch_size, seed=seed), echo=typer.echo)
+    except TrainingInterrupted as err:
+        err.hint = "the demo starts over when run again: rerun `hetune demo` with the same options"
+        raise
 
 
 @app.command()
