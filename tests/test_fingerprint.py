@@ -73,7 +73,7 @@ def test_a_session_on_other_weights_is_refused(micro_bundle, loopback_worker):
 
     transport = HttpTransport([loopback_worker().url])
     transport.verified(transport.manifest.model.outsourced_sha256)
-    params = transport.default_params()
+    params = transport.resolve_session(None, None)
     transport.open(params, b"")  # the same weights: accepted
     transport.close()
     transport = HttpTransport([loopback_worker().url])
