@@ -145,7 +145,6 @@ def _join(parts: list[Path], target: Path, sha256: str, name: str) -> None:
     """Concatenate ``parts`` into ``target``, which appears only whole and with the expected sha256."""
     import hashlib
     import os
-    import shutil
     import tempfile
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(dtype)
         tokenizer = byte_tokenizer()
-    elif (gguf := gguf_path(name_or_path)) is not None:
+    elif gguf_path(name_or_path) is not None:
         from hetune.models.client_weights import load_client_model
 
         loaded = load_client_model(name_or_path, outsourced=[])  # the data owner's reader, leaving nothing out
