@@ -16,8 +16,9 @@ from hetune.protocols.hybrid_lora.owner.train import latest_checkpoint, read_met
 HETUNE = str(Path(sys.executable).with_name("hetune"))
 
 
-def _args(out, data, bundle, *extra):
-    return ("train", "--model", "micro-llama", "--data", data, "--out", out, "--backend", "quantized", "--bundle", bundle,
+def _args(out, data, bundle, *extra, backend="quantized"):
+    where = ("--bundle", bundle) if backend == "quantized" else ()
+    return ("train", "--model", "micro-llama", "--data", data, "--out", out, "--backend", backend, *where,
             "--seq-len", "16", "--batch-size", "2", "--warmup-steps", "1", "--lr", "5e-3", *extra)
 
 
@@ -94,13 +95,17 @@ def test_tensorboard_events_and_warmup_warning(run_cli, tmp_path, train_jsonl, m
     assert [v for _, v in got["train/loss"]] == pytest.approx([r["loss"] for r in read_metrics(out)])
 
 
-def test_sigint_mid_run_checkpoints_and_resumes_bit_for_bit(run_cli, tmp_path, train_jsonl, micro_bundle):
-    """Ctrl-C in a running `hetune train` (a subprocess): the step in flight finishes, a checkpoint is written,
-    the exit code is 130 with how to resume; resuming ends on the uninterrupted run's adapter, bit for bit."""
+@pytest.mark.parametrize("backend", ["quantized", "remote"])
+def test_sigint_mid_run_checkpoints_and_resumes_bit_for_bit(run_cli, tmp_path, train_jsonl, micro_bundle, loopback_worker, backend):
+    """Ctrl-C in a running `hetune train` (a subprocess; remote: against a loopback worker): the step in flight
+    finishes, a checkpoint is written, the exit code is 130 with how to resume; resuming ends on the uninterrupted
+    (quantized) run's adapter, bit for bit."""
     steps = "12"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([HETUNE, *map(str, _args(out, train_jsonl, micro_bundle, "--steps", steps, "--eval-every", "1000"))],
+    where = ("--worker", loopback_worker().url) if backend == "remote" else ()
+    stopped_args = _args(out, train_jsonl, micro_bundle, "--steps", steps, "--eval-every", "1000", *where, backend=backend)
+    proc = subprocess.Popen([HETUNE, *map(str, stopped_args)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while len(read_metrics(out)) < 2:
@@ -114,7 +119,7 @@ def test_sigint_mid_run_checkpoints_and_resumes_bit_for_bit(run_cli, tmp_path, t
     assert 2 <= done < int(steps), err
     assert f"SIGINT: stopped after step {done} of {steps}; checkpoint" in err and "Traceback" not in err
     assert "--resume" in err.splitlines()[-1]
-    assert run_cli(*_args(out, train_jsonl, micro_bundle, "--steps", steps, "--eval-every", "1000", "--resume"))[0] == 0
+    assert run_cli(*stopped_args, "--resume")[0] == 0
     straight = tmp_path / "straight"
     assert run_cli(*_args(straight, train_jsonl, micro_bundle, "--steps", steps, "--eval-every", "1000"))[0] == 0
     a, b = _adapter(straight), _adapter(out)
