@@ -20,6 +20,16 @@ from hetune.models.loading import load_config, load_model
 from hetune.protocols.hybrid_lora.owner.client import build_private_model
 
 
+def _write_shape(writer, cfg) -> None:
+    """The architecture fields every GGUF writer here records, from a transformers config."""
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+
+
 def write_gguf(model: torch.nn.Module, path) -> None:
     """Write a Llama or Qwen2 model and a byte-level vocabulary the way llama.cpp's converter does."""
     import gguf
@@ -28,12 +38,7 @@ def write_gguf(model: torch.nn.Module, path) -> None:
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[cfg.model_type]
     writer = gguf.GGUFWriter(str(path), cfg.model_type)
     writer.add_name("hetune test model")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    _write_shape(writer, cfg)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
     vocab = builtin.byte_tokenizer().get_vocab()
@@ -239,12 +244,7 @@ def write_gemma3_gguf(model: torch.nn.Module, path) -> None:
 
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    _write_shape(writer, cfg)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
