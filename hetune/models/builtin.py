@@ -144,7 +144,6 @@ def _package_file(name: str, package: str, file: str) -> Path:
 def _join(parts: list[Path], target: Path, sha256: str, name: str) -> None:
     """Concatenate ``parts`` into ``target``, which appears only whole and with the expected sha256."""
     import hashlib
-    import os
     import tempfile
 
     target.parent.mkdir(parents=True, exist_ok=True)
