@@ -233,6 +233,35 @@ def test_a_split_gguf_is_joined_in_package_order_and_checked(tmp_path, monkeypat
     assert sorted(p.name for p in models.iterdir() if not p.is_dir()) == []  # nothing half-written left
 
 
+def test_a_builtin_gguf_is_converted_once_and_loads_the_same(tiny_gguf, tmp_path, monkeypatch):
+    """A built-in GGUF model is dequantized once into a Hugging Face directory; later loads read that, to the bit."""
+    import hashlib
+
+    from hetune.models import gguf as gguf_module
+
+    model, path = tiny_gguf
+    models = tmp_path / "models"
+    monkeypatch.setenv(builtin.MODELS_DIR_ENV, str(models))
+    _fake_package(models, "hetune-test-model", "tiny.gguf", path.read_bytes())
+    spec = builtin.PackagedGguf(("hetune-test-model",), "1.0.0", ("tiny.gguf",), hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setitem(builtin.BUILTIN_GGUF, "tiny-test", spec)
+    first = load_model("tiny-test")
+    assert (builtin.converted_dir("tiny-test") / "config.json").is_file() and first.model_id == "tiny-test"
+
+    def no_second_conversion(*_):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(gguf_module, "convert_gguf", no_second_conversion)
+    again, client = load_model("tiny-test"), load_client_model("tiny-test")
+    original = model.state_dict()
+    for loaded in (first, again):
+        assert all(torch.equal(loaded.model.state_dict()[k], original[k]) for k in original)
+    members = {f"model.{m}.weight" for g in op_groups(model.config) for m in g.members}
+    assert all(torch.equal(t, original[n]) for n, t in client.model.state_dict().items() if n not in members)
+    text = "def f(x):"
+    assert again.tokenizer(text)["input_ids"] == load_model(str(path)).tokenizer(text)["input_ids"]
+
+
 # A small SentencePiece BPE vocabulary as Gemma's GGUF stores it: control tokens, 256 byte
 # tokens, then pieces ranked by score (a higher score merges first).
 SPM_PIECES = ["▁", "d", "e", "f", "x", "(", ")", ":", "de", "def", "▁f", "▁x"]

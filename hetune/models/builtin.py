@@ -124,6 +124,14 @@ BUILTIN_GGUF: dict[str, PackagedGguf] = {
 BUILTIN_NAMES = (*BUILTIN_CONFIGS, *BUILTIN_GGUF)
 
 
+CONVERSION_VERSION = 1  # bump when the GGUF -> Hugging Face conversion (hetune.models.gguf) changes
+
+
+def converted_dir(name: str) -> Path:
+    """Where a built-in GGUF model is kept once converted (float32 safetensors + tokenizer), keyed by the file's sha256."""
+    return models_dir() / "converted" / f"{name}-{BUILTIN_GGUF[name].sha256[:16]}-v{CONVERSION_VERSION}"
+
+
 def _package_file(name: str, package: str, file: str) -> Path:
     """A file of an installed package in :func:`models_dir`, located through the distribution's file list:
     importing the package would import its dependencies, which are deliberately not installed."""

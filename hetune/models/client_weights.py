@@ -20,7 +20,7 @@ import torch
 from hetune.errors import ModelLoadError
 from hetune.models.builtin import BUILTIN_CONFIGS
 from hetune.models.layers import decoder_layers, member_linear, op_groups
-from hetune.models.loading import LoadedModel, gguf_path, load_config, load_model
+from hetune.models.loading import LoadedModel, gguf_path, load_config, load_model, local_source
 
 
 def _checkpoint_dir(name_or_path: str) -> Path:
@@ -60,6 +60,7 @@ def load_client_model(name_or_path: str, outsourced: list[str] | None = None, se
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = load_config(name_or_path)
+    model_id, name_or_path = name_or_path, local_source(name_or_path)
     gguf = gguf_path(name_or_path)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary, Gemma's embed scale) computed
         model = AutoModelForCausalLM.from_config(config)
@@ -88,4 +89,4 @@ def load_client_model(name_or_path: str, outsourced: list[str] | None = None, se
     if missing:
         raise ModelLoadError(f"{source} lacks weights the client needs: {', '.join(missing[:5])}", "use the complete checkpoint")
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name_or_path)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id)

@@ -125,3 +125,16 @@ def _bpe_from_scores(reader):
         core_pp = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos"])])
         tok.backend_tokenizer.post_processor = core_pp
     return tok
+
+
+def convert_gguf(path: Path, out: Path) -> None:
+    """Write the whole model of a GGUF file as a Hugging Face directory (float32 safetensors, config, tokenizer).
+
+    Dequantizing the tensors and building the tokenizer take about 30 s on 2 cores for
+    SmolLM2; a saved directory loads in about 2 (:func:`hetune.models.loading.local_source`).
+    """
+    from hetune.models.client_weights import load_client_model
+
+    loaded = load_client_model(str(path), outsourced=[])
+    loaded.model.save_pretrained(out, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(out)

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from hetune.errors import ModelLoadError
-from hetune.models.builtin import BUILTIN_CONFIGS, BUILTIN_GGUF, BUILTIN_NAMES, builtin_config, byte_tokenizer, packaged_gguf_path
+from hetune.models.builtin import (BUILTIN_CONFIGS, BUILTIN_GGUF, BUILTIN_NAMES, builtin_config, byte_tokenizer, converted_dir,
+                                   packaged_gguf_path)
 from hetune.models.families import family_of
 
 
@@ -31,10 +32,31 @@ def gguf_path(name_or_path: str) -> Path | None:
     return path
 
 
+def local_source(name_or_path: str) -> str:
+    """What to read a model from: a built-in GGUF model's converted directory (made on first use), else the argument.
+
+    The conversion is exact (the dequantized float32 tensors, saved), so the directory and
+    the GGUF give the same model; the bundle fingerprint still hashes the GGUF file itself.
+    """
+    if name_or_path not in BUILTIN_GGUF:
+        return name_or_path
+    gguf, target = packaged_gguf_path(name_or_path), converted_dir(name_or_path)  # the package is still checked
+    if not (target / "config.json").is_file():
+        from hetune.files import write_dir_atomic
+        from hetune.models.gguf import convert_gguf
+
+        try:
+            write_dir_atomic(target, lambda tmp: convert_gguf(gguf, tmp))
+        except OSError:  # a read-only environment: read the GGUF on every load instead
+            return str(gguf)
+    return str(target)
+
+
 def load_config(name_or_path: str):
     """The model's config only: cheap, and enough to refuse an unsupported model early."""
     if name_or_path in BUILTIN_CONFIGS:
         return builtin_config(name_or_path)
+    name_or_path = local_source(name_or_path)
     gguf = gguf_path(name_or_path)
     if gguf is not None:
         from hetune.models.gguf import load_gguf_config
@@ -74,6 +96,7 @@ def load_config(name_or_path: str):
 def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Hub id or directory: ``from_pretrained``; GGUF: every tensor dequantized; built-ins: built from their config with ``seed``."""
     config = load_config(name_or_path)
+    model_id, name_or_path = name_or_path, local_source(name_or_path)
     if name_or_path in BUILTIN_CONFIGS:
         from transformers import LlamaForCausalLM
 
@@ -97,4 +120,4 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
                 "check that the directory (or cache) holds the full model, not only config.json",
             ) from err
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name_or_path)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id)
