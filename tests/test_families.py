@@ -133,3 +133,16 @@ def test_one_remote_encrypted_step_equals_quantized_bit_for_bit(family):
         pm.close()
     finally:
         worker.stop()
+
+
+def test_gemma_training_blocks_start_with_bos():
+    """Gemma reads a sequence without its <bos> badly; every training block of a Gemma model starts with it."""
+    from hetune.data.text import pack
+
+    tok = load_model("micro-llama").tokenizer
+    texts = ["def f(x):\n    return x\n", "class A:\n    pass\n"] * 4
+    plain, with_bos = pack(texts, tok, 8), pack(texts, tok, 8, bos=tok.bos_token_id)
+    assert with_bos.shape[1] == 8 and bool((with_bos[:, 0] == tok.bos_token_id).all())
+    n = with_bos.shape[0] * 7
+    assert torch.equal(with_bos[:, 1:].flatten(), plain.flatten()[:n])  # the same text stream, 7 tokens a block
+    assert [name for name, f in FAMILIES.items() if f.bos_per_block] == ["gemma3"]

@@ -20,7 +20,7 @@ import torch
 from hetune.errors import ModelLoadError
 from hetune.models.builtin import BUILTIN_CONFIGS
 from hetune.models.layers import decoder_layers, member_linear, op_groups
-from hetune.models.loading import LoadedModel, gguf_path, load_config, load_model, local_source
+from hetune.models.loading import LoadedModel, gguf_path, load_config, load_model, load_tokenizer, local_source
 
 
 def _checkpoint_dir(name_or_path: str) -> Path:
@@ -57,7 +57,7 @@ def load_client_model(name_or_path: str, outsourced: list[str] | None = None, se
         return load_model(name_or_path, seed=seed)
     from accelerate import init_empty_weights
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config = load_config(name_or_path)
     model_id, name_or_path = name_or_path, local_source(name_or_path)
@@ -82,7 +82,7 @@ def load_client_model(name_or_path: str, outsourced: list[str] | None = None, se
         for file in _safetensors_files(source):
             with safe_open(str(file), framework="pt") as fh:
                 state.update({k: fh.get_tensor(k) for k in fh.keys() if k not in skip})
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source, config)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

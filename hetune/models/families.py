@@ -45,6 +45,7 @@ class Family:
     norm_offset: float = 0.0  # RMSNorm is x * (norm_offset + w); llama.cpp's GGUF stores norm_offset + w
     embed_scale: bool = False  # the embedding is multiplied by sqrt(hidden) (on the data owner's side)
     gguf_bpe_from_scores: bool = False  # GGUF vocabulary is SentencePiece BPE ranked by scores (see models.gguf)
+    bos_per_block: bool = False  # trained with <bos> first in every sequence: training blocks start with it too
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -89,7 +90,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # Gemma 3 text (gemma3_text; also what a Gemma 3 GGUF loads as): four norms per block,
     # per-head q/k norms, GELU-tanh MLP, sliding-window attention, scaled embeddings.
     Family("gemma3", ("gemma3_text",), owner_keeps=("self_attn.q_norm", "self_attn.k_norm"),
-           norm_offset=1.0, embed_scale=True, gguf_bpe_from_scores=True),
+           norm_offset=1.0, embed_scale=True, gguf_bpe_from_scores=True, bos_per_block=True),
     # Phi-3: the checkpoint fuses q/k/v and gate/up into one linear each, so each is one
     # op of one member (fused or not); LoRA adapts the fused linear, as peft does for Phi-3.
     Family("phi3", ("phi3",), groups=(

@@ -52,6 +52,15 @@ def local_source(name_or_path: str) -> str:
     return str(target)
 
 
+def load_tokenizer(directory, config):
+    """A saved tokenizer. transformers 4.57.3+ warns that any directory it saved may hold Mistral's broken
+    pre-tokenizer regex (it cannot tell); only a Mistral model's can, so others are loaded as they are."""
+    from transformers import AutoTokenizer
+
+    unaffected = config.model_type not in ("mistral", "mistral3", "ministral", "pixtral", "voxtral")
+    return AutoTokenizer.from_pretrained(directory, config=config, **({"fix_mistral_regex": False} if unaffected else {}))
+
+
 def load_config(name_or_path: str):
     """The model's config only: cheap, and enough to refuse an unsupported model early."""
     if name_or_path in BUILTIN_CONFIGS:
@@ -109,11 +118,11 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
         loaded = load_client_model(name_or_path, outsourced=[])  # the data owner's reader, leaving nothing out
         model, tokenizer = loaded.model.to(dtype), loaded.tokenizer
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=config)  # config: parsed once
+            tokenizer = load_tokenizer(name_or_path, config)  # config: parsed once
         except OSError as err:
             raise ModelLoadError(
                 f"could not load the weights or tokenizer of {name_or_path}: {err}",

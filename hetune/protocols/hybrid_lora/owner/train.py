@@ -31,6 +31,7 @@ import torch
 
 from hetune.errors import ConfigError, HetuneError, OutputError, WorkerError
 from hetune.files import write_atomic, write_dir_atomic
+from hetune.models.families import family_of
 from hetune.protocols.hybrid_lora.owner.adapter import save_adapter
 from hetune.protocols.hybrid_lora.owner.client import LoraSettings, PrivateModel, build_private_model
 from hetune.schedule import warmup_cosine
@@ -400,7 +401,8 @@ def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
         run = _run_facts(pm)
         if saved is not None:
             check_resume_run(cfg, saved.get("run", {}), run)
-        blocks = pack(texts, pm.tokenizer, cfg.seq_len)
+        bos = pm.tokenizer.bos_token_id if family_of(pm.model.config).bos_per_block else None
+        blocks = pack(texts, pm.tokenizer, cfg.seq_len, bos)
         if cfg.save_key is not None:
             pm.backend.keys.save(cfg.save_key)
         n_eval = max(1, int(len(blocks) * cfg.eval_fraction))
