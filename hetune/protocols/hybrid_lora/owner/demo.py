@@ -53,8 +53,8 @@ def _same_adapters(a: Path, b: Path) -> bool:
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
-    from hetune.compile.bundle import load_bundle, write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.compile.bundle import load_bundle
+    from hetune.compile.compiler import CompileConfig, compile_bundle
     from hetune.data.knowledge import COMPANY, make_knowledge_task
     from hetune.models.builtin import BUILTIN_GGUF
     from hetune.models.loading import load_model
@@ -76,9 +76,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
         model_id = str(out / "model")
         base.model.save_pretrained(model_id)
         base.tokenizer.save_pretrained(model_id)
-    compiled = compile_model(base, compile_cfg, progress=False)
     bundle_dir = out / "bundle"
-    write_bundle(bundle_dir, compiled.manifest, compiled.tensors, compiled.report, overwrite=True)
+    compile_bundle(base, bundle_dir, compile_cfg, overwrite=True, progress=False)
     echo(f"[2/5] the base model's answers to {len(task.held_out)} held-out questions about {COMPANY}'s internal facts")
     before = _answers(base.model, base.tokenizer, task.held_out)
 
