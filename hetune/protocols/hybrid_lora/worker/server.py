@@ -32,6 +32,7 @@ from hetune.compile.bundle import Bundle
 from hetune.crypto.scheme import ParamSet, PayloadError
 from hetune.crypto.registry import get_scheme, scheme_names
 from hetune.errors import ConfigError
+from hetune.net import is_loopback
 from hetune.protocols.hybrid_lora import wire
 from hetune.serving.admission import OPEN_ADMISSION, Admission, OwnerLimits, read_keys_file
 from hetune.protocols.hybrid_lora.worker.runner import OpRunner, Worker
@@ -66,7 +67,7 @@ class ServeConfig:
                               f"and --body-timeout {self.body_timeout_s} s are out of range",
                               "pass 1 <= --owner-body-budget-mib <= --body-budget-mib and a positive --body-timeout")
         missing = [what for what, given in (("TLS (--tls-cert/--tls-key)", self.tls_cert), ("--api-keys", self.api_keys)) if not given]
-        if not wire.is_loopback(self.host) and missing and not self.insecure:
+        if not is_loopback(self.host) and missing and not self.insecure:
             raise ConfigError(
                 f"refusing to listen on {self.host} without {' and '.join(missing)}: anyone who reaches it could open "
                 "sessions, and tokens and ciphertexts would cross the network in the clear",
