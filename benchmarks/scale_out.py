@@ -37,11 +37,10 @@ import numpy as np
 
 from common import environment, write_json
 
-from hetune.compile.bundle import read_manifest, write_bundle
-from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.compile.bundle import read_manifest
+from hetune.compile.compiler import CompileConfig, compile_bundle
 from hetune.crypto.registry import get_scheme
 from hetune.crypto.keys import generate_keys
-from hetune.models.loading import load_model
 from hetune.protocols.hybrid_lora.worker.ray_serve import RayServeConfig, build_app
 from hetune.protocols.hybrid_lora.owner.remote import WorkerClient
 from hetune.protocols.hybrid_lora.worker.server import ServeConfig
@@ -120,8 +119,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="scale_out-"))
     bundle = work / "bundle"
-    compiled = compile_model(load_model(args.model), CompileConfig(calibration_tokens=64), progress=False)
-    write_bundle(bundle, compiled.manifest, compiled.tensors, compiled.report)
+    compiled = compile_bundle(args.model, bundle, CompileConfig(calibration_tokens=64), progress=False)
     blocks = max(op.layer for op in compiled.manifest.ops) + 1
     requests = requests_for(bundle)
     key_file = work / "session.key"

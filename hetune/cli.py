@@ -76,17 +76,14 @@ def compile(
     seed: int = typer.Option(0, "--seed", help="Seed for built-in models' random weights."),
 ) -> None:
     """Quantize a model's outsourced linears into a worker bundle (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3 families)."""
-    from hetune.compile.bundle import check_output_dir, write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
-    from hetune.models.loading import load_model
+    from hetune.compile.compiler import CompileConfig, compile_bundle
 
     cfg = CompileConfig(
         quant=QuantConfig(bits_w, bits_a, bits_g, accept_overflow_risk, rotation=rotation, clip_a=clip_a), fuse=fuse,
         include_lm_head=lm_head, calibration_tokens=calibration_tokens, seed=seed, scheme=scheme, param_set=param_set,
     )
-    check_output_dir(out, overwrite)
-    compiled = compile_model(load_model(model, seed=seed), cfg)  # load_model refuses an unsupported model before its weights
-    manifest = write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=overwrite)
+    compiled = compile_bundle(model, out, cfg, overwrite=overwrite)  # load_model refuses an unsupported model before its weights
+    manifest = compiled.manifest
     _print_report(compiled.report)
     share = manifest.outsourced_params / manifest.model.total_params
     typer.echo(f"wrote {out} ({len(manifest.ops)} ops, {share:.1%} of the model's parameters outsourced)")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.compile.compiler import CompileConfig, compile_bundle
 from hetune.models.loading import load_model
 
 
@@ -17,17 +17,20 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
-def compiled(tiny):
-    return compile_model(tiny, CompileConfig(calibration_tokens=64), progress=False)
+def tiny_bundle(tmp_path_factory, tiny):
+    """tiny-llama compiled and its bundle written, once: (bundle directory, compiled model)."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return out, compile_bundle(tiny, out, CompileConfig(calibration_tokens=64), progress=False)
 
 
 @pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory, compiled):
-    from hetune.compile.bundle import write_bundle
+def compiled(tiny_bundle):
+    return tiny_bundle[1]
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
-    return out
+
+@pytest.fixture(scope="session")
+def bundle_dir(tiny_bundle):
+    return tiny_bundle[0]
 
 
 @pytest.fixture
@@ -98,11 +101,8 @@ def rng():
 @pytest.fixture(scope="session")
 def micro_bundle(tmp_path_factory):
     """A bundle of the 2-block micro-llama: small enough for real encryption in tests."""
-    from hetune.compile.bundle import write_bundle
-
-    compiled = compile_model(load_model("micro-llama", seed=0), CompileConfig(calibration_tokens=32), progress=False)
     out = tmp_path_factory.mktemp("micro") / "bundle"
-    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
+    compile_bundle("micro-llama", out, CompileConfig(calibration_tokens=32), progress=False)
     return out
 
 

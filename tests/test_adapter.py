@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from hetune.compile.bundle import write_bundle
-from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.compile.compiler import CompileConfig, compile_bundle
 from hetune.models.loading import load_model
 
 
@@ -25,8 +24,7 @@ def test_adapter_of_a_directory_model_loads_with_auto_peft(run_cli, tmp_path, tr
     loaded = load_model("micro-llama", seed=3)
     loaded.model.save_pretrained(tmp_path / "base")
     loaded.tokenizer.save_pretrained(tmp_path / "base")
-    compiled = compile_model(load_model(str(tmp_path / "base")), CompileConfig(calibration_tokens=16), progress=False)
-    write_bundle(tmp_path / "bundle", compiled.manifest, compiled.tensors, compiled.report)
+    compile_bundle(str(tmp_path / "base"), tmp_path / "bundle", CompileConfig(calibration_tokens=16), progress=False)
     adapter = _train(run_cli, tmp_path / "run", train_jsonl, str(tmp_path / "base"), tmp_path / "bundle")
 
     config = json.loads((adapter / "adapter_config.json").read_text())

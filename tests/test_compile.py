@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hetune.compile.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle, write_bundle
-from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.compile.compiler import CompileConfig, compile_bundle, compile_model
 from hetune.compile.manifest import CryptoSpec, Manifest
 from hetune.errors import BundleError, OverflowRiskError
 from hetune.models.layers import decoder_layers, member_linear
@@ -199,6 +199,21 @@ def test_write_refuses_existing_and_leaves_nothing_on_failure(compiled, tmp_path
     assert load_bundle(out).manifest.ops == compiled.manifest.ops  # old bundle intact
 
 
+def test_compile_bundle_checks_the_output_before_loading_and_returns_the_written_manifest(bundle_dir, compiled, tmp_path, monkeypatch):
+    """The one compile-and-write: a bad --out fails before the model loads; the manifest returned is the one on disk."""
+    assert compiled.manifest == load_bundle(bundle_dir).manifest and compiled.manifest.files  # the conftest bundle, hashed
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+
+    def no_load(*_a, **_k):
+        raise AssertionError("loaded the model before checking --out")
+
+    monkeypatch.setattr("hetune.compile.compiler.load_model", no_load)
+    with pytest.raises(BundleError, match="already exists"):
+        compile_bundle("micro-llama", tmp_path / "taken", CompileConfig(calibration_tokens=16))
+    assert (tmp_path / "taken" / "x").exists()
+
+
 def test_weights_quantization_matches_brevitas_in_bundle(compiled, tiny):
     lin = member_linear(decoder_layers(tiny.model), "layers.3.self_attn.o_proj")
     spec = compiled.manifest.op("layers.3.o")
@@ -210,8 +225,7 @@ def test_weights_quantization_matches_brevitas_in_bundle(compiled, tiny):
 def test_rotated_bundle_records_its_rotation_and_stays_exact_in_float(tiny, tmp_path):
     """A Hadamard bundle stores W R; the manifest names R (kind and seed), so the client's codec rotates alike."""
     quant = QuantConfig(rotation="hadamard", rotation_seed=5)
-    compiled = compile_model(tiny, CompileConfig(quant=quant, calibration_tokens=32), progress=False)
-    write_bundle(tmp_path / "b", compiled.manifest, compiled.tensors, compiled.report)
+    compiled = compile_bundle(tiny, tmp_path / "b", CompileConfig(quant=quant, calibration_tokens=32), progress=False)
     bundle = load_bundle(tmp_path / "b")
     assert bundle.manifest.quant == quant and compiled.report["quant"]["rotation"] == "hadamard"
     spec = bundle.manifest.op("layers.1.down")

@@ -13,13 +13,12 @@ import pytest
 import torch
 from conftest import FAMILY_CONFIGS
 
-from hetune.compile.bundle import write_bundle
-from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.compile.compiler import CompileConfig, compile_bundle
 from hetune.errors import ConfigError, ModelLoadError
 from hetune.models.builtin import byte_tokenizer
 from hetune.models.families import FAMILIES, family_of
 from hetune.models.layers import op_groups
-from hetune.models.loading import load_config, load_model
+from hetune.models.loading import load_config
 from hetune.protocols.hybrid_lora.owner.client import LoraSettings, build_private_model, plain_ops
 from hetune.protocols.hybrid_lora.owner.layer import OutsourcedLinear
 
@@ -42,9 +41,8 @@ def family(request, family_model, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(root / "model")
     byte_tokenizer().save_pretrained(root / "model")
-    compiled = compile_model(load_model(str(root / "model")), CompileConfig(calibration_tokens=32), progress=False)
+    compiled = compile_bundle(str(root / "model"), root / "bundle", CompileConfig(calibration_tokens=32), progress=False)
     assert not [k for k in compiled.tensors if "bias" in k]  # biases never go to the worker
-    write_bundle(root / "bundle", compiled.manifest, compiled.tensors, compiled.report)
     return model, root / "model", root / "bundle"
 
 

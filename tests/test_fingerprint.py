@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from hetune.compile.bundle import write_bundle
-from hetune.compile.compiler import CompileConfig, compile_model
+from hetune.compile.compiler import CompileConfig, compile_bundle
 from hetune.models.loading import load_model
 
 TRAIN = ("--steps", "1", "--seq-len", "16", "--batch-size", "1", "--eval-every", "1")
@@ -17,8 +16,7 @@ def seed0_dir(tmp_path_factory):
     loaded = load_model("micro-llama", seed=0)
     loaded.model.save_pretrained(root / "model")
     loaded.tokenizer.save_pretrained(root / "model")
-    compiled = compile_model(load_model(str(root / "model")), CompileConfig(calibration_tokens=16), progress=False)
-    write_bundle(root / "bundle", compiled.manifest, compiled.tensors, compiled.report)
+    compile_bundle(str(root / "model"), root / "bundle", CompileConfig(calibration_tokens=16), progress=False)
     return root
 
 

@@ -173,12 +173,10 @@ def test_smollm2_135m_private_model_on_quantized(tmp_path):
 
     Measured: logits within 11% of float over 30 blocks, 19 of 20 next-token choices equal; about 90 s.
     """
-    from hetune.compile.bundle import write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.compile.compiler import CompileConfig, compile_bundle
 
     full = load_model("smollm2-135m")
-    compiled = compile_model(full, CompileConfig(calibration_tokens=32), progress=False)
-    write_bundle(tmp_path / "bundle", compiled.manifest, compiled.tensors, compiled.report)
+    compile_bundle(full, tmp_path / "bundle", CompileConfig(calibration_tokens=32), progress=False)
     pm = build_private_model("smollm2-135m", "quantized", bundle=tmp_path / "bundle")
     text = "Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of"
     ids = full.tokenizer(text, return_tensors="pt")["input_ids"]
@@ -364,13 +362,12 @@ def test_gemma3_270m_remote_step_equals_quantized_bit_for_bit(gemma3, tmp_path):
     through a loopback worker under batched RLWE equal to quantized bit for bit, and quantized close to float."""
     from test_hybrid_lora import assert_equal_grads, lora_grads
 
-    from hetune.compile.bundle import load_bundle, write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.compile.bundle import load_bundle
+    from hetune.compile.compiler import CompileConfig, compile_bundle
     from hetune.crypto.keys import generate_keys
     from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
 
-    compiled = compile_model(gemma3, CompileConfig(calibration_tokens=32), progress=False)
-    write_bundle(tmp_path / "bundle", compiled.manifest, compiled.tensors, compiled.report)
+    compile_bundle(gemma3, tmp_path / "bundle", CompileConfig(calibration_tokens=32), progress=False)
     text = "Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of"
     ids = gemma3.tokenizer(text, return_tensors="pt")["input_ids"]
     pm = build_private_model("gemma3-270m", "quantized", bundle=tmp_path / "bundle")

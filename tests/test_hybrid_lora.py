@@ -163,13 +163,10 @@ def test_backend_without_bundle_fails_at_build():
 
 
 def test_bundle_with_lm_head_is_refused_by_the_client(tmp_path):
-    from hetune.compile.bundle import write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
+    from hetune.compile.compiler import CompileConfig, compile_bundle
     from hetune.errors import ConfigError
-    from hetune.models.loading import load_model
 
-    compiled = compile_model(load_model("micro-llama"), CompileConfig(include_lm_head=True, calibration_tokens=16), progress=False)
-    write_bundle(tmp_path / "b", compiled.manifest, compiled.tensors, compiled.report)
+    compile_bundle("micro-llama", tmp_path / "b", CompileConfig(include_lm_head=True, calibration_tokens=16), progress=False)
     with pytest.raises(ConfigError, match="without --lm-head"):
         build_private_model("micro-llama", "quantized", bundle=tmp_path / "b")
 
@@ -177,15 +174,11 @@ def test_bundle_with_lm_head_is_refused_by_the_client(tmp_path):
 @pytest.fixture(scope="module")
 def unrotated_bundle(tmp_path_factory):
     """micro-llama compiled without the (default) Hadamard rotation: W itself quantized."""
-    from hetune.compile.bundle import write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
-    from hetune.models.loading import load_model
+    from hetune.compile.compiler import CompileConfig, compile_bundle
     from hetune.quant.config import QuantConfig
 
-    compiled = compile_model(load_model("micro-llama", seed=0), CompileConfig(quant=QuantConfig(rotation="none"), calibration_tokens=32),
-                             progress=False)
     out = tmp_path_factory.mktemp("micro-unrotated") / "bundle"
-    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
+    compile_bundle("micro-llama", out, CompileConfig(quant=QuantConfig(rotation="none"), calibration_tokens=32), progress=False)
     return out
 
 

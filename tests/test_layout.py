@@ -25,7 +25,16 @@ def test_worker_never_imports_owner_code_or_secret_keys():
     forbidden = next(c for c in contracts if c["type"] == "forbidden")
     assert "hetune.protocols.hybrid_lora.worker" in forbidden["source_modules"]
     assert {"hetune.protocols.hybrid_lora.owner", *SECRET_MODULES} <= set(forbidden["forbidden_modules"])
-    assert "KEPT" in _lint_imports()
+    assert "hetune.net" in forbidden["source_modules"]  # the owners' shared HTTP client is neither side's
+    report = _lint_imports()  # every contract, the SFPrompt one below included
+    assert "KEPT" in report and "BROKEN" not in report
+
+
+def test_sfprompt_never_imports_the_core_protocol():
+    """SFPrompt's client and server build on hetune.net and hetune.serving, not on hybrid LoRA's owner or worker."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    assert any(c["source_modules"] == ["hetune.protocols.sfprompt"] and c["forbidden_modules"] == ["hetune.protocols.hybrid_lora"]
+               for c in contracts)
 
 
 def test_worker_process_loads_no_secret_key_module():

@@ -58,13 +58,11 @@ def test_resume_checks_settings_and_total_steps(run_cli, tmp_path, train_jsonl, 
 
 
 def test_resume_with_another_bundle_is_refused(run_cli, tmp_path, train_jsonl, micro_bundle):
-    from hetune.compile.bundle import write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
-    from hetune.models.loading import load_model
+    from hetune.compile.compiler import CompileConfig, compile_bundle
+    from hetune.quant.config import QuantConfig
 
     other = tmp_path / "w6"
-    compiled = compile_model(load_model("micro-llama"), CompileConfig(calibration_tokens=16, quant=__import__("hetune").quant.config.QuantConfig(bits_w=6)), progress=False)
-    write_bundle(other, compiled.manifest, compiled.tensors, compiled.report)
+    compile_bundle("micro-llama", other, CompileConfig(calibration_tokens=16, quant=QuantConfig(bits_w=6)), progress=False)
     out = tmp_path / "run"
     assert run_cli(*_args(out, train_jsonl, micro_bundle, "--steps", "2"))[0] == 0
     code, _, err = run_cli(*_args(out, train_jsonl, other, "--steps", "4", "--resume"))

@@ -137,14 +137,11 @@ def test_session_requests_are_checked(client):
 
 def test_bundle_beyond_a_sets_budget_is_refused_at_session_open(tmp_path):
     """The server re-checks the bundle's accumulator bits against the session's scheme and set."""
-    from hetune.compile.bundle import write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
-    from hetune.models.loading import load_model
+    from hetune.compile.compiler import CompileConfig, compile_bundle
     from hetune.quant.config import QuantConfig
 
-    compiled = compile_model(load_model("micro-llama"), CompileConfig(QuantConfig(10, 13, 13), calibration_tokens=16), progress=False)
+    compiled = compile_bundle("micro-llama", tmp_path / "b", CompileConfig(QuantConfig(10, 13, 13), calibration_tokens=16), progress=False)
     assert 27 < max(op.worst_acc_bits for op in compiled.manifest.ops) <= 30
-    write_bundle(tmp_path / "b", compiled.manifest, compiled.tensors, compiled.report)
     client = TestClient(create_app(load_bundle(tmp_path / "b")))
     assert client.post("/v2/sessions").status_code == 201
     r = client.post("/v2/sessions", params={"scheme": "glwe"}, content=b"")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ from hetune.compile.fingerprint import gguf_source_sha256, outsourced_sha256
 from hetune.compile.manifest import CryptoSpec, Manifest, MemberSpec, ModelInfo, OpSpec
 from hetune.errors import OverflowRiskError
 from hetune.models.layers import OpGroup, decoder_layers, member_linear, op_groups
-from hetune.models.loading import LoadedModel
+from hetune.models.loading import LoadedModel, load_model
 from hetune.quant.budget import accumulator_bound
 from hetune.quant.config import QuantConfig
 from hetune.quant.integer import IntegerLinear
@@ -222,3 +223,20 @@ def compile_model(loaded: LoadedModel, cfg: CompileConfig = CompileConfig(), pro
         "ops": rows, "overflow_risk_ops": [s.name for s, _ in risky],
     }
     return CompiledModel(manifest, tensors, report)
+
+
+def compile_bundle(model: LoadedModel | str, out: Path, cfg: CompileConfig = CompileConfig(), *,
+                   overwrite: bool = False, progress: bool = True) -> CompiledModel:
+    """Compile ``model`` (loaded, or a name for :func:`load_model` with ``cfg.seed``) and write its bundle to ``out``.
+
+    The one compile-and-write: ``out`` is checked before the model is loaded or compiled (minutes on a
+    real model), and the bundle is written atomically (:func:`~hetune.compile.bundle.write_bundle`).
+    Returns the compiled model with the written manifest (file hashes filled in)."""
+    from hetune.compile.bundle import check_output_dir, write_bundle
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    loaded = load_model(model, seed=cfg.seed) if isinstance(model, str) else model
+    compiled = compile_model(loaded, cfg, progress)
+    manifest = write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=overwrite)
+    return CompiledModel(manifest, compiled.tensors, compiled.report)

@@ -90,17 +90,17 @@ class BodyBudget:
 
     RETRY_S = 1
 
-    def __init__(self, total: int, per_holder: int):
-        self.total, self.per_holder = total, per_holder
+    def __init__(self, total: int, per_holder: int, options: str = "--owner-body-budget-mib / --body-budget-mib"):
+        """``options``: the server's settings that raise the budgets, named in a 413."""
+        self.total, self.per_holder, self._options = total, per_holder, options
         self._used, self._by_holder = 0, Counter()
         self._lock = threading.Lock()
 
     @contextmanager
     def hold(self, holder: str, size: int) -> Iterator[None]:
         if size > min(self.total, self.per_holder):
-            raise Refusal(413, f"a {size}-byte body exceeds the worker's body budget ({self.per_holder} bytes per owner, "
-                               f"{self.total} in all); send fewer rows per request, or ask the operator to raise "
-                               "--owner-body-budget-mib / --body-budget-mib")
+            raise Refusal(413, f"a {size}-byte body exceeds the server's body budget ({self.per_holder} bytes per holder, "
+                               f"{self.total} in all); send fewer rows per request, or ask the operator to raise {self._options}")
         with self._lock:
             if self._by_holder[holder] + size > self.per_holder:
                 raise Refusal(429, "too many request bytes in flight for this owner; wait for earlier requests", self.RETRY_S)

@@ -13,27 +13,31 @@ from collections import Counter
 import torch
 
 from hetune.errors import WorkerError
-from hetune.protocols.hybrid_lora.owner.remote import RetryPolicy, WorkerClient
+from hetune.net.client import HttpClient, RetryPolicy
 from hetune.protocols.sfprompt import wire
 
 # A round cannot wait long for one client: one quick retry, then the client is dropped.
 SPLIT_RETRY = RetryPolicy(retries=1, backoff_s=0.2, timeout_s=120.0)
 BYTE_KINDS = ("activations_up", "activations_down", "gradients_up", "gradients_down")
+RESPONSE_SLACK = 4096  # bytes a safetensors header of the same shape may differ by, at most
 _HINT = "check that the body server is running and reachable; this client is dropped from the round"
 
 
-class BodyClient(WorkerClient):
-    """Session, split forward / backward and byte counts; retries come from the core WorkerClient."""
+class BodyClient(HttpClient):
+    """Session, split forward / backward and byte counts; retries, caps and errors come from the shared client."""
 
     def __init__(self, url: str, access_token: str, retry: RetryPolicy = SPLIT_RETRY):
-        super().__init__(url, retry)
+        super().__init__(url, wire.API_VERSION, retry, down_hint=_HINT)
         self._access_token = access_token
+        self.session_id: str | None = None
+        self._token: str | None = None
         self.bytes: Counter = Counter()
 
-    def open(self) -> None:  # type: ignore[override]  # admission token instead of a compression key
+    def open(self) -> None:
+        """A session on the body server, admitted by the federation's access token."""
         try:
             response = self._request("POST", "/sessions", headers={"authorization": f"Bearer {self._access_token}"})
-            data = self._checked(response, "a new session").json()
+            data = self._session(self._checked(response, "a new session"))
         except WorkerError as err:
             raise WorkerError(err.message, _HINT) from err
         self.session_id, self._token = data["session_id"], data["token"]
@@ -43,6 +47,7 @@ class BodyClient(WorkerClient):
         try:
             response = self._checked(self._request(
                 "POST", f"/sessions/{self.session_id}/{direction}", content=payload, params={"step": step, "keep": keep},
+                max_bytes=len(payload) + RESPONSE_SLACK,  # the answer has the request's shape and dtype
                 headers={"authorization": f"Bearer {self._token}", "content-type": wire.MEDIA_TYPE},
             ), f"split {direction} (step {step})")
             result = wire.unpack(name, response.content)
@@ -60,6 +65,12 @@ class BodyClient(WorkerClient):
 
     def backward(self, grad: torch.Tensor, step: int) -> torch.Tensor:
         return self._exchange("backward", "g", grad, step)  # dL/d(body out) -> dL/d(body in)
+
+    def close(self) -> None:
+        if self.session_id:
+            self.close_session(self.session_id, self._token)
+        self.session_id = self._token = None
+        self.http.close()
 
 
 class _RemoteBodyFunction(torch.autograd.Function):

@@ -9,7 +9,9 @@ the server keeps serving. Logs carry method, path, status and timing, never payl
 
 Deliberately close to the core worker (hybrid_lora/worker/server.py), and sharing its session
 store (serving/sessions.py) and HTTP helpers (serving/http_api.py): bearer-token
-sessions with an idle TTL, body-size limits, shape checks before compute. The core
+sessions with an idle TTL, body-size limits, a memory budget for bodies in flight
+(in all and per session, :class:`~hetune.serving.http_api.BodyBudget`: 429/503 before a
+byte is read), a body read timeout, shape checks before compute. The core
 worker's sessions hold a GLWE compression key; these hold pending activations (see
 docs/sfprompt.md).
 """
@@ -29,12 +31,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from hetune.errors import ConfigError
-from hetune.serving.http_api import LoopbackServer, add_access_log, bearer, error, read_body, session_or_error
+from hetune.serving.http_api import (BodyBudget, LoopbackServer, add_access_log, add_refusals, bearer, error, read_body,
+                                     session_or_error)
 from hetune.serving.sessions import SessionLimitError, SessionStore
 from hetune.protocols.sfprompt import wire
 from hetune.protocols.sfprompt.split import BlockStack
 
 log = logging.getLogger("hetune.sfprompt.body")
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,20 @@ class BodyServeConfig:
     session_ttl_s: float = 900.0
     max_pending: int = 4  # forwards awaiting their backward, per session
     max_rows: int = 65536  # batch x sequence positions in one request
+    # Request bodies in flight (bytes held from before a body is read until its answer is ready),
+    # as on the core worker (hetune.serving.http_api.BodyBudget):
+    body_budget_mib: int = 1024  # in all
+    session_body_budget_mib: int = 512  # per session: a 65,536-row float32 body of width 768 is 192 MiB
+    body_timeout_s: float = 120.0  # to receive one body; a held upload is cut off (408) and gives its budget back
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_pending", "max_rows"):
+        for name in ("max_sessions", "max_pending", "max_rows", "session_body_budget_mib"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1", f"pass a positive {name}")
+        if self.body_budget_mib < self.session_body_budget_mib or self.body_timeout_s <= 0:
+            raise ConfigError(f"body budgets {self.body_budget_mib} MiB in all / {self.session_body_budget_mib} MiB per session "
+                              f"and body_timeout_s={self.body_timeout_s} are out of range",
+                              "pass 1 <= session_body_budget_mib <= body_budget_mib and a positive body_timeout_s")
 
 
 @dataclass
@@ -117,9 +130,14 @@ class BodyService:
 def create_body_app(service: BodyService) -> FastAPI:
     app = FastAPI(title="hetune sfprompt body server")
     prefix = f"/{wire.API_VERSION}"
+    cfg = service.cfg
     # dtype width x rows x hidden, plus the safetensors header
-    body_limit = 8 * service.cfg.max_rows * service.hidden + 4096
+    body_limit = 8 * cfg.max_rows * service.hidden + 4096
+    budget = BodyBudget(cfg.body_budget_mib * MIB, cfg.session_body_budget_mib * MIB,
+                        "BodyServeConfig.session_body_budget_mib / body_budget_mib")
+    app.state.budget = budget
 
+    add_refusals(app)
     add_access_log(app, log)
 
     @app.get(f"{prefix}/health")
@@ -159,7 +177,15 @@ def create_body_app(service: BodyService) -> FastAPI:
             return error(404, f"unknown direction {direction!r}; use forward or backward")
         if step < 0:
             return error(422, "query parameter step (>= 0) is required")
-        body = await read_body(request, body_limit)
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > body_limit):
+            return error(413, f"request body too large (limit {body_limit} bytes)")
+        size = body_limit if declared is None else int(declared)  # a body longer than it says is cut off (413)
+        with budget.hold(sid, size):  # held until the answer is ready: the body and its tensor live that long
+            return await _run(got, direction, request, step, keep, size)
+
+    async def _run(got: BodySession, direction: str, request: Request, step: int, keep: bool, size: int):
+        body = await read_body(request, size, cfg.body_timeout_s)
         if not isinstance(body, bytes):
             return body
         got.bytes_in += len(body)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hetune.protocols.hybrid_lora.wire import API_VERSION  # noqa: F401  (BodyClient inherits the core client's URLs)
+API_VERSION = "v1"  # SFPrompt's own: the body server's paths are /v1/sessions/...
 MEDIA_TYPE = "application/octet-stream"
 
 

@@ -102,15 +102,11 @@ def variants(cfg: ConvergeConfig) -> list[Variant]:
 
 
 def _bundle_for(cfg: ConvergeConfig, quant: QuantConfig, cache: dict) -> Path:
-    from hetune.compile.bundle import write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
-    from hetune.models.loading import load_model
+    from hetune.compile.compiler import CompileConfig, compile_bundle
 
     if quant not in cache:
         out = cfg.out / "bundles" / f"{quant.ranges}-{quant_label(quant).replace(' ', '-')}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        compiled = compile_model(load_model(cfg.model, seed=cfg.seed), CompileConfig(quant=quant, seed=cfg.seed), progress=False)
-        write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=True)
+        compile_bundle(cfg.model, out, CompileConfig(quant=quant, seed=cfg.seed), overwrite=True, progress=False)
         cache[quant] = out
     return cache[quant]
 

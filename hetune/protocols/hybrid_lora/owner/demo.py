@@ -52,20 +52,13 @@ def _same_adapters(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
-    from hetune.compile.bundle import load_bundle, write_bundle
-    from hetune.compile.compiler import CompileConfig, compile_model
-    from hetune.data.knowledge import COMPANY, make_knowledge_task
+def _compile(cfg: DemoConfig, echo):
+    """[1/5] The worker bundle; a GGUF model is also saved as a directory, so the runs below read it once.
+    Returns the loaded float model, the model id the runs load, and the bundle directory."""
+    from hetune.compile.compiler import CompileConfig, compile_bundle
     from hetune.models.builtin import BUILTIN_GGUF
     from hetune.models.loading import load_model
-    from hetune.protocols.hybrid_lora.owner.plots import plot_losses
-    from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
-    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, latest_checkpoint, read_metrics, train
 
-    out, k = cfg.out, min(cfg.encrypted_steps, cfg.steps)
-    task = make_knowledge_task(cfg.seed)
-    data = out / "data" / "train.jsonl"
-    _write_data(data, task)
     compile_cfg = CompileConfig(calibration_tokens=64, seed=cfg.seed)
     q = compile_cfg.quant
     echo(f"[1/5] compiling {cfg.model} into a worker bundle ({q.bits_w}-bit weights, inputs up to {q.bits_a} bits, "
@@ -73,18 +66,21 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     base = load_model(cfg.model, seed=cfg.seed)
     model_id = cfg.model
     if cfg.model.endswith(".gguf") or cfg.model in BUILTIN_GGUF:  # read the GGUF once, not in every run below
-        model_id = str(out / "model")
+        model_id = str(cfg.out / "model")
         base.model.save_pretrained(model_id)
         base.tokenizer.save_pretrained(model_id)
-    compiled = compile_model(base, compile_cfg, progress=False)
-    bundle_dir = out / "bundle"
-    write_bundle(bundle_dir, compiled.manifest, compiled.tensors, compiled.report, overwrite=True)
-    echo(f"[2/5] the base model's answers to {len(task.held_out)} held-out questions about {COMPANY}'s internal facts")
-    before = _answers(base.model, base.tokenizer, task.held_out)
+    bundle_dir = cfg.out / "bundle"
+    compile_bundle(base, bundle_dir, compile_cfg, overwrite=True, progress=False)
+    return base, model_id, bundle_dir
 
-    common = dict(model=model_id, data=(str(data),), seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps,
-                  lr=cfg.lr, warmup_steps=2, eval_every=cfg.steps, save_every=cfg.steps, eval_batches=2, seed=cfg.seed)
-    private, check = out / "private", out / "quantized-check"
+
+def _encrypted_steps(cfg: DemoConfig, common: dict, bundle_dir: Path, k: int, echo) -> tuple[dict, bool]:
+    """[3/5] The first ``k`` steps through a loopback worker, and whether they equal ``quantized``'s bit for bit."""
+    from hetune.compile.bundle import load_bundle
+    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, latest_checkpoint, read_metrics, train
+    from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker
+
+    private, check = cfg.out / "private", cfg.out / "quantized-check"
     worker = LoopbackWorker(load_bundle(bundle_dir))
     try:
         echo(f"[3/5] {k} private LoRA step(s) with real encryption against a worker on {worker.url}")
@@ -100,6 +96,41 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     echo(f"      the worker computed {stats['values_out']:,} output values; {stats['bytes_sent'] / 1e6:.0f} MB sent, "
          f"{stats['bytes_received'] / 1e6:.0f} MB received; client crypto {stats['encrypt_s'] + stats['decrypt_s']:.0f} s, "
          f"worker {stats['worker_s']:.0f} s")
+    return remote, exact
+
+
+def _held_out_scores(base, task, adapters: dict[str, str], before: list[str], echo) -> dict[str, int]:
+    """[5/5] Answers to the held-out questions with each adapter on the float base; correct counts by name."""
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(base.model, adapters["private"], adapter_name="private")  # float base + adapter
+    after = _answers(tuned, base.tokenizer, task.held_out)
+    tuned.load_adapter(adapters["plaintext"], adapter_name="plaintext")
+    tuned.set_adapter("plaintext")
+    after_plain = _answers(tuned, base.tokenizer, task.held_out)
+    for q, b, a in zip(task.held_out, before, after):
+        echo(f"  Q: {q.question}\n     truth {q.answer!s:<11} before {b!s:<14} after {a}")
+    return {name: sum(x == str(q.answer) for x, q in zip(ans, task.held_out)) for name, ans in
+            (("before", before), ("after", after), ("after_plaintext", after_plain))}
+
+
+def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
+    from hetune.data.knowledge import COMPANY, make_knowledge_task
+    from hetune.protocols.hybrid_lora.owner.plots import plot_losses
+    from hetune.protocols.hybrid_lora.owner.train import TrainConfig, read_metrics, train
+
+    out, k = cfg.out, min(cfg.encrypted_steps, cfg.steps)
+    task = make_knowledge_task(cfg.seed)
+    data = out / "data" / "train.jsonl"
+    _write_data(data, task)
+    base, model_id, bundle_dir = _compile(cfg, echo)
+    echo(f"[2/5] the base model's answers to {len(task.held_out)} held-out questions about {COMPANY}'s internal facts")
+    before = _answers(base.model, base.tokenizer, task.held_out)
+
+    common = dict(model=model_id, data=(str(data),), seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps,
+                  lr=cfg.lr, warmup_steps=2, eval_every=cfg.steps, save_every=cfg.steps, eval_batches=2, seed=cfg.seed)
+    private = out / "private"
+    remote, exact = _encrypted_steps(cfg, common, bundle_dir, k, echo)
     if k < cfg.steps:
         echo(f"[4/5] steps {k + 1}-{cfg.steps} continue on the bit-exact quantized backend (same arithmetic, in the clear, "
              "to fit this demo in minutes on 2 CPU cores), then the same steps in plaintext")
@@ -118,17 +149,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), echo=print) -> dict:
     echo(f"eval loss: plaintext {plain['final_eval_loss']:.4f}, private {private_run['final_eval_loss']:.4f} ({gap:+.2%})")
 
     echo("[5/5] answers to held-out questions, before and after private fine-tuning")
-    from peft import PeftModel
-
-    tuned = PeftModel.from_pretrained(base.model, private_run["adapter"], adapter_name="private")  # float base + adapter
-    after = _answers(tuned, base.tokenizer, task.held_out)
-    tuned.load_adapter(plain["adapter"], adapter_name="plaintext")
-    tuned.set_adapter("plaintext")
-    after_plain = _answers(tuned, base.tokenizer, task.held_out)
-    for q, b, a in zip(task.held_out, before, after):
-        echo(f"  Q: {q.question}\n     truth {q.answer!s:<11} before {b!s:<14} after {a}")
-    score = {name: sum(x == str(q.answer) for x, q in zip(ans, task.held_out)) for name, ans in
-             (("before", before), ("after", after), ("after_plaintext", after_plain))}
+    score = _held_out_scores(base, task, {"private": private_run["adapter"], "plaintext": plain["adapter"]}, before, echo)
     n = len(task.held_out)
     echo(f"correct: base model {score['before']}/{n}, privately fine-tuned {score['after']}/{n}, "
          f"plaintext fine-tuned {score['after_plaintext']}/{n}")

@@ -359,15 +359,10 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
-    """Run (or resume) a training job; returns a summary with final train and eval loss.
-
-    ``cfg.steps`` is the run's total: a resumed run continues to it. SIGINT/SIGTERM end the run
-    after the current step with a checkpoint and :class:`TrainingInterrupted`.
-    """
-    from tqdm.auto import tqdm
-
-    from hetune.data.text import BlockSampler, load_texts, pack
+def _open_run(cfg: TrainConfig, resume: bool):
+    """The texts, and the checkpoint to resume with its saved state (None, None on a fresh run), all checked
+    before any model, worker session, key or output exists."""
+    from hetune.data.text import load_texts
 
     if resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other", "pass --resume to continue the run, or --overwrite to replace it")
@@ -379,6 +374,11 @@ def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
     saved = read_trainer_state(ckpt) if ckpt is not None else None
     if saved is not None:
         check_resume(cfg, saved, ckpt)
+    return texts, ckpt, saved
+
+
+def _private_model(cfg: TrainConfig):
+    """Seeded, with the keys to load (if any) and the access to its workers (remote)."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -392,10 +392,49 @@ def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
         from hetune.protocols.hybrid_lora.owner.remote import WorkerAccess
 
         access = WorkerAccess.load(cfg.ca_cert, cfg.insecure, cfg.api_key_file)
-    pm = build_private_model(
+    return build_private_model(
         cfg.model, cfg.backend, bundle=cfg.bundle, workers=cfg.workers, lora=cfg.lora, seed=cfg.seed,
         keys=keys, scheme=cfg.scheme, param_set=cfg.param_set, access=access, hint_cache=cfg.hint_cache,
     )
+
+
+def _accumulate(cfg: TrainConfig, pm, sampler, step: int, signals: _Signals) -> float:
+    """Forward and backward of one optimizer step's batches; the mean loss. A worker failure names the step and how to resume."""
+    loss_sum = 0.0
+    try:
+        signals.in_step = True
+        for _ in range(cfg.grad_accum):
+            batch = sampler.next()
+            loss = pm.model(input_ids=batch, labels=batch).loss
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+        signals.in_step = False
+    except WorkerError as err:
+        where = latest_checkpoint(cfg.out)
+        then = f"rerun with --resume (from {where})" if where else "rerun with --overwrite (no checkpoint yet)"
+        raise WorkerError(f"{err.message} (at step {step + 1})", f"{err.hint + '; ' if err.hint else ''}then {then}") from err
+    return loss_sum
+
+
+def _record(cfg: TrainConfig, row: dict, metrics_path: Path, writer) -> None:
+    with _output_errors(metrics_path, cfg.out), open(metrics_path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    if writer is not None:
+        _log_tensorboard(writer, row)
+
+
+def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
+    """Run (or resume) a training job; returns a summary with final train and eval loss.
+
+    ``cfg.steps`` is the run's total: a resumed run continues to it. SIGINT/SIGTERM end the run
+    after the current step with a checkpoint and :class:`TrainingInterrupted`.
+    """
+    from tqdm.auto import tqdm
+
+    from hetune.data.text import BlockSampler, pack
+
+    texts, ckpt, saved = _open_run(cfg, resume)
+    pm = _private_model(cfg)
     writer = None
     try:
         run = _run_facts(pm)
@@ -433,19 +472,8 @@ def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
             for step in bar:
                 t0, sent0, recv0 = time.perf_counter(), pm.backend.stats.bytes_sent, pm.backend.stats.bytes_received
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum = 0.0
                 try:
-                    signals.in_step = True
-                    for _ in range(cfg.grad_accum):
-                        batch = sampler.next()
-                        loss = pm.model(input_ids=batch, labels=batch).loss
-                        (loss / cfg.grad_accum).backward()
-                        loss_sum += loss.item() / cfg.grad_accum
-                    signals.in_step = False
-                except WorkerError as err:
-                    where = latest_checkpoint(cfg.out)
-                    then = f"rerun with --resume (from {where})" if where else "rerun with --overwrite (no checkpoint yet)"
-                    raise WorkerError(f"{err.message} (at step {step + 1})", f"{err.hint + '; ' if err.hint else ''}then {then}") from err
+                    loss_sum = _accumulate(cfg, pm, sampler, step, signals)
                 except _Abandon:
                     bar.close()
                     _interrupted(cfg, signals.signum, done, pm, optimizer, scheduler, position, rng, run, abandoned=step + 1)
@@ -458,10 +486,7 @@ def train(cfg: TrainConfig, resume: bool = False, echo=_stderr) -> dict:
                         "bytes_sent": pm.backend.stats.bytes_sent - sent0, "bytes_received": pm.backend.stats.bytes_received - recv0}
                 if (done % cfg.eval_every == 0 or done == cfg.steps) and signals.signum is None:
                     last["eval_loss"] = eval_loss(pm.model, eval_blocks, cfg.batch_size, cfg.eval_batches, cfg.progress)
-                with _output_errors(metrics_path, cfg.out), open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(last) + "\n")
-                if writer is not None:
-                    _log_tensorboard(writer, last)
+                _record(cfg, last, metrics_path, writer)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", s_step=f"{last['step_time_s']:.2f}",
                                 sent_MB=f"{pm.backend.stats.bytes_sent / 1e6:.1f}", recv_MB=f"{pm.backend.stats.bytes_received / 1e6:.1f}")
                 if signals.signum is not None:
@@ -499,7 +524,7 @@ def _tensorboard(logdir: Path, start: int):
     """tensorboardX writes the same event files as torch.utils.tensorboard without the tensorboard server's dependencies."""
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(str(logdir), purge_step=start + 1 if start else None)  # a resume drops events past its checkpoint  # a resume drops events past its checkpoint
+    return SummaryWriter(str(logdir), purge_step=start + 1 if start else None)  # a resume drops events past its checkpoint
 
 
 def _log_tensorboard(writer, row: dict) -> None:

@@ -30,7 +30,7 @@ from hetune.compile.manifest import Manifest
 from hetune.crypto.scheme import ParamSet
 from hetune.crypto.registry import resolve_params
 from hetune.errors import ConfigError
-from hetune.protocols.hybrid_lora import wire
+from hetune.net import is_loopback
 from hetune.protocols.hybrid_lora.worker.server import ServeConfig, Session, create_app
 from hetune.protocols.hybrid_lora.worker.runner import OpShape, Worker
 from hetune.serving.admission import Admission, OwnerLimits, read_keys_file
@@ -133,7 +133,7 @@ def check_endpoint(http, cfg: ServeConfig, require_tls: bool) -> None:
         raise ConfigError(f"Serve's proxies already serve https with {http.ssl_certfile}, not --tls-cert {cfg.tls_cert}",
                           _TLS_HINT)
     missing = [what for what, given in (("TLS", tls), ("API keys", cfg.api_keys)) if not given]
-    if not wire.is_loopback(http.host) and missing and not cfg.insecure:
+    if not is_loopback(http.host) and missing and not cfg.insecure:
         raise ConfigError(f"Serve's proxies listen on {http.host} and this app has no {' and no '.join(missing)}",
                           "pass --tls-cert/--tls-key and --api-keys (or their serve_config.yaml options), or --insecure")
 

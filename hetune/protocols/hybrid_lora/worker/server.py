@@ -29,9 +29,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from hetune.compile.bundle import Bundle
+from hetune.compile.manifest import Manifest
 from hetune.crypto.scheme import ParamSet, PayloadError
 from hetune.crypto.registry import get_scheme, scheme_names
 from hetune.errors import ConfigError
+from hetune.net import is_loopback
 from hetune.protocols.hybrid_lora import wire
 from hetune.serving.admission import OPEN_ADMISSION, Admission, OwnerLimits, read_keys_file
 from hetune.protocols.hybrid_lora.worker.runner import OpRunner, Worker
@@ -66,7 +68,7 @@ class ServeConfig:
                               f"and --body-timeout {self.body_timeout_s} s are out of range",
                               "pass 1 <= --owner-body-budget-mib <= --body-budget-mib and a positive --body-timeout")
         missing = [what for what, given in (("TLS (--tls-cert/--tls-key)", self.tls_cert), ("--api-keys", self.api_keys)) if not given]
-        if not wire.is_loopback(self.host) and missing and not self.insecure:
+        if not is_loopback(self.host) and missing and not self.insecure:
             raise ConfigError(
                 f"refusing to listen on {self.host} without {' and '.join(missing)}: anyone who reaches it could open "
                 "sessions, and tokens and ciphertexts would cross the network in the clear",
@@ -97,6 +99,34 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class _Parts:
+    """What the routes share: the bundle's manifest, the settings, and the worker's state."""
+
+    manifest: Manifest
+    cfg: ServeConfig
+    worker: OpRunner
+    sessions: SessionStore[Session] | SignedSessions[Session]
+    admission: Admission | None
+    budget: BodyBudget
+
+    def key_owner(self, request: Request) -> str | None:
+        """Routes without a session: with api_keys, the key's owner (401 otherwise), charged one request."""
+        if self.admission is None:
+            return None
+        owner = self.admission.authenticate(bearer(request))
+        self.admission.charge(owner)
+        return owner
+
+    def session_of(self, sid: str, request: Request) -> Session:
+        """Routes of a session: the session whose token this is (404 / 401 otherwise), then its owner charged one request.
+        Sync, so FastAPI runs it in its thread pool: on Ray both steps may ask the shared ledger."""
+        got = require_session(self.sessions, sid, request)
+        if self.admission is not None and got.owner is not None:
+            self.admission.charge(got.owner)
+        return got
+
+
 def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunner | None = None,
                sessions: SignedSessions[Session] | None = None, admission: Admission | None = None) -> FastAPI:
     """``worker`` computes the products (default: this process, on ``bundle``'s weights); ``sessions``
@@ -107,40 +137,33 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
         sessions = SessionStore(cfg.max_sessions, cfg.session_ttl_s, log)
     if admission is None and cfg.api_keys is not None:
         admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits, sessions.owned_by)
-    budget = BodyBudget(cfg.body_budget_mib * MIB, cfg.owner_body_budget_mib * MIB)
-    manifest = bundle.manifest
-    app = FastAPI(title="hetune worker", version=manifest.hetune_version, redirect_slashes=False)  # no Location from a Host header
-    app.state.admission, app.state.budget = admission, budget
+    parts = _Parts(bundle.manifest, cfg, worker, sessions, admission,
+                   BodyBudget(cfg.body_budget_mib * MIB, cfg.owner_body_budget_mib * MIB))
+    app = FastAPI(title="hetune worker", version=parts.manifest.hetune_version, redirect_slashes=False)  # no Location from a Host header
+    app.state.admission, app.state.budget = admission, parts.budget
     add_refusals(app)
     add_access_log(app, log)
     prefix = f"/{wire.API_VERSION}"
+    _add_status_routes(app, prefix, parts)
+    _add_session_routes(app, prefix, parts)
+    _add_op_route(app, prefix, parts)
+    return app
 
-    def key_owner(request: Request) -> str | None:
-        """Routes without a session: with api_keys, the key's owner (401 otherwise), charged one request."""
-        if admission is None:
-            return None
-        owner = admission.authenticate(bearer(request))
-        admission.charge(owner)
-        return owner
 
-    def session_of(sid: str, request: Request) -> Session:
-        """Routes of a session: the session whose token this is (404 / 401 otherwise), then its owner charged one request.
-        Sync, so FastAPI runs it in its thread pool: on Ray both steps may ask the shared ledger."""
-        got = require_session(sessions, sid, request)
-        if admission is not None and got.owner is not None:
-            admission.charge(got.owner)
-        return got
+def _add_status_routes(app: FastAPI, prefix: str, parts: _Parts) -> None:
+    """/live (open, says nothing), and /health, /info, /codec (behind the key when keys are on)."""
+    manifest, cfg, worker, keyed = parts.manifest, parts.cfg, parts.worker, [Depends(parts.key_owner)]
 
     @app.get(f"{prefix}/live")
     def live():
         """Liveness for probes and load balancers: open, and says nothing else."""
         return {"status": "ok"}
 
-    @app.get(f"{prefix}/health", dependencies=[Depends(key_owner)])
+    @app.get(f"{prefix}/health", dependencies=keyed)
     def health():
-        return {"status": "ok", "sessions": len(sessions)}
+        return {"status": "ok", "sessions": len(parts.sessions)}
 
-    @app.get(f"{prefix}/info", dependencies=[Depends(key_owner)])
+    @app.get(f"{prefix}/info", dependencies=keyed)
     def info():
         return {
             "api_version": wire.API_VERSION,
@@ -153,16 +176,21 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             "device": worker.device,
         }
 
-    @app.get(f"{prefix}/codec", dependencies=[Depends(key_owner)])
+    @app.get(f"{prefix}/codec", dependencies=keyed)
     def codec():
         """Per-channel data the client needs to decode: scales and row sums of W_q."""
         from safetensors.torch import save
 
         return Response(save(worker.codec_tensors()), media_type="application/octet-stream")
 
+
+def _add_session_routes(app: FastAPI, prefix: str, parts: _Parts) -> None:
+    """Opening a session (every cap checked, and a place held, before its key is read) and closing one."""
+    manifest, cfg, sessions, admission, budget = parts.manifest, parts.cfg, parts.sessions, parts.admission, parts.budget
+
     @app.post(f"{prefix}/sessions", status_code=201)
     async def create_session(request: Request, scheme: str | None = None, param_set: str | None = None,
-                             owner: str | None = Depends(key_owner)):
+                             owner: str | None = Depends(parts.key_owner)):
         # Without names, the bundle's scheme and set apply; the body is the scheme's session key (RLWE: empty).
         try:
             chosen = manifest.crypto.resolve_session(scheme, param_set)
@@ -199,13 +227,18 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
                 "outsourced_sha256": manifest.model.outsourced_sha256}  # the weights this session computes with
 
     @app.delete(f"{prefix}/sessions/{{sid}}", status_code=204)
-    def close_session(sid: str, got: Session = Depends(session_of)):
+    def close_session(sid: str, got: Session = Depends(parts.session_of)):
         sessions.close(sid)
         return Response(status_code=204)
 
+
+def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
+    """One product: op, direction and shape checked, the body held in the budget while it is read and computed."""
+    cfg, worker, budget = parts.cfg, parts.worker, parts.budget
+
     @app.post(f"{prefix}/sessions/{{sid}}/ops/{{op}}/{{direction}}")
     async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0,
-                     got: Session = Depends(session_of)):
+                     got: Session = Depends(parts.session_of)):
         if op not in worker.ops:
             return error(404, f"unknown op {op!r}")
         if direction not in wire.DIRECTIONS:
@@ -237,8 +270,6 @@ def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunne
             except PayloadError as err:  # e.g. a GLWE ciphertext the extension cannot read
                 return error(err.status, err.message)
         return Response(result, media_type="application/octet-stream", headers={"x-worker-seconds": f"{seconds:.6f}"})
-
-    return app
 
 
 class LoopbackWorker(LoopbackServer):
