@@ -363,3 +363,33 @@ def test_two_replicas_share_the_owner_limits(cluster, micro_bundle, tmp_path, ci
     finally:
         serve.delete("admitted")
 
+
+
+def test_header_fuzz_through_the_ray_ingress(cluster, micro_bundle, rlwe_keys, tmp_path):
+    """Issue 20: the header fuzz of tests/test_worker_fuzz.py through Serve's proxy, to an app with API keys at
+    route prefix "/" on two replicas: no 5xx, no session opened without a key, and a real product still answers."""
+    import httpx
+    from test_worker_fuzz import ROWS, fuzz_headers
+
+    from hetune.serving.admission import add_owner
+
+    url, key_file = cluster
+    keys_file = tmp_path / "keys.txt"
+    key = add_owner(keys_file, "clinic")
+    cfg = ServeConfig(max_sessions=4, max_rows=8, api_keys=keys_file, body_timeout_s=1.0)
+    rc = ray_serve.RayServeConfig(num_cpus=0.25, session_key_file=key_file, replicas=2)
+    serve.run(ray_serve.build_app(micro_bundle, cfg, rc), name="fuzzed", route_prefix="/")
+    auth = {"authorization": f"Bearer {key}"}
+    try:
+        s = httpx.post(f"{url}/v2/sessions", headers=auth).json()
+        body = rlwe_keys.encrypt(np.random.default_rng(0).integers(0, 256, (ROWS, 32)))
+        # Four kinds of answer, not the plain worker's five or more: Serve's proxy drops a half-closed link without an
+        # answer (None) and signed sessions answer an unknown session's token 401, not 404 (seen: 400, 401, None, 200).
+        fuzz_headers(int(url.rsplit(":", 1)[1]), s["session_id"], s["token"], body, examples=100, kinds=4)
+        assert httpx.get(f"{url}/v2/health", headers=auth).json()["sessions"] <= 1  # the fuzz opened none (no key)
+        again = httpx.post(f"{url}/v2/sessions", headers=auth).json()  # the owner still gets a session and a product
+        r = httpx.post(f"{url}/v2/sessions/{again['session_id']}/ops/{OP}/forward", params={"rows": ROWS, "cols": 32},
+                       content=body, headers={"authorization": f"Bearer {again['token']}"})
+        assert r.status_code == 200
+    finally:
+        serve.delete("fuzzed")

@@ -1,4 +1,5 @@
-"""The data owners' HTTP client, shared by the protocols' owners (hybrid LoRA's worker client, SFPrompt's body client).
+"""The data owners' HTTP client (:mod:`hetune.net.client`), shared by the protocols' owners (hybrid LoRA's
+worker client, SFPrompt's body client), and :func:`is_loopback`, which servers use too.
 
 Neither side of a protocol: it imports no owner code and no key type (import-linter's contract
 in pyproject.toml), so each protocol's client builds on it without importing another protocol.
