@@ -317,8 +317,13 @@ def local_data(cfg, client: int) -> LocalData:
 def all_data(cfg) -> LocalData:
     """Every client's training documents in one set (the centralized reference)."""
     parts = [local_data(cfg, c) for c in range(cfg.clients)]
-    return LocalData(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
-                     parts[0].test_x, parts[0].test_y, parts[0].problems)
+    width = max(p.x.shape[1] for p in parts)  # causal-LM blocks: pad to the widest client's (digits: all 65)
+
+    def cat(key, fill):
+        return np.concatenate([np.pad(getattr(p, key), ((0, 0), (0, width - p.x.shape[1])), constant_values=fill)
+                               if p.x.ndim == 2 and getattr(p, key).ndim == 2 else getattr(p, key) for p in parts])
+
+    return LocalData(cat("x", 0), cat("y", -100), parts[0].test_x, parts[0].test_y, parts[0].problems)
 
 
 @lru_cache(maxsize=4)
