@@ -81,3 +81,21 @@ def test_benchmark_run_she_lora_matches_flexlora_and_beats_local_only(tmp_path):
     assert abs(runs["she-lora"]["test_loss"][-1] - runs["flexlora"]["test_loss"][-1]) <= 1e-3
     # federated above local-only: each client alone never sees the other's topics
     assert runs["flexlora"]["test_loss"][-1] < runs["local-only"]["test_loss"][-1]
+
+
+def test_dager_span_check_recovers_tokens_and_hiding_columns_stops_only_the_naive_attacker():
+    """One document's FedSGD gradient of layer 0's LoRA A (rank 32 >= its 20 tokens: DAGER's regime)."""
+    from hetune.protocols.she_lora.attack import token_recovery
+
+    cfg = _cfg("she-lora", ranks=(32,), budgets=(4,))
+    out = token_recovery(cfg, 0, (1,))
+    row = out["batches"][0]
+    assert out["vocabulary"] == 49152 and row["distinct_tokens"] >= 10
+    grad = row["gradient"]
+    # every token but the last (no loss reads its q or v, so its gradient row is zero) is in the span
+    assert grad["full"] >= (row["distinct_tokens"] - 1) / row["distinct_tokens"]
+    # SHE-LoRA's clear part: a naive attacker (hidden coordinates as zeros) loses tokens ...
+    assert grad["she_clear_naive"] <= grad["full"] - 0.1
+    # ... an adaptive one (drops those coordinates from the candidates too) loses none
+    assert grad["she_clear_adaptive"] == grad["full"]
+    assert len(out["hidden_columns"]) >= 4  # q_proj's and v_proj's top-4 columns, as the attacker is told
