@@ -1,4 +1,4 @@
-"""SHE-LoRA on the real SmolLM2-135M weights, at the smallest real setting (2 clients, 2 local steps, short documents).
+"""SHE-LoRA on the real SmolLM2-135M weights, at the smallest real setting (2 clients, 1 local step, short documents).
 
 The protocol's promise on a real model's adapters: SHE-LoRA's decrypted aggregate is
 FlexLoRA's sum_i w_i B_i A_i up to CKKS error. And the privacy claim, measured with
@@ -18,7 +18,7 @@ from hetune.protocols.she_lora.config import SheLoraConfig
 
 def _cfg(method: str, **kw) -> SheLoraConfig:
     return SheLoraConfig(out=Path("unused"), model="smollm2-135m", task="knowledge", method=method, clients=2,
-                         rounds=1, **{"local_steps": 2, "batch_size": 2, "seq_len": 24, "max_docs": 6, **kw})
+                         rounds=1, **{"local_steps": 1, "batch_size": 2, "seq_len": 24, "max_docs": 4, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +34,23 @@ def test_she_lora_aggregate_equals_flexlora_on_smollm2_adapters(keys):
     from hetune.protocols.she_lora.keys import load_secret_context
 
     secret = load_secret_context(keys.secret)
+    cfg = _cfg("she-lora")
+    factors, sizes = {}, {}
+    for c in range(2):  # the clients' real adapters after one local step on their own facts
+        data = task.local_data(cfg, c)
+        model, loras = task.build_model(cfg, cfg.rank_of(c))
+        client.global_factors(cfg, c, None, None, model, loras)
+        task.train_local(cfg, model, data, client.client_seed(cfg, c, 1))
+        factors[c] = {n: (l.B.detach().double().numpy(), l.A.detach().double().numpy()) for n, l in loras.items()}
+        sizes[c] = data.n_samples
     got = {}
     for method in ("she-lora", "flexlora"):
         cfg = _cfg(method)
         strategy = strategy_for(cfg, str(keys.public) if cfg.encrypts else None)
         strategy.register([(10 + c, client.register(cfg, c), None) for c in range(2)])
         meta_in = wire.unpack(strategy.round_payload(1))[0]
-        uploads = []
-        for c in range(2):  # the clients' real adapters after 2 local steps on their own facts
-            data = task.local_data(cfg, c)
-            model, loras = task.build_model(cfg, cfg.rank_of(c))
-            client.global_factors(cfg, c, None, None, model, loras)
-            task.train_local(cfg, model, data, client.client_seed(cfg, c, 1))
-            factors = {n: (l.B.detach().double().numpy(), l.A.detach().double().numpy()) for n, l in loras.items()}
-            up = client.build_upload(cfg, c, 1, meta_in, factors, model, secret if cfg.encrypts else None, data.n_samples)
-            uploads.append((10 + c, up, {"train_loss": 1.0, "enc_time_s": 0.0, "dec_time_s": 0.0}))
+        uploads = [(10 + c, client.build_upload(cfg, c, 1, meta_in, factors[c], None, secret if cfg.encrypts else None, sizes[c]),
+                    {"train_loss": 1.0, "enc_time_s": 0.0, "dec_time_s": 0.0}) for c in range(2)]
         row = strategy.aggregate(1, uploads, bytes_down=0)
         assert row["clients_accepted"] == 2 and row["clients_rejected"] == []
         meta, arrays, blobs = wire.unpack(strategy.round_payload(2))
