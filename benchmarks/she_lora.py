@@ -15,8 +15,17 @@ keys) is reported separately, not per round.
 Part 2 (accuracy): the four methods federated on Flower's simulation engine, same
 seed, same clients (micro-llama, digits, Dirichlet alpha 0.3).
 
-    .venv/bin/python benchmarks/she_lora.py            # both parts
+``--smollm2``: the real setting instead. SmolLM2-135M, task ``knowledge`` (the
+company's facts, each topic held by one client; held-out phrasings): the federated
+methods plus the centralized and local-only references, per round held-out exact match
+and eval loss; the cost of one client's upload on SmolLM2's LoRA shapes; and DAGER's
+first-layer span check against one client (``attack.token_recovery``). Torch runs one
+thread per process (Ray gives each client one CPU; on 2 shared cores more threads only
+thrash). Writes ``results/she_lora_smollm2.json`` and ``docs/img/she_lora_smollm2.png``.
+
+    .venv/bin/python benchmarks/she_lora.py            # both parts (toy)
     .venv/bin/python benchmarks/she_lora.py --cost-only
+    .venv/bin/python benchmarks/she_lora.py --smollm2  # the real model
 """
 
 from __future__ import annotations
@@ -35,12 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "she_lora.json"
+OUT_SMOLLM2 = OUT.with_name("she_lora_smollm2.json")
+PLOT_SMOLLM2 = Path(__file__).resolve().parent.parent / "docs" / "img" / "she_lora_smollm2.png"
+SMOLLM2_RUN = {"model": "smollm2-135m", "task": "knowledge", "clients": 2, "rounds": 3, "local_steps": 5,
+               "batch_size": 4, "seq_len": 32, "lr": 1e-2}
 
 
 def lora_shapes(model: str) -> dict[str, tuple[int, int]]:
-    from hetune.models.builtin import builtin_config
+    from hetune.models.loading import load_config
 
-    c = builtin_config(model)
+    c = load_config(model)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     shapes = {}
     for i in range(c.num_hidden_layers):
@@ -124,19 +137,25 @@ def server_cost(cfg, shapes, rank: int, budget: int, data: bytes, public, repeat
             "ciphertexts_down": sum(len(v) for v in wire.unpack(down)[2].values())}
 
 
-def accuracy_runs(rounds: int, clients: int) -> dict:
-    from hetune.protocols.she_lora.config import SheLoraConfig
+def accuracy_runs(rounds: int, clients: int, methods=("flexlora", "she-lora", "maskcrypt", "full-he"), **settings) -> dict:
+    from hetune.protocols.she_lora.config import REFERENCES, SheLoraConfig
     from hetune.protocols.she_lora.run import run_federation
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("flexlora", "she-lora", "maskcrypt", "full-he"):
-            cfg = SheLoraConfig(out=Path(tmp) / method, method=method, clients=clients, rounds=rounds, alpha=0.3)
+        for method in methods:
+            cfg = SheLoraConfig(out=Path(tmp) / method, method=method, clients=clients, rounds=rounds, alpha=0.3, **settings)
             res = run_federation(cfg, echo=print)
             rows = res["rounds"]
+            if method in REFERENCES:
+                runs[method] = {"wall_time_s": res["wall_time_s"], "accuracy": [r["accuracy"] for r in rows],
+                                "test_loss": [r["test_loss"] for r in rows], "final_accuracy": rows[-1]["accuracy"],
+                                "config": res["config"]}
+                continue
             runs[method] = {
                 "wall_time_s": res["wall_time_s"],
                 "accuracy": [r["accuracy"] for r in rows],
+                "test_loss": [r["test_loss"] for r in rows],
                 "final_accuracy": rows[-1]["accuracy"],
                 "bytes_up_per_round": statistics.mean(r["bytes_up"] for r in rows[1:]),
                 "bytes_down_per_round": statistics.mean(r["bytes_down"] for r in rows[2:] or rows[1:]),
@@ -151,12 +170,77 @@ def accuracy_runs(rounds: int, clients: int) -> dict:
     return runs
 
 
+def smollm2(methods: list[str]) -> dict:
+    """The real run: accuracy of every method, the upload cost on SmolLM2's shapes, the token-recovery attack."""
+    import resource
+
+    import torch
+
+    from hetune.protocols.she_lora.attack import token_recovery
+    from hetune.protocols.she_lora.config import SheLoraConfig
+
+    torch.set_num_threads(1)
+    result = {"environment": environment(), "run": SMOLLM2_RUN, "phases_s": {}}
+    t0 = time.perf_counter()
+    result["cost"] = upload_cost("smollm2-135m", 2, rank=8, repeats=1)
+    result["phases_s"]["cost"] = time.perf_counter() - t0
+    print("cost", {k: result["cost"][k] for k in ("she_vs_full-he", "she_vs_full-he-per-column")}, flush=True)
+    run = dict(SMOLLM2_RUN)
+    clients, rounds = run.pop("clients"), run.pop("rounds")
+    t0 = time.perf_counter()
+    result["accuracy"] = accuracy_runs(rounds, clients, methods, **run)
+    result["phases_s"]["accuracy"] = time.perf_counter() - t0
+    plot_smollm2(result["accuracy"], PLOT_SMOLLM2)
+    write_json(OUT_SMOLLM2, result)  # kept if the attack phase fails
+    t0 = time.perf_counter()
+    cfg = SheLoraConfig(out=Path("unused"), ranks=(8,), budgets=(4,), **{**SMOLLM2_RUN, "rounds": 1})
+    result["attack"] = {"rank_8": token_recovery(cfg, 0, (1, 2, 4))}
+    result["attack"]["rank_32"] = token_recovery(SheLoraConfig(out=Path("unused"), ranks=(32,), budgets=(4,),
+                                                               **{**SMOLLM2_RUN, "rounds": 1}), 0, (1, 2, 4))
+    result["phases_s"]["attack"] = time.perf_counter() - t0
+    result["max_rss_mb"] = {"benchmark_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "waited_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return result
+
+
+def plot_smollm2(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hetune.files import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method, run in runs.items():
+        axes[0].plot(range(len(run["accuracy"])), run["accuracy"], "-o", label=method)
+        axes[1].plot(range(len(run["test_loss"])), run["test_loss"], "-o", label=method)
+    axes[0].set_ylabel("held-out exact match")
+    axes[1].set_ylabel("eval loss")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.legend(fontsize=7)
+    fig.suptitle("SHE-LoRA and references on SmolLM2-135M, knowledge task")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cost-only", action="store_true")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--smollm2", action="store_true", help="the real model (SmolLM2-135M, knowledge task)")
+    parser.add_argument("--methods", default="flexlora,she-lora,centralized,local-only",
+                        help="--smollm2: which methods to run")
     args = parser.parse_args()
+    if args.smollm2:
+        started = time.perf_counter()
+        result = smollm2(args.methods.split(","))
+        result["wall_time_s"] = time.perf_counter() - started
+        write_json(OUT_SMOLLM2, result)
+        print(f"wrote {OUT_SMOLLM2} and {PLOT_SMOLLM2}")
+        return
     result = {"environment": environment(), "cost": [upload_cost("tiny-llama", 1), upload_cost("llama-3.2-1b-shape", 5)]}
     for c in result["cost"]:
         print(c["model_shapes"], {k: c[k] for k in ("she_vs_full-he", "she_vs_full-he-per-column")})

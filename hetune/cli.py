@@ -353,18 +353,23 @@ def models_install(
 # ---- federate she-lora (issue 5) ----
 @federate_app.command("she-lora")
 def federate_she_lora(
-    clients: int = typer.Option(10, "--clients", help="Number of federated clients (Flower SuperNodes)."),
+    clients: Optional[int] = typer.Option(None, "--clients", help="Federated clients (Flower SuperNodes); default 10 (digits), 3 (knowledge, text)."),
     rounds: int = typer.Option(5, "--rounds", help="Federated rounds after the round-0 negotiation."),
-    model: str = typer.Option("micro-llama", "--model", help="Frozen Llama body: built-in name, local directory or hub id."),
-    method: str = typer.Option("she-lora", "--method", help="she-lora, flexlora (plaintext), full-he or maskcrypt."),
+    model: str = typer.Option("micro-llama", "--model", help="Llama-class model: built-in name (smollm2-135m: real weights), local directory or hub id."),
+    task: str = typer.Option("digits", "--task", help="knowledge (company facts, exact match), text (stdlib docstrings) or digits (toy classifier)."),
+    method: str = typer.Option("she-lora", "--method", help="she-lora, flexlora (plaintext), full-he, maskcrypt; references centralized, local-only."),
     ranks: str = typer.Option("2,4,8", "--ranks", help="LoRA ranks, cycled over clients."),
     budgets: str = typer.Option("1,2,4", "--budgets", help="HE budget k_i: encrypted columns of A per layer, cycled over clients."),
-    alpha: float = typer.Option(0.3, "--alpha", help="Dirichlet concentration of the non-IID label split."),
-    local_steps: int = typer.Option(30, "--local-steps", help="Local optimizer steps per round."),
-    lr: float = typer.Option(1e-2, "--lr", help="Local AdamW learning rate."),
-    max_samples: int = typer.Option(0, "--max-samples", help="Use only this many digits images (0: all 1,797)."),
+    alpha: float = typer.Option(0.3, "--alpha", help="Dirichlet concentration of the non-IID label split (digits)."),
+    local_steps: Optional[int] = typer.Option(None, "--local-steps", help="Local optimizer steps per round; default 30 (digits), 10 (knowledge, text)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per local step; default 32 (digits), 4 (knowledge, text)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Local AdamW learning rate; default 1e-2 (digits), 3e-3 (knowledge, text)."),
+    max_samples: int = typer.Option(0, "--max-samples", help="digits: use only this many images (0: all 1,797)."),
+    seq_len: int = typer.Option(48, "--seq-len", help="knowledge/text: tokens per training document (longer ones are cut)."),
+    max_docs: int = typer.Option(0, "--max-docs", help="knowledge/text: training documents per client (0: all)."),
+    eval_docs: int = typer.Option(32, "--eval-docs", help="knowledge/text: held-out documents for the eval loss."),
     out: Path = typer.Option(Path("runs/she-lora"), "--out", "-o", help="Directory for metrics.json and metrics.png."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the frozen body, the split, LoRA init and batches."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split, LoRA init and batches (and a built-in model's weights)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Federated LoRA with selective CKKS encryption (SHE-LoRA) on Flower's simulation engine."""
@@ -372,9 +377,9 @@ def federate_she_lora(
     from hetune.protocols.she_lora.run import run_federation
 
     cfg = SheLoraConfig(
-        out=out, clients=clients, rounds=rounds, model=model, method=method, ranks=parse_ints("--ranks", ranks),
-        budgets=parse_ints("--budgets", budgets), alpha=alpha, local_steps=local_steps, lr=lr, max_samples=max_samples,
-        seed=seed, verbose=verbose,
+        out=out, clients=clients, rounds=rounds, model=model, task=task, method=method, ranks=parse_ints("--ranks", ranks),
+        budgets=parse_ints("--budgets", budgets), alpha=alpha, local_steps=local_steps, batch_size=batch_size, lr=lr,
+        max_samples=max_samples, seq_len=seq_len, max_docs=max_docs, eval_docs=eval_docs, seed=seed, verbose=verbose,
     )
     run_federation(cfg, echo=typer.echo)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.png'}")

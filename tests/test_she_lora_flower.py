@@ -51,6 +51,11 @@ def test_cli_refuses_a_budget_above_the_layer_width(run_cli, tmp_path):
     assert not (tmp_path / "o" / "metrics.json").exists()
     code, _, err = run_cli("federate", "she-lora", "--method", "fedsgd", "--out", tmp_path / "o")
     assert code == 2 and "method" in err
+    code, _, err = run_cli("federate", "she-lora", "--task", "knowledge", "--clients", "7", "--out", tmp_path / "o")
+    assert code == 2 and "6 topics" in err
+    code, _, err = run_cli("federate", "she-lora", "--task", "poems", "--out", tmp_path / "o")
+    assert code == 2 and "task" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ aggregate to their own rank by truncated SVD.
 Modules: ``config`` (settings), ``keys`` (CKKS context setup: secret file for clients,
 public file for the server), ``columns`` (sensitivity, negotiation, swap), ``cipher``
 (CKKS packing and the server's encrypted products), ``wire`` (safe payload format),
-``reparam`` (SVD to the client's rank), ``task`` (the digits task, model, LoRA,
+``reparam`` (SVD to the client's rank), ``task`` (knowledge/text on a causal LM, the digits toy; LoRA,
 training), ``strategy`` (``SheLoraStrategy``: negotiation and column-aware
 aggregation), ``apps`` (Flower ServerApp / ClientApp), ``run`` (the federated run,
-metrics and plot), ``attack`` (span-based inversion of a linear layer's update).
+metrics, plot, centralized and local-only references), ``attack`` (span-based inversion; DAGER's token check on a real LM).
 """

@@ -105,9 +105,9 @@ def strategy_for(cfg: SheLoraConfig, public_ctx_path: str | None):
     from hetune.protocols.she_lora.strategy import SheLoraStrategy
 
     shapes = task.layer_shapes(cfg.model, cfg.seed, cfg.targets)
-    hidden = task.build_classifier(cfg.model, cfg.seed, cfg.targets, 1)[0].head.in_features
+    head = None if cfg.causal_lm else (task.NUM_CLASSES, task.build_classifier(cfg.model, cfg.seed, cfg.targets, 1)[0].head.in_features)
     ctx = load_public_context(Path(public_ctx_path)) if cfg.encrypts else None
-    return SheLoraStrategy(cfg, shapes, (task.NUM_CLASSES, hidden), ctx)
+    return SheLoraStrategy(cfg, shapes, head, ctx)
 
 
 def _send(grid, nodes, message_type: str, rnd: int, data: bytes):
@@ -146,8 +146,9 @@ def run_rounds(grid, cfg: SheLoraConfig, strategy, node_timeout_s: float = 600.0
 
 
 # Flower run-config keys and their types; a key's field is its name with "-" -> "_".
-RUN_CONFIG_TYPES = {"clients": int, "rounds": int, "model": str, "method": str, "ranks": tuple, "budgets": tuple,
-                    "alpha": float, "seed": int, "local-steps": int, "lr": float, "batch-size": int, "max-samples": int}
+RUN_CONFIG_TYPES = {"clients": int, "rounds": int, "model": str, "task": str, "method": str, "ranks": tuple, "budgets": tuple,
+                    "alpha": float, "seed": int, "local-steps": int, "lr": float, "batch-size": int, "max-samples": int,
+                    "seq-len": int, "max-docs": int, "eval-docs": int}
 
 
 def config_from_run_config(run_config: dict) -> SheLoraConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
+
 
 import numpy as np
 
@@ -19,41 +19,28 @@ from hetune.protocols.she_lora.config import SheLoraConfig
 from hetune.protocols.she_lora.reparam import factorize
 
 
-@dataclass
-class LocalData:
-    ids: np.ndarray
-    labels: np.ndarray
-    test_ids: np.ndarray
-    test_labels: np.ndarray
-
-
-def local_data(cfg: SheLoraConfig, client: int) -> LocalData:
-    data = task.load_task(cfg.seed, cfg.test_fraction, cfg.max_samples, task.bos_id(cfg.model))
-    idx = task.client_indices(data, cfg.clients, cfg.alpha, cfg.seed)[client]
-    return LocalData(data.train_ids[idx], data.train_y[idx], data.test_ids, data.test_y)
-
-
 def _f32(x) -> np.ndarray:
     """Clear arrays travel as float32: the model's own dtype, so nothing the client trained is lost."""
     return np.asarray(x, dtype=np.float32)
 
 
-def _client_seed(cfg: SheLoraConfig, client: int, rnd: int) -> int:
+def client_seed(cfg: SheLoraConfig, client: int, rnd: int) -> int:
     return cfg.seed * 1_000_003 + client * 1009 + rnd
 
 
 def global_factors(cfg: SheLoraConfig, client: int, payload: bytes | None, ctx, clf, loras) -> None:
-    """Load the server's aggregate into the model: head, and LoRA re-factored to this client's rank."""
+    """Load the server's aggregate into the model: the digits head, and LoRA re-factored to this client's rank."""
     import torch
 
     rank = cfg.rank_of(client)
     meta, arrays, blobs = wire.unpack(payload) if payload else ({"empty": True}, {}, {})
     if meta.get("empty"):
-        task.fresh_adapters(loras, _client_seed(cfg, client, 0))
+        task.fresh_adapters(loras, client_seed(cfg, client, 0))
         return
-    with torch.no_grad():
-        clf.head.weight.copy_(torch.as_tensor(arrays["head.weight"]))
-        clf.head.bias.copy_(torch.as_tensor(arrays["head.bias"]))
+    if not cfg.causal_lm:
+        with torch.no_grad():
+            clf.head.weight.copy_(torch.as_tensor(arrays["head.weight"]))
+            clf.head.bias.copy_(torch.as_tensor(arrays["head.bias"]))
     factors = {}
     for name, dw in rebuild_updates(meta, arrays, blobs, ctx, cfg.ckks.slots).items():
         factors[name] = factorize(dw, rank)
@@ -89,14 +76,14 @@ def register(cfg: SheLoraConfig, client: int) -> bytes:
     Scores use the A this client will upload in round 1 (one deterministic local pass
     from the shared start) and its own calibration inputs; only the order is sent.
     """
-    data = local_data(cfg, client)
-    meta = {"client": client, "rank": cfg.rank_of(client), "budget": cfg.budget_of(client), "n_samples": int(len(data.labels))}
+    data = task.local_data(cfg, client)
+    meta = {"client": client, "rank": cfg.rank_of(client), "budget": cfg.budget_of(client), "n_samples": data.n_samples}
     if cfg.method != "she-lora":
         return wire.pack(meta)
-    clf, loras = task.build_classifier(cfg.model, cfg.seed, cfg.targets, cfg.rank_of(client))
+    clf, loras = task.build_model(cfg, cfg.rank_of(client))
     global_factors(cfg, client, None, None, clf, loras)
-    task.train_local(clf, data.ids, data.labels, cfg.local_steps, cfg.batch_size, cfg.lr, _client_seed(cfg, client, 1))
-    norms = task.input_norms(clf, loras, data.ids[: cfg.calibration_samples])
+    task.train_local(cfg, clf, data, client_seed(cfg, client, 1))
+    norms = task.input_norms(clf, loras, data.x[: cfg.calibration_samples])
     k = cfg.budget_of(client)
     meta["top"] = {name: top_columns(sensitivity(lora.A.detach().numpy(), norms[name]), k) for name, lora in loras.items()}
     return wire.pack(meta)
@@ -104,27 +91,28 @@ def register(cfg: SheLoraConfig, client: int) -> bytes:
 
 def train_round(cfg: SheLoraConfig, client: int, payload: bytes, ctx) -> tuple[bytes, dict]:
     """One round: evaluate the received global model, train locally, build the upload."""
-    data = local_data(cfg, client)
+    data = task.local_data(cfg, client)
     meta_in = wire.unpack(payload)[0]
     rnd = int(meta_in["round"])
-    clf, loras = task.build_classifier(cfg.model, cfg.seed, cfg.targets, cfg.rank_of(client))
+    clf, loras = task.build_model(cfg, cfg.rank_of(client))
     t0 = time.perf_counter()
     global_factors(cfg, client, payload, ctx, clf, loras)
     dec_time = time.perf_counter() - t0
-    acc, test_loss = task.evaluate(clf, data.test_ids, data.test_labels)
-    loss = task.train_local(clf, data.ids, data.labels, cfg.local_steps, cfg.batch_size, cfg.lr, _client_seed(cfg, client, rnd))
+    acc, test_loss = task.evaluate(cfg, clf, data)
+    loss = task.train_local(cfg, clf, data, client_seed(cfg, client, rnd))
     factors = {name: (l.B.detach().numpy().astype(np.float64), l.A.detach().numpy().astype(np.float64)) for name, l in loras.items()}
     t0 = time.perf_counter()
-    upload = build_upload(cfg, client, rnd, meta_in, factors, clf, ctx, int(len(data.labels)))
+    upload = build_upload(cfg, client, rnd, meta_in, factors, clf, ctx, data.n_samples)
     enc_time = time.perf_counter() - t0
     return upload, {"train_loss": loss, "received_accuracy": acc, "received_loss": test_loss,
-                    "enc_time_s": enc_time, "dec_time_s": dec_time, "n_samples": int(len(data.labels))}
+                    "enc_time_s": enc_time, "dec_time_s": dec_time, "n_samples": data.n_samples}
 
 
 def build_upload(cfg, client: int, rnd: int, meta_in: dict, factors: dict, clf, ctx, n_samples: int) -> bytes:
     """The client's message for ``cfg.method`` (timed as encryption time)."""
     meta = {"client": client, "rank": cfg.rank_of(client), "n_samples": n_samples, "round": rnd}
-    arrays = {"head.weight": _f32(clf.head.weight.detach().numpy()), "head.bias": _f32(clf.head.bias.detach().numpy())}
+    arrays = {} if cfg.causal_lm else {"head.weight": _f32(clf.head.weight.detach().numpy()),
+                                        "head.bias": _f32(clf.head.bias.detach().numpy())}
     blobs: dict[str, list[bytes]] = {}
     slots = cfg.ckks.slots
     if cfg.method == "full-he":
@@ -148,7 +136,7 @@ def build_upload(cfg, client: int, rnd: int, meta_in: dict, factors: dict, clf, 
         if cfg.method == "she-lora":
             sel = meta_in["subsets"][name][:k]
         else:  # maskcrypt: a fresh random mask of the same size every round
-            rng = np.random.default_rng([_client_seed(cfg, client, rnd), zlib.crc32(name.encode())])
+            rng = np.random.default_rng([client_seed(cfg, client, rnd), zlib.crc32(name.encode())])
             sel = sorted(int(j) for j in rng.choice(n, size=k, replace=False))
         p = swap_permutation(sel, n)
         a_sw = a[:, p]  # (r, n): selected columns now in the last k positions
@@ -160,8 +148,8 @@ def build_upload(cfg, client: int, rnd: int, meta_in: dict, factors: dict, clf, 
 
 
 def evaluate_global(cfg: SheLoraConfig, client: int, payload: bytes, ctx) -> dict:
-    data = local_data(cfg, client)
-    clf, loras = task.build_classifier(cfg.model, cfg.seed, cfg.targets, cfg.rank_of(client))
+    data = task.local_data(cfg, client)
+    clf, loras = task.build_model(cfg, cfg.rank_of(client))
     global_factors(cfg, client, payload, ctx, clf, loras)
-    acc, loss = task.evaluate(clf, data.test_ids, data.test_labels)
-    return {"received_accuracy": acc, "received_loss": loss, "n_samples": int(len(data.labels))}
+    acc, loss = task.evaluate(cfg, clf, data)
+    return {"received_accuracy": acc, "received_loss": loss, "n_samples": data.n_samples}

@@ -8,6 +8,16 @@ from pathlib import Path
 from hetune.errors import ConfigError
 
 METHODS = ("she-lora", "flexlora", "full-he", "maskcrypt")
+# references run without Flower or a server: one trainer on all data, or each client alone
+REFERENCES = ("centralized", "local-only")
+TASKS = ("digits", "knowledge", "text")
+# Per-task defaults of the fields left as None: the digits toy trains a classifier head
+# on 65-token images; the causal-LM tasks train on short documents of a real model.
+TASK_DEFAULTS = {
+    "digits": {"clients": 10, "local_steps": 30, "batch_size": 32, "lr": 1e-2},
+    "knowledge": {"clients": 3, "local_steps": 10, "batch_size": 4, "lr": 3e-3},
+    "text": {"clients": 3, "local_steps": 10, "batch_size": 4, "lr": 3e-3},
+}
 # Largest total log2(q) for 128-bit classical security with a ternary secret
 # (HomomorphicEncryption.org standard, Table 1; SEAL's CoeffModulus::MaxBitCount).
 MAX_LOGQ_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -64,33 +74,47 @@ def parse_ints(name: str, text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SheLoraConfig:
-    """One federated run. ``ranks`` and ``budgets`` (encrypted columns per layer) are cycled over clients."""
+    """One federated run. ``ranks`` and ``budgets`` (encrypted columns per layer) are cycled over clients.
+
+    ``task``: ``digits`` (the toy: a classifier on 8x8 scans), ``knowledge`` or ``text``
+    (causal-LM loss on :func:`hetune.data.federated.make_federated_text`). Fields left
+    None take the task's value from ``TASK_DEFAULTS``.
+    """
 
     out: Path
-    clients: int = 10
+    clients: int | None = None
     rounds: int = 5
     model: str = "micro-llama"
+    task: str = "digits"
     method: str = "she-lora"
     ranks: tuple[int, ...] = (2, 4, 8)
     budgets: tuple[int, ...] = (1, 2, 4)
     alpha: float = 0.3
     seed: int = 0
-    local_steps: int = 30
-    batch_size: int = 32
-    lr: float = 1e-2
+    local_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     calibration_samples: int = 64
     test_fraction: float = 0.2
     max_samples: int = 0  # 0: the whole digits set (1797 images)
+    seq_len: int = 48  # causal-LM tasks: tokens per training document (longer ones are cut)
+    max_docs: int = 0  # causal-LM tasks: training documents per client (0: all)
+    eval_docs: int = 32  # causal-LM tasks: held-out documents for the eval loss
     ckks: CkksParams = field(default_factory=CkksParams)
     cpus_per_client: float = 1.0
     verbose: bool = False
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is invalid", f"use one of {', '.join(TASKS)}")
+        for name, value in TASK_DEFAULTS[self.task].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         checks = [
             (self.clients >= 1, "clients", self.clients, "use at least 1 client"),
             (self.rounds >= 1, "rounds", self.rounds, "use at least 1 round"),
-            (self.method in METHODS, "method", self.method, f"use one of {', '.join(METHODS)}"),
+            (self.method in METHODS + REFERENCES, "method", self.method, f"use one of {', '.join(METHODS + REFERENCES)}"),
             (len(self.ranks) > 0 and all(r >= 1 for r in self.ranks), "ranks", self.ranks, "give positive ranks, e.g. 2,4,8"),
             (len(self.budgets) > 0 and all(k >= 1 for k in self.budgets), "budgets", self.budgets,
              "give at least one encrypted column per layer per client, e.g. 1,2,4"),
@@ -103,6 +127,9 @@ class SheLoraConfig:
             (0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "use a fraction in (0, 1), e.g. 0.2"),
             (self.max_samples == 0 or self.max_samples >= 2 * self.clients, "max_samples", self.max_samples,
              "use 0 (all) or at least 2 samples per client"),
+            (self.seq_len >= 8, "seq_len", self.seq_len, "use at least 8 tokens per document"),
+            (self.max_docs >= 0, "max_docs", self.max_docs, "use 0 (all) or a positive number of documents"),
+            (self.eval_docs >= 1, "eval_docs", self.eval_docs, "use at least 1 held-out document"),
             (self.cpus_per_client > 0, "cpus_per_client", self.cpus_per_client, "use a positive number of CPUs"),
         ]
         for ok, name, value, hint in checks:
@@ -117,4 +144,9 @@ class SheLoraConfig:
 
     @property
     def encrypts(self) -> bool:
-        return self.method != "flexlora"
+        return self.method not in ("flexlora",) + REFERENCES
+
+    @property
+    def causal_lm(self) -> bool:
+        """The knowledge and text tasks: LoRA on the model's own LM loss, no classifier head."""
+        return self.task != "digits"

@@ -1,4 +1,9 @@
-"""``hetune federate she-lora``: keys, strategy, Flower simulation, metrics.json and metrics.png."""
+"""``hetune federate she-lora``: keys, strategy, Flower simulation, metrics.json and metrics.png.
+
+The references ``centralized`` (one trainer on every client's data) and ``local-only``
+(each client alone) run in this process without Flower, with the same model, rounds,
+LoRA start and evaluation, so their curves sit next to the federated methods'.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 
 from hetune.errors import ConfigError
 from hetune.files import save_figure, write_json
-from hetune.protocols.she_lora.config import SheLoraConfig
+from hetune.protocols.she_lora.config import REFERENCES, SheLoraConfig
 
 
 def check_budgets(cfg: SheLoraConfig, shapes: dict[str, tuple[int, int]]) -> None:
@@ -28,8 +33,15 @@ def run_federation(cfg: SheLoraConfig, echo: Callable[[str], None] = print) -> d
 
     shapes = task.layer_shapes(cfg.model, cfg.seed, cfg.targets)  # also refuses a bad model early
     check_budgets(cfg, shapes)
+    if cfg.causal_lm:
+        task.local_data(cfg, cfg.clients - 1)  # refuses a bad task/clients pair before any work
     cfg.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if cfg.method in REFERENCES:
+        history = run_reference(cfg)
+        result = {"config": _jsonable(cfg), "wall_time_s": time.perf_counter() - started,
+                  "layers": {name: list(s) for name, s in shapes.items()}, "setup_bytes": 0, "rounds": history}
+        return _finish(cfg, result, echo)
     with tempfile.TemporaryDirectory(prefix="she-lora-keys-") as key_dir:  # 0700; removed after the run
         keys = setup_keys(Path(key_dir), cfg.ckks, galois=cfg.method in ("she-lora", "maskcrypt")) if cfg.encrypts else None
         # one-time set-up upload to the server (public key, plus Galois keys for the column methods); not per round
@@ -53,13 +65,60 @@ def run_federation(cfg: SheLoraConfig, echo: Callable[[str], None] = print) -> d
         "rejections": strategy.rejections,
         "rounds": strategy.history,
     }
+    return _finish(cfg, result, echo)
+
+
+def _finish(cfg: SheLoraConfig, result: dict, echo: Callable[[str], None]) -> dict:
+    history = result["rounds"]
     write_json(cfg.out / "metrics.json", result)
-    plot_metrics(strategy.history, cfg.out / "metrics.png", f"{cfg.method} on {cfg.model}, {cfg.clients} clients")
-    first, last = strategy.history[0], strategy.history[-1]
-    echo(f"{cfg.method}: accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f} over {cfg.rounds} rounds; "
-         f"{sum(r.get('bytes_up', 0) for r in strategy.history) / 1e6:.2f} MB up, "
-         f"{sum(r.get('bytes_down', 0) for r in strategy.history) / 1e6:.2f} MB down")
+    plot_metrics(history, cfg.out / "metrics.png", f"{cfg.method} on {cfg.model}, task {cfg.task}, {cfg.clients} clients")
+    first, last = history[0], history[-1]
+    echo(f"{cfg.method}: {ACCURACY[cfg.task]} {first['accuracy']:.3f} -> {last['accuracy']:.3f}, eval loss "
+         f"{first['test_loss']:.3f} -> {last['test_loss']:.3f} over {cfg.rounds} rounds; "
+         f"{sum(r.get('bytes_up', 0) for r in history) / 1e6:.2f} MB up, "
+         f"{sum(r.get('bytes_down', 0) for r in history) / 1e6:.2f} MB down")
     return result
+
+
+# what a round's "accuracy" is, per task
+ACCURACY = {"digits": "accuracy", "knowledge": "held-out exact match", "text": "next-token accuracy"}
+
+
+def run_reference(cfg: SheLoraConfig) -> list[dict]:
+    """Per-round rows of ``centralized`` or ``local-only``, scored like the federation's global model.
+
+    centralized: one learner of rank max(ranks) on all clients' documents, clients x
+    local_steps steps per round (the federation's samples per round). local-only: each
+    client trains its own LoRA on its own data, local_steps per round; the row is the
+    clients' data-size-weighted mean score on the common held-out set.
+    """
+    import numpy as np
+
+    from hetune.protocols.she_lora import task
+    from hetune.protocols.she_lora.client import client_seed
+
+    if cfg.method == "centralized":
+        learners = [(0, task.all_data(cfg), max(cfg.ranks), cfg.clients * cfg.local_steps)]
+    else:
+        learners = [(c, task.local_data(cfg, c), cfg.rank_of(c), cfg.local_steps) for c in range(cfg.clients)]
+    curves, weights = [], []
+    for c, data, rank, steps in learners:
+        model, loras = task.build_model(cfg, rank)
+        task.fresh_adapters(loras, client_seed(cfg, c, 0))
+        curve = [(*task.evaluate(cfg, model, data), None)]
+        for rnd in range(1, cfg.rounds + 1):
+            loss = task.train_local(cfg, model, data, client_seed(cfg, c, rnd), steps=steps)
+            curve.append((*task.evaluate(cfg, model, data), loss))
+        curves.append(curve)
+        weights.append(data.n_samples)
+    rows = []
+    for rnd in range(cfg.rounds + 1):
+        acc, loss, train = (np.average([c[rnd][i] for c in curves], weights=weights) if rnd or i < 2 else None
+                            for i in range(3))
+        rows.append({"round": rnd, "accuracy": float(acc), "test_loss": float(loss),
+                     "train_loss": None if train is None else float(train),
+                     "bytes_up": 0, "bytes_down": 0, "enc_time_s": 0.0, "agg_time_s": 0.0})
+    return rows
 
 
 def _jsonable(cfg: SheLoraConfig) -> dict:

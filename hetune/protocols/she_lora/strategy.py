@@ -38,8 +38,8 @@ class Upload:
 
     node: int
     info: ClientInfo
-    head_w: np.ndarray
-    head_b: np.ndarray
+    head_w: np.ndarray | None  # the digits classifier head; None on the causal-LM tasks
+    head_b: np.ndarray | None
     b: dict[str, np.ndarray] = field(default_factory=dict)
     a_plain: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # layer -> column -> (r,)
     a_cipher: dict[str, tuple[list[int], list]] = field(default_factory=dict)  # layer -> (columns in packed order, ciphertexts)
@@ -56,13 +56,16 @@ class _ClientFailed(Exception):
 class SheLoraStrategy:
     """Negotiation (round 0) and column-aware aggregation for she-lora, flexlora, full-he and maskcrypt."""
 
-    def __init__(self, cfg: SheLoraConfig, shapes: dict[str, tuple[int, int]], head_shape: tuple[int, int], public_ctx=None):
+    def __init__(self, cfg: SheLoraConfig, shapes: dict[str, tuple[int, int]], head_shape: tuple[int, int] | None,
+                 public_ctx=None):
+        """``head_shape``: the digits classifier head, averaged in the clear; None when there is none (causal LM)."""
         if cfg.encrypts and (public_ctx is None or public_ctx.is_private()):
             raise KeySetupError("the server was given a context holding a secret key (or none)", "pass the public context only")
         if cfg.method in ("she-lora", "maskcrypt") and not public_ctx.has_galois_keys():
             raise KeySetupError("the server's public context has no Galois keys, needed for the encrypted column products",
                                 "regenerate the keys with Galois keys in public.ctx (keys.setup_keys(..., galois=True))")
-        self.cfg, self.shapes, self.head_shape, self.ctx = cfg, dict(shapes), tuple(head_shape), public_ctx
+        self.cfg, self.shapes, self.ctx = cfg, dict(shapes), public_ctx
+        self.head_shape = tuple(head_shape) if head_shape else None
         self.slots = cfg.ckks.slots
         self.clients: dict[int, ClientInfo] = {}
         self.subsets: dict[str, list[int]] = {}
@@ -197,7 +200,10 @@ class SheLoraStrategy:
         meta, arrays, blobs = wire.unpack(data)
         if meta.get("client") != info.client or meta.get("rank") != info.rank or meta.get("round") != rnd:
             raise PayloadError(f"header {({k: meta.get(k) for k in ('client', 'rank', 'round')})} does not match registration/round")
-        up = Upload(node, info, _shape(arrays, "head.weight", self.head_shape), _shape(arrays, "head.bias", self.head_shape[:1]))
+        if self.head_shape:
+            up = Upload(node, info, _shape(arrays, "head.weight", self.head_shape), _shape(arrays, "head.bias", self.head_shape[:1]))
+        else:
+            up = Upload(node, info, None, None)
         method = self.cfg.method
         if method == "full-he":
             length = sum(self.rank_max * (m + n) for m, n in self.shapes.values())
@@ -233,7 +239,7 @@ class SheLoraStrategy:
 
     def _combine(self, uploads: list[Upload]) -> tuple[dict, dict, dict]:
         total = float(sum(u.info.n_samples for u in uploads))
-        arrays = {
+        arrays = {} if not self.head_shape else {
             "head.weight": sum(u.info.n_samples / total * u.head_w for u in uploads).astype(np.float32),
             "head.bias": sum(u.info.n_samples / total * u.head_b for u in uploads).astype(np.float32),
         }

@@ -1,6 +1,11 @@
-"""The federated task: handwritten digits read as token sequences by a Llama-class classifier.
+"""The federated tasks: a real causal LM on non-IID text, or the digits toy.
 
-scikit-learn's ``load_digits`` (1,797 real 8x8 scans, 10 classes, offline) gives labels
+``knowledge`` and ``text`` (:func:`hetune.data.federated.make_federated_text`): the
+loaded model (e.g. SmolLM2-135M) with LoRA on the target linears, trained on its own
+next-token loss; the global model is scored by held-out exact match (knowledge) or
+next-token accuracy (text) and by the eval loss on held-out documents.
+
+``digits``: scikit-learn's ``load_digits`` (1,797 real 8x8 scans, 10 classes, offline) gives labels
 for a Dirichlet split. Each image becomes 65 tokens: ``<s>`` then the 64 pixel
 intensities (0..16) as token ids, row by row. The classifier is a frozen Llama body
 (built-in config or a loaded model) with LoRA on the target linears, read out at the
@@ -20,6 +25,26 @@ import numpy as np
 from hetune.errors import ConfigError
 
 NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """One client's view: training set, and the common held-out set the global model is scored on.
+
+    digits: x (N, 65) token ids, y (N,) labels. Causal LM: x (N, L) token ids, y the same
+    ids with -100 where a document has ended (no loss there); ``problems`` are the
+    held-out questions for exact match (knowledge).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    problems: tuple = ()
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.x)
 
 
 @dataclass(frozen=True)
@@ -85,9 +110,7 @@ def _frozen_body(model: str, seed: int):
         torch.manual_seed(seed)
         body = LlamaModel(builtin_config(model))
     else:
-        from hetune.models.loading import load_model
-
-        body = load_model(model, seed=seed).model.model
+        body = frozen_lm(model, seed)[0].model
     body.requires_grad_(False)
     return body.eval()
 
@@ -101,12 +124,11 @@ def bos_id(model: str) -> int:
     return int(cfg.bos_token_id if cfg.bos_token_id is not None else 17)
 
 
-def build_classifier(model: str, seed: int, targets: tuple[str, ...], rank: int):
-    """(classifier, {layer name: LoraLinear}) with fresh zero LoRA factors and a zero head."""
+def _wrap(body, model: str, targets: tuple[str, ...], rank: int) -> dict:
+    """Put a LoraLinear around every target linear of ``body``; {layer name: LoraLinear}."""
     import torch
 
     LoraLinear = _lora_module()
-    body = copy.deepcopy(_frozen_body(model, seed))
     loras = {}
     for name, module in list(body.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -116,6 +138,33 @@ def build_classifier(model: str, seed: int, targets: tuple[str, ...], rank: int)
                 loras[f"{name}.{child_name}"] = lora
     if not loras:
         raise ConfigError(f"no linear named {', '.join(targets)} in {model}", "use targets such as q_proj,v_proj")
+    return loras
+
+
+@lru_cache(maxsize=2)
+def frozen_lm(model: str, seed: int):
+    """(causal LM, tokenizer), frozen, loaded once per process (a built-in is built from ``seed``)."""
+    from hetune.models.loading import load_model
+
+    loaded = load_model(model, seed=seed)
+    loaded.model.requires_grad_(False)
+    return loaded.model.eval(), loaded.tokenizer
+
+
+def build_model(cfg, rank: int):
+    """(model, {layer name: LoraLinear}) for ``cfg.task``; layer names are the body's, as in ``layer_shapes``."""
+    if not cfg.causal_lm:
+        return build_classifier(cfg.model, cfg.seed, cfg.targets, rank)
+    lm = copy.deepcopy(frozen_lm(cfg.model, cfg.seed)[0])
+    return lm, _wrap(lm.model, cfg.model, cfg.targets, rank)
+
+
+def build_classifier(model: str, seed: int, targets: tuple[str, ...], rank: int):
+    """(classifier, {layer name: LoraLinear}) with fresh zero LoRA factors and a zero head."""
+    import torch
+
+    body = copy.deepcopy(_frozen_body(model, seed))
+    loras = _wrap(body, model, targets, rank)
 
     class Classifier(torch.nn.Module):
         def __init__(self):
@@ -161,19 +210,34 @@ def fresh_adapters(loras: dict, seed: int) -> None:
             lora.B.zero_()
 
 
-def train_local(clf, ids: np.ndarray, labels: np.ndarray, steps: int, batch_size: int, lr: float, seed: int) -> float:
-    """AdamW on LoRA and head; returns the mean training loss over the steps."""
+def lm_loss(lm, x, y, reduction: str = "mean"):
+    """Next-token cross-entropy of a causal LM on ids ``x`` with targets ``y`` (-100: no loss)."""
     import torch
 
-    params = [p for p in clf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    logits = lm(input_ids=x).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1),
+                                             ignore_index=-100, reduction=reduction)
+
+
+def _loss(cfg, model, x, y):
+    import torch
+
+    return lm_loss(model, x, y) if cfg.causal_lm else torch.nn.functional.cross_entropy(model(x), y)
+
+
+def train_local(cfg, model, data: LocalData, seed: int, steps: int | None = None) -> float:
+    """AdamW on LoRA (and the digits head); returns the mean training loss over the steps."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    x, y = torch.as_tensor(ids), torch.as_tensor(labels)
-    clf.train()
+    x, y = torch.as_tensor(data.x), torch.as_tensor(data.y)
+    model.train()
     losses = []
-    for _ in range(steps):
-        pick = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=gen)
-        loss = torch.nn.functional.cross_entropy(clf(x[pick]), y[pick])
+    for _ in range(cfg.local_steps if steps is None else steps):
+        pick = torch.randint(0, len(y), (min(cfg.batch_size, len(y)),), generator=gen)
+        loss = _loss(cfg, model, x[pick], y[pick])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -181,8 +245,33 @@ def train_local(clf, ids: np.ndarray, labels: np.ndarray, steps: int, batch_size
     return float(np.mean(losses))
 
 
-def evaluate(clf, ids: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on the given set."""
+def evaluate(cfg, model, data: LocalData) -> tuple[float, float]:
+    """(accuracy, eval loss) of ``model`` on the common held-out set.
+
+    digits: classification accuracy and cross-entropy. knowledge: exact match of the
+    greedy answer to the held-out questions; text: next-token accuracy. Loss: mean
+    next-token cross-entropy over the held-out documents' tokens.
+    """
+    if not cfg.causal_lm:
+        return _evaluate_digits(model, data.test_x, data.test_y)
+    import torch
+
+    from hetune.data.arithmetic import exact_match
+
+    model.eval()
+    x, y = torch.as_tensor(data.test_x), torch.as_tensor(data.test_y)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[:, :-1]
+        target = y[:, 1:]
+        keep = target != -100
+        loss = torch.nn.functional.cross_entropy(logits[keep], target[keep]).item()
+        token_acc = (logits.argmax(-1)[keep] == target[keep]).float().mean().item()
+    if cfg.task == "knowledge":
+        return exact_match(model, frozen_lm(cfg.model, cfg.seed)[1], list(data.problems)), loss
+    return token_acc, loss
+
+
+def _evaluate_digits(clf, ids: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
     import torch
 
     clf.eval()
@@ -197,16 +286,67 @@ def evaluate(clf, ids: np.ndarray, labels: np.ndarray, batch_size: int = 256) ->
     return correct / len(labels), total_loss / len(labels)
 
 
-def input_norms(clf, loras: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
+def input_norms(model, loras: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
     """||X_:,j||_2 over all calibration tokens, per LoRA layer (n,)."""
     import torch
 
     for lora in loras.values():
         lora.sq_norm = torch.zeros(lora.A.shape[1])
-    clf.eval()
+    model.eval()
     with torch.no_grad():
-        clf(torch.as_tensor(ids))
+        model(torch.as_tensor(ids))
     norms = {name: lora.sq_norm.sqrt().numpy().astype(np.float64) for name, lora in loras.items()}
     for lora in loras.values():
         lora.sq_norm = None
     return norms
+
+
+def local_data(cfg, client: int) -> LocalData:
+    """Client ``client``'s training set and the common held-out set, for ``cfg.task``."""
+    if not cfg.causal_lm:
+        data = load_task(cfg.seed, cfg.test_fraction, cfg.max_samples, bos_id(cfg.model))
+        idx = client_indices(data, cfg.clients, cfg.alpha, cfg.seed)[client]
+        return LocalData(data.train_ids[idx], data.train_y[idx], data.test_ids, data.test_y)
+    texts = _texts(cfg.task, cfg.clients, cfg.seed, cfg.max_docs)
+    tok = frozen_lm(cfg.model, cfg.seed)[1]
+    x, y = token_blocks(tok, texts.clients[client], cfg.seq_len)
+    test_x, test_y = token_blocks(tok, texts.eval_texts[: cfg.eval_docs], cfg.seq_len)
+    return LocalData(x, y, test_x, test_y, tuple(texts.held_out))
+
+
+def all_data(cfg) -> LocalData:
+    """Every client's training documents in one set (the centralized reference)."""
+    parts = [local_data(cfg, c) for c in range(cfg.clients)]
+    width = max(p.x.shape[1] for p in parts)  # causal-LM blocks: pad to the widest client's (digits: all 65)
+
+    def cat(key, fill):
+        return np.concatenate([np.pad(getattr(p, key), ((0, 0), (0, width - p.x.shape[1])), constant_values=fill)
+                               if p.x.ndim == 2 and getattr(p, key).ndim == 2 else getattr(p, key) for p in parts])
+
+    return LocalData(cat("x", 0), cat("y", -100), parts[0].test_x, parts[0].test_y, parts[0].problems)
+
+
+@lru_cache(maxsize=4)
+def _texts(task: str, clients: int, seed: int, max_docs: int):
+    from hetune.data.federated import make_federated_text
+
+    return make_federated_text(task, clients, seed, max_docs)
+
+
+def token_blocks(tokenizer, docs: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents -> (ids, targets), both (len(docs), L) with L the longest (at most ``seq_len``) document.
+
+    Each document is cut at ``seq_len`` tokens and padded at the end; padding sits after
+    the document under causal attention, so it changes no logit that is scored, and its
+    targets are -100.
+    """
+    if not docs:
+        raise ConfigError("a client holds no training document", "use fewer clients or max_docs=0")
+    enc = [tokenizer(d, add_special_tokens=False)["input_ids"][:seq_len] for d in docs]
+    width = max(len(e) for e in enc)
+    x = np.zeros((len(enc), width), dtype=np.int64)
+    y = np.full((len(enc), width), -100, dtype=np.int64)
+    for i, e in enumerate(enc):
+        x[i, : len(e)] = e
+        y[i, : len(e)] = e
+    return x, y
