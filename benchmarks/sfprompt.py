@@ -104,9 +104,13 @@ class PeakMemory:
         self._thread.join()
 
 
-def smollm2(out: Path, plot: Path) -> None:
-    measured = {}
-    for method in SMOLLM2_METHODS:
+def smollm2(out: Path, plot: Path, methods: tuple[str, ...] = SMOLLM2_METHODS) -> None:
+    """Runs ``methods``; with a subset, the others are kept from ``out`` (e.g. a rerun of one that lost a client)."""
+    import json
+
+    previous = json.loads(out.read_text())["methods"] if out.exists() and set(methods) != set(SMOLLM2_METHODS) else {}
+    measured = {m: previous[m] for m in SMOLLM2_METHODS if m in previous and m not in methods}
+    for method in methods:
         start = time.perf_counter()
         with PeakMemory() as mem:
             s = run(SfpromptConfig(method=method, **SMOLLM2))
@@ -116,6 +120,7 @@ def smollm2(out: Path, plot: Path) -> None:
             "bytes_by_round": [sum(r["bytes"].values()) for r in rows[1:]], "bytes_total": s["bytes_total"],
             "bytes_sum": sum(s["bytes_total"].values()), "body_server_bytes": s["body_server_bytes"],
             "client_flops_per_round": s["client_flops_per_round_mean"], "kept_by_round": [r.get("kept") for r in rows[1:]],
+            "clients_ok_by_round": [r["clients_ok"] for r in rows[1:]], "git_sha": environment()["git_sha"],
             "params": s["params"], "config": s["config"], "wall_s": round(time.perf_counter() - start, 1),
             "peak_rss_gb": round(mem.peak / 2**30, 2),
         }
@@ -123,6 +128,7 @@ def smollm2(out: Path, plot: Path) -> None:
         print(f"{method:9s} exact match {m['exact_match_by_round']} eval loss {[round(x, 4) for x in m['eval_loss_by_round']]} "
               f"{m['bytes_sum'] / 1e6:.1f} MB flops/round {m['client_flops_per_round']:.3g} {m['wall_s']:.0f} s "
               f"peak {m['peak_rss_gb']} GB", flush=True)
+    measured = {m: measured[m] for m in SMOLLM2_METHODS if m in measured}
     fl = measured["fl-full"]
     for m in measured.values():
         m["client_flops_share_of_fl"] = m["client_flops_per_round"] / fl["client_flops_per_round"]
@@ -165,10 +171,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=("smollm2", "toy"), default="smollm2")
     parser.add_argument("--quick", action="store_true", help="toy: 3 rounds")
+    parser.add_argument("--methods", default=",".join(SMOLLM2_METHODS), help="smollm2: the methods to (re)run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.part == "smollm2":
-        smollm2(args.out or Path("benchmarks/results/sfprompt_smollm2.json"), Path("docs/img/sfprompt_smollm2.png"))
+        smollm2(args.out or Path("benchmarks/results/sfprompt_smollm2.json"), Path("docs/img/sfprompt_smollm2.png"),
+                tuple(args.methods.split(",")))
         return
     args.out = args.out or Path("benchmarks/results/sfprompt.json")
     rounds = 3 if args.quick else 10
