@@ -405,6 +405,7 @@ def federate_sfprompt(
     max_docs: int = typer.Option(0, "--max-docs", help="Text tasks: training documents per client (0 = all)."),
     blocks: int = typer.Option(0, "--blocks", help="Keep only the model's first blocks (0 = all), e.g. a truncated SmolLM2 for a quick run."),
     batch_size: int = typer.Option(32, "--batch-size", help="Samples per step."),
+    client_cpus: float = typer.Option(1.0, "--client-cpus", help="Ray CPUs per simulated client; more runs fewer at once (fl-full on SmolLM2: 2 on a 2-core, 24 GB machine)."),
     out: Path = typer.Option(Path("runs/sfprompt"), "--out", "-o", help="Writes metrics.json and metrics.png here."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, data split and order."),
 ) -> None:
@@ -416,7 +417,7 @@ def federate_sfprompt(
         model=model, task=task, method=method, clients=clients, rounds=rounds, cut=parse_cut(cut), prompts=prompts,
         gamma=gamma, local_epochs=local_epochs, epochs=epochs, batch_size=batch_size, lr=lr, lora_lr=lora_lr,
         full_lr=full_lr, lora_rank=lora_rank, alpha=alpha, seq_len=seq_len, max_docs=max_docs, blocks=blocks,
-        seed=seed, out=out,
+        client_cpus=client_cpus, seed=seed, out=out,
     )
     summary = run_sfprompt(cfg)
     traffic = sum(summary["bytes_total"].values())

@@ -47,6 +47,7 @@ class SfpromptConfig:
     seq_len: int = 64  # text tasks: tokens kept per document
     max_docs: int = 0  # text tasks: training documents per client, 0 = all
     blocks: int = 0  # keep the backbone's first blocks only (0 = all): a truncated SmolLM2 for fast runs
+    client_cpus: float = 1.0  # Ray CPUs per simulated client: more runs fewer clients at once (less memory)
     seed: int = 0
     out: Path | None = None
     # Test hooks: partition id -> "malformed" (update with a wrong shape) or "disconnect" (body link cut mid-round).
@@ -76,6 +77,8 @@ class SfpromptConfig:
             raise ConfigError(f"cut={self.cut[0]}:{self.cut[1]} would send token embeddings to the body server, "
                               "and an embedding maps back to its token by the nearest row",
                               "keep at least one block on the client: --cut 1:1")
+        if self.client_cpus <= 0:
+            raise ConfigError(f"client_cpus={self.client_cpus} must be > 0", "pass e.g. --client-cpus 2 to run one client at a time on 2 cores")
         if self.seq_len < 2 or self.max_docs < 0 or self.lora_rank < 1:
             raise ConfigError(f"seq_len={self.seq_len}, max_docs={self.max_docs}, lora_rank={self.lora_rank} are invalid",
                               "pass --seq-len >= 2, --max-docs >= 0 (0 = all), --lora-rank >= 1")

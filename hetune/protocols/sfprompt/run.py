@@ -75,7 +75,7 @@ def run_federated(cfg: SfpromptConfig, task) -> tuple[list[dict], dict]:
         server = LoopbackBodyServer(BodyService(body_stack(cfg.model, cfg.seed, cfg.cut, blocks=cfg.blocks), hidden, token))
     try:
         client_app = make_client_app(cfg.to_dict(), server.url if server else None, token if server else None)
-        run_flower_simulation(make_server_app(cfg, strategy, initial, evaluate), client_app, cfg.clients)
+        run_flower_simulation(make_server_app(cfg, strategy, initial, evaluate), client_app, cfg.clients, cfg.client_cpus)
     finally:
         if server:
             server.stop()
