@@ -224,7 +224,7 @@ def test_cli_runs_fl_lora_on_the_text_task(run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_sfprompt_lowers_the_whole_smollm2_eval_loss_on_knowledge():
-    # The benchmark's setting (benchmarks/sfprompt.py --part smollm2), 5 minutes on 2 loaded cores:
+    # The benchmark's setting (benchmarks/sfprompt.py --part smollm2), 3-5 minutes on 2 loaded cores:
     # the whole 30-block model, 2 clients, 2 rounds. Seen once: 5.14 -> 3.66 -> 3.41.
     summary = run(SfpromptConfig(model="smollm2-135m", task="knowledge", clients=2, rounds=2, batch_size=8, seed=0))
     losses = [r["loss"] for r in summary["rounds"]]
