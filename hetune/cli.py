@@ -390,17 +390,24 @@ def federate_she_lora(
 def federate_sfprompt(
     clients: int = typer.Option(4, "--clients", help="Federated clients (Flower SuperNodes)."),
     rounds: int = typer.Option(10, "--rounds", help="Federated rounds."),
-    model: str = typer.Option("tiny-vit", "--model", help="tiny-vit (digits), micro-llama or tiny-llama (generated topic task)."),
+    model: str = typer.Option("tiny-vit", "--model", help="smollm2-135m (real pretrained LM), tiny-vit (digits), micro-llama or tiny-llama (random)."),
+    task: Optional[str] = typer.Option(None, "--task", help="knowledge or text (LMs), digits (tiny-vit), topics (random Llamas); default: the model's first."),
     cut: str = typer.Option("1:1", "--cut", help="HEAD:TAIL blocks held by the clients; the body server runs the rest."),
     prompts: int = typer.Option(4, "--prompts", help="Soft prompt tokens prepended after the embedding."),
     gamma: float = typer.Option(0.5, "--gamma", help="EL2N pruning: share of local samples kept (hardest first)."),
     local_epochs: int = typer.Option(1, "--local-epochs", help="Local-loss epochs (head -> tail, no communication) per round."),
     epochs: int = typer.Option(1, "--epochs", help="Split (or local) fine-tuning epochs per round."),
-    method: str = typer.Option("sfprompt", "--method", help="sfprompt, fl-full, fed-prompt, split-fed or local-only."),
-    alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet non-IID split of the training data."),
-    lr: float = typer.Option(1e-2, "--lr", help="AdamW learning rate for prompts and tail."),
-    full_lr: float = typer.Option(1e-3, "--full-lr", help="AdamW learning rate for every weight (fl-full)."),
+    method: str = typer.Option("sfprompt", "--method", help="sfprompt, fl-full, fl-lora, fed-prompt, split-fed or local-only."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet non-IID split of the training data (digits, topics)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate for prompts and tail (default 1e-2 random models, 3e-3 SmolLM2)."),
+    lora_lr: Optional[float] = typer.Option(None, "--lora-lr", help="AdamW learning rate for LoRA adapters, fl-lora (default 1e-2 / 1e-3)."),
+    full_lr: Optional[float] = typer.Option(None, "--full-lr", help="AdamW learning rate for every weight, fl-full (default 1e-3 / 5e-5)."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="fl-lora: LoRA rank on all seven linears of every block."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Text tasks: tokens kept per document."),
+    max_docs: int = typer.Option(0, "--max-docs", help="Text tasks: training documents per client (0 = all)."),
+    blocks: int = typer.Option(0, "--blocks", help="Keep only the model's first blocks (0 = all), e.g. a truncated SmolLM2 for a quick run."),
     batch_size: int = typer.Option(32, "--batch-size", help="Samples per step."),
+    client_cpus: float = typer.Option(1.0, "--client-cpus", help="Ray CPUs per simulated client; more runs fewer at once (fl-full on SmolLM2: 2 on a 2-core, 24 GB machine)."),
     out: Path = typer.Option(Path("runs/sfprompt"), "--out", "-o", help="Writes metrics.json and metrics.png here."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, data split and order."),
 ) -> None:
@@ -409,12 +416,14 @@ def federate_sfprompt(
     from hetune.protocols.sfprompt.run import run as run_sfprompt
 
     cfg = SfpromptConfig(
-        model=model, method=method, clients=clients, rounds=rounds, cut=parse_cut(cut), prompts=prompts, gamma=gamma,
-        local_epochs=local_epochs, epochs=epochs, batch_size=batch_size, lr=lr, full_lr=full_lr, alpha=alpha, seed=seed, out=out,
+        model=model, task=task, method=method, clients=clients, rounds=rounds, cut=parse_cut(cut), prompts=prompts,
+        gamma=gamma, local_epochs=local_epochs, epochs=epochs, batch_size=batch_size, lr=lr, lora_lr=lora_lr,
+        full_lr=full_lr, lora_rank=lora_rank, alpha=alpha, seq_len=seq_len, max_docs=max_docs, blocks=blocks,
+        client_cpus=client_cpus, seed=seed, out=out,
     )
     summary = run_sfprompt(cfg)
     traffic = sum(summary["bytes_total"].values())
-    typer.echo(f"{method} on {model}: accuracy {summary['final_accuracy']:.4f} after {rounds} rounds "
+    typer.echo(f"{method} on {model}/{cfg.task}: {summary['accuracy_metric']} {summary['final_accuracy']:.4f} after {rounds} rounds "
                f"(best {summary['best_accuracy']:.4f}); traffic {traffic / 1e6:.2f} MB; "
                f"client FLOPs/round {summary['client_flops_per_round_mean']:.3g}; {summary['wall_s']:.0f} s")
     typer.echo(f"metrics: {out / 'metrics.json'}  plot: {out / 'metrics.png'}")

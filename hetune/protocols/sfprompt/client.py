@@ -16,7 +16,7 @@ import torch
 from hetune.protocols.sfprompt import accounting
 from hetune.protocols.sfprompt.body_client import BodyClient, RemoteBody
 from hetune.protocols.sfprompt.config import SPLIT_METHODS, SfpromptConfig
-from hetune.protocols.sfprompt.data import TEXT_LEN, Dataset
+from hetune.protocols.sfprompt.data import IGNORE, TEXT_LEN, Dataset, Task
 from hetune.protocols.sfprompt.pruning import el2n_scores, prune_top
 from hetune.protocols.sfprompt.split import SplitModel
 
@@ -31,14 +31,18 @@ class RoundReport:
     bytes: dict[str, int] = field(default_factory=dict)  # split traffic by kind
 
 
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Classification ((B, C), (B,)) or causal-LM ((B, L, V), (B, L)) cross-entropy; IGNORE targets skipped."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=IGNORE, reduction=reduction)
+
+
 def train_epochs(logits_fn, data: Dataset, optimizer, epochs: int, batch_size: int, generator: torch.Generator) -> float:
-    """Plain minibatch cross-entropy; returns the mean loss of the last epoch."""
-    loss_fn = torch.nn.CrossEntropyLoss()
+    """Plain minibatch cross-entropy (per token for an LM); returns the mean loss of the last epoch."""
     last = float("nan")
     for _ in range(epochs):
         losses = []
         for idx in torch.randperm(len(data), generator=generator).split(batch_size):
-            loss = loss_fn(logits_fn(data.x[idx]), data.y[idx])
+            loss = cross_entropy(logits_fn(data.x[idx]), data.y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -47,16 +51,45 @@ def train_epochs(logits_fn, data: Dataset, optimizer, epochs: int, batch_size: i
     return last
 
 
+class _CausalLM(torch.nn.Module):
+    """A SplitModel behind the ``model(input_ids=...).logits`` interface that greedy decoding uses;
+    only the last position's logits (all that decoding reads), sparing the vocabulary projection."""
+
+    def __init__(self, split: SplitModel):
+        super().__init__()
+        self.split = split
+
+    def forward(self, input_ids: torch.Tensor):
+        from types import SimpleNamespace
+
+        s = self.split
+        h = s.norm(s.tail(s.body(s.head_forward(input_ids))))
+        return SimpleNamespace(logits=s.lm_head(h[:, -1:]))
+
+
 @torch.no_grad()
-def evaluate(logits_fn, data: Dataset, batch_size: int = 256) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over ``data``."""
-    correct, loss_sum = 0, 0.0
+def evaluate(logits_fn, data: Dataset, batch_size: int = 256, held_out=(), tokenizer=None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over ``data``. Classification: accuracy per sample. Causal LM:
+    the loss per target token, and the accuracy is the exact match on ``held_out`` questions
+    (greedy answer after "A:") when given, else next-token accuracy."""
+    correct, loss_sum, count = 0, 0.0, 0
     for start in range(0, len(data), batch_size):
         logits = logits_fn(data.x[start : start + batch_size])
         y = data.y[start : start + batch_size]
-        correct += int((logits.argmax(-1) == y).sum())
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-    return correct / max(1, len(data)), loss_sum / max(1, len(data))
+        valid = y != IGNORE
+        correct += int(((logits.argmax(-1) == y) & valid).sum())
+        loss_sum += float(cross_entropy(logits, y, reduction="sum"))
+        count += int(valid.sum())
+    if held_out:
+        from hetune.data.arithmetic import exact_match
+
+        return exact_match(_CausalLM(logits_fn), tokenizer, list(held_out)), loss_sum / max(1, count)
+    return correct / max(1, count), loss_sum / max(1, count)
+
+
+def evaluate_task(split: SplitModel, task) -> tuple[float, float]:
+    """The global model's score on the task's held-out data (batches small enough for a vocabulary of logits)."""
+    return evaluate(split, task.test, 8 if task.lm else 256, task.held_out, task.tokenizer)
 
 
 def round_seed(seed: int, rnd: int, partition: int) -> int:
@@ -64,16 +97,18 @@ def round_seed(seed: int, rnd: int, partition: int) -> int:
     return seed * 100_003 + rnd * 1009 + partition
 
 
-def client_costs(cfg: SfpromptConfig, num_classes: int) -> accounting.Costs:
-    return accounting.costs(cfg.model, cfg.cut, cfg.n_prompts, seq_len=TEXT_LEN, num_classes=num_classes)
+def client_costs(cfg: SfpromptConfig, task: Task) -> accounting.Costs:
+    seq_len = task.train.x.shape[1] if task.lm else TEXT_LEN  # LM: the padded length every sample is run at
+    return accounting.costs(cfg.model, cfg.cut, cfg.n_prompts, seq_len=seq_len, num_classes=task.num_classes,
+                            blocks=cfg.blocks, lm=task.lm)
 
 
-def client_round(split: SplitModel, cfg: SfpromptConfig, data: Dataset, num_classes: int, seed: int,
+def client_round(split: SplitModel, cfg: SfpromptConfig, data: Dataset, task: Task, seed: int,
                  link: BodyClient | None = None) -> RoundReport:
-    """Train ``split`` in place on ``data`` for one round of ``cfg.method``."""
+    """Train ``split`` in place on ``data`` (this client's part of ``task``) for one round of ``cfg.method``."""
     generator = torch.Generator().manual_seed(seed)
-    params = split.set_trainable(cfg.full)
-    optimizer = torch.optim.AdamW(params, lr=cfg.full_lr if cfg.full else cfg.lr, weight_decay=0.0)
+    params = split.set_trainable(cfg.trained)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train_lr, weight_decay=0.0)
     train_set = data
     if cfg.method == "sfprompt":
         # 1. local-loss update: head -> tail, no communication; the tail is the auxiliary head
@@ -82,7 +117,7 @@ def client_round(split: SplitModel, cfg: SfpromptConfig, data: Dataset, num_clas
             train_epochs(split.local_forward, data, optimizer, cfg.local_epochs, cfg.batch_size, generator)
         # 2. EL2N on the local head+tail model; keep the hardest floor(gamma * n)
         split.eval()
-        train_set = data.subset(prune_top(el2n_scores(split.local_forward, data.x, data.y), cfg.gamma))
+        train_set = data.subset(prune_top(el2n_scores(split.local_forward, data.x, data.y, cfg.batch_size), cfg.gamma))
     split.train()
     if cfg.method in SPLIT_METHODS:
         # 3. split fine-tuning: activations up, body output down, gradient up, input gradient down
@@ -92,5 +127,5 @@ def client_round(split: SplitModel, cfg: SfpromptConfig, data: Dataset, num_clas
         loss = train_epochs(split, train_set, optimizer, cfg.epochs, cfg.batch_size, generator)
     split.eval()
     flops_method = "fed-prompt" if cfg.method == "local-only" else cfg.method
-    flops = accounting.round_flops(client_costs(cfg, num_classes), flops_method, len(data), cfg.epochs, cfg.local_epochs, len(train_set))
-    return RoundReport(split.shared_state(cfg.full), len(data), len(train_set), loss, flops, dict(link.bytes) if link else {})
+    flops = accounting.round_flops(client_costs(cfg, task), flops_method, len(data), cfg.epochs, cfg.local_epochs, len(train_set))
+    return RoundReport(split.shared_state(cfg.trained), len(data), len(train_set), loss, flops, dict(link.bytes) if link else {})

@@ -7,9 +7,15 @@ from pathlib import Path
 
 from hetune.errors import ConfigError
 
-METHODS = ("sfprompt", "fl-full", "fed-prompt", "split-fed", "local-only")
+METHODS = ("sfprompt", "fl-full", "fl-lora", "fed-prompt", "split-fed", "local-only")
 SPLIT_METHODS = ("sfprompt", "split-fed")  # the ones that talk to the body server
 FAULTS = ("malformed", "disconnect")
+# task -> the backbones it runs on; knowledge and text are causal-LM tasks (make_federated_text)
+TASKS = {"digits": "vit", "topics": "llama", "knowledge": "llama", "text": "llama"}
+LM_TASKS = ("knowledge", "text")
+# AdamW learning rates when none is given: (prompts + tail, LoRA adapters, every weight).
+# The random toys learn from scratch; a pretrained LM is wrecked by them and needs small steps.
+DEFAULT_LRS = {"random": (1e-2, 1e-2, 1e-3), "pretrained": (3e-3, 1e-3, 5e-5)}
 
 
 def parse_cut(text: str) -> tuple[int, int]:
@@ -23,6 +29,7 @@ def parse_cut(text: str) -> tuple[int, int]:
 @dataclass(frozen=True)
 class SfpromptConfig:
     model: str = "tiny-vit"
+    task: str | None = None  # None: digits (ViT), topics (random Llamas), knowledge (SmolLM2)
     method: str = "sfprompt"
     clients: int = 4
     rounds: int = 10
@@ -32,9 +39,15 @@ class SfpromptConfig:
     local_epochs: int = 1  # local-loss epochs (head -> tail) per round
     epochs: int = 1  # split / local fine-tuning epochs per round
     batch_size: int = 32
-    lr: float = 1e-2  # AdamW, prompts and tail
-    full_lr: float = 1e-3  # AdamW, every weight (fl-full)
-    alpha: float = 0.5  # Dirichlet non-IID split
+    lr: float | None = None  # AdamW, prompts and tail; None: DEFAULT_LRS
+    lora_lr: float | None = None  # AdamW, LoRA adapters (fl-lora); None: DEFAULT_LRS
+    full_lr: float | None = None  # AdamW, every weight (fl-full); None: DEFAULT_LRS
+    lora_rank: int = 8  # fl-lora: rank on all seven linears of every block
+    alpha: float = 0.5  # Dirichlet non-IID split (digits, topics; the text tasks come split by topic / source)
+    seq_len: int = 64  # text tasks: tokens kept per document
+    max_docs: int = 0  # text tasks: training documents per client, 0 = all
+    blocks: int = 0  # keep the backbone's first blocks only (0 = all): a truncated SmolLM2 for fast runs
+    client_cpus: float = 1.0  # Ray CPUs per simulated client: more runs fewer clients at once (less memory)
     seed: int = 0
     out: Path | None = None
     # Test hooks: partition id -> "malformed" (update with a wrong shape) or "disconnect" (body link cut mid-round).
@@ -49,31 +62,64 @@ class SfpromptConfig:
         if self.model not in models.TRAINABLE_MODELS:
             raise ConfigError(f"model={self.model!r} cannot be trained here",
                               f"use one of {', '.join(models.TRAINABLE_MODELS)} (vit-b16 / vit-l16 are for accounting only)")
-        check_cut(self.model, self.cut)
+        fam = models.family(self.model)
+        if self.task is None:
+            object.__setattr__(self, "task", "digits" if fam == "vit" else "knowledge" if self.model in models.PRETRAINED else "topics")
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is unknown", f"use one of {', '.join(TASKS)}")
+        if TASKS[self.task] != fam:
+            usable = [t for t, f in TASKS.items() if f == fam]
+            raise ConfigError(f"task={self.task} does not run on {self.model} (a {fam})", f"use --task {' or '.join(usable)}")
+        if self.blocks < 0:
+            raise ConfigError(f"blocks={self.blocks} must be >= 0", "pass 0 for the whole model")
+        check_cut(self.model, self.cut, self.blocks)
+        if self.task in LM_TASKS and self.cut[0] < 1 and self.method in SPLIT_METHODS:
+            raise ConfigError(f"cut={self.cut[0]}:{self.cut[1]} would send token embeddings to the body server, "
+                              "and an embedding maps back to its token by the nearest row",
+                              "keep at least one block on the client: --cut 1:1")
+        if self.client_cpus <= 0:
+            raise ConfigError(f"client_cpus={self.client_cpus} must be > 0", "pass e.g. --client-cpus 2 to run one client at a time on 2 cores")
+        if self.seq_len < 2 or self.max_docs < 0 or self.lora_rank < 1:
+            raise ConfigError(f"seq_len={self.seq_len}, max_docs={self.max_docs}, lora_rank={self.lora_rank} are invalid",
+                              "pass --seq-len >= 2, --max-docs >= 0 (0 = all), --lora-rank >= 1")
+        defaults = DEFAULT_LRS["pretrained" if self.model in models.PRETRAINED else "random"]
+        for name, default in zip(("lr", "lora_lr", "full_lr"), defaults):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         for name in ("clients", "rounds", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1", f"pass a positive --{name.replace('_', '-')}")
         if self.local_epochs < 0:
             raise ConfigError(f"local_epochs={self.local_epochs} must be >= 0", "pass 0 to skip the local-loss update")
-        if self.prompts < 0 or (self.prompts == 0 and self.method not in ("fl-full",)):
+        if self.prompts < 0 or (self.prompts == 0 and self.method not in ("fl-full", "fl-lora")):
             raise ConfigError(f"prompts={self.prompts} must be >= 1 for {self.method}", "pass e.g. --prompts 4")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"gamma={self.gamma} must be in (0, 1]", "use e.g. 0.5 (keep the hardest half)")
         if self.alpha <= 0:
             raise ConfigError(f"alpha={self.alpha} must be > 0", "use e.g. 0.5 (non-IID) or 100 (near IID)")
-        if self.lr <= 0 or self.full_lr <= 0:
-            raise ConfigError(f"lr={self.lr}, full_lr={self.full_lr} must be > 0", "use e.g. 1e-2 and 1e-3")
+        if min(self.lr, self.lora_lr, self.full_lr) <= 0:
+            raise ConfigError(f"lr={self.lr}, lora_lr={self.lora_lr}, full_lr={self.full_lr} must be > 0",
+                              f"use e.g. {defaults[0]}, {defaults[1]} and {defaults[2]}")
         for pid, fault in self.faults.items():
             if fault not in FAULTS or not 0 <= pid < self.clients:
                 raise ConfigError(f"faults[{pid}]={fault!r} is invalid", f"partition ids 0..{self.clients - 1}, faults {FAULTS}")
 
     @property
     def n_prompts(self) -> int:
-        return 0 if self.method == "fl-full" else self.prompts
+        return 0 if self.method in ("fl-full", "fl-lora") else self.prompts
 
     @property
-    def full(self) -> bool:
-        return self.method == "fl-full"
+    def trained(self) -> str:
+        """What a client trains and FedAvg averages: "full" (every weight), "lora" (adapters) or "prompt" (prompts + tail)."""
+        return {"fl-full": "full", "fl-lora": "lora"}.get(self.method, "prompt")
+
+    @property
+    def train_lr(self) -> float:
+        return {"full": self.full_lr, "lora": self.lora_lr, "prompt": self.lr}[self.trained]
+
+    @property
+    def lm(self) -> bool:
+        return self.task in LM_TASKS
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -1,7 +1,10 @@
-"""Offline tasks: scikit-learn's digits for the ViT, a generated topic task for the Llamas.
+"""Offline tasks: the federated text tasks for SmolLM2, scikit-learn's digits for the ViT,
+a generated topic task for the random Llamas.
 
-Both are classification, so one accuracy metric and one EL2N score fit both; the Llama
-answers through a verbalizer (the class is a digit token read at the last position).
+``knowledge`` and ``text`` (hetune.data.federated) are causal-LM tasks: a sample is one
+document's tokens (right-padded) with next-token targets (-100 at padding), and the
+clients come split by topic / source package. Digits and topics are classification; the
+toy Llama answers through a verbalizer (the class is a digit token read at the last position).
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ FILLER = ("the", "a", "big", "old", "my", "red", "new", "one", "some", "that", "
 TEXT_LEN = 40  # bytes after left padding; the longest generated text is shorter
 
 
+IGNORE = -100  # target of a position without a next token (cross-entropy's ignore_index)
+EVAL_DOCS = 16  # held-out documents scored for the eval loss (text: a fixed sample, for time)
+
+
 @dataclass(frozen=True)
 class Dataset:
-    x: torch.Tensor  # (N, 1, 8, 8) float pixels, or (N, TEXT_LEN) token ids
-    y: torch.Tensor  # (N,) class indices
+    x: torch.Tensor  # (N, 1, 8, 8) float pixels, or (N, L) token ids
+    y: torch.Tensor  # (N,) class indices, or (N, L) next-token ids (IGNORE where none)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -41,6 +48,38 @@ class Task:
     test: Dataset
     num_classes: int
     label_token_ids: tuple[int, ...] = ()  # Llama verbalizer
+    lm: bool = False  # causal-LM task: y holds next-token targets
+    partitions: list[np.ndarray] | None = None  # the task's own client split (None: Dirichlet on y)
+    held_out: tuple = ()  # knowledge: held-out questions (hetune.data.arithmetic.Problem), scored by exact match
+    tokenizer: object = None
+
+
+def encode(tokenizer, texts: list[str], seq_len: int) -> Dataset:
+    """Documents as right-padded token ids (at most ``seq_len``) and their next-token targets."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len] for t in texts]
+    length = max(len(i) for i in ids)
+    x = torch.full((len(ids), length), pad, dtype=torch.long)
+    y = torch.full((len(ids), length), IGNORE, dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        x[row, : len(tokens)] = torch.tensor(tokens)
+        y[row, : len(tokens) - 1] = torch.tensor(tokens[1:])
+    return Dataset(x, y)
+
+
+def text_task(task: str, model: str, clients: int, seed: int, seq_len: int, max_docs: int) -> Task:
+    """A federated text task (hetune.data.federated) tokenized for ``model``; partitions follow its clients."""
+    from hetune.data.federated import make_federated_text
+    from hetune.protocols.sfprompt.models import tokenizer as model_tokenizer
+
+    fed = make_federated_text(task, clients, seed, max_docs)
+    tok = model_tokenizer(model)
+    docs = [d for client in fed.clients for d in client]
+    sizes = np.cumsum([0] + [len(c) for c in fed.clients])
+    parts = [np.arange(sizes[i], sizes[i + 1]) for i in range(clients)]
+    evals = fed.eval_texts if len(fed.eval_texts) <= EVAL_DOCS else random.Random(seed).sample(fed.eval_texts, EVAL_DOCS)
+    return Task(encode(tok, docs, seq_len), encode(tok, evals, seq_len), len(tok), lm=True, partitions=parts,
+                held_out=tuple(fed.held_out), tokenizer=tok)
 
 
 def digits_task(seed: int, dtype=torch.float32) -> Task:
@@ -79,11 +118,18 @@ def topic_task(seed: int, n_train: int = 1200, n_test: int = 400) -> Task:
     return Task(Dataset(x[:n_train], y[:n_train]), Dataset(x[n_train:], y[n_train:]), len(names), label_tokens)
 
 
-def load_task(model_family: str, seed: int, dtype=torch.float32) -> Task:
-    return digits_task(seed, dtype) if model_family == "vit" else topic_task(seed)
+def load_task(cfg, dtype=torch.float32) -> Task:
+    """The task of an SfpromptConfig."""
+    if cfg.task == "digits":
+        return digits_task(cfg.seed, dtype)
+    if cfg.task == "topics":
+        return topic_task(cfg.seed)
+    return text_task(cfg.task, cfg.model, cfg.clients, cfg.seed, cfg.seq_len, cfg.max_docs)
 
 
 def client_partitions(task: Task, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
     from hetune.data.partition import dirichlet_split
 
+    if task.partitions is not None:
+        return task.partitions
     return dirichlet_split(task.train.y.numpy(), num_clients, alpha, seed, min_size=2)

@@ -37,11 +37,10 @@ def _client_state(cfg: SfpromptConfig):
     key = repr(sorted(cfg.to_dict().items()))
     if key not in _ACTOR_CACHE:
         from hetune.protocols.sfprompt.data import client_partitions, load_task
-        from hetune.protocols.sfprompt.models import family
-        from hetune.protocols.sfprompt.split import SplitModel
+        from hetune.protocols.sfprompt.split import split_for
 
-        task = load_task(family(cfg.model), cfg.seed)
-        split = SplitModel(cfg.model, cfg.seed, cfg.cut, cfg.n_prompts, task.label_token_ids)
+        task = load_task(cfg)
+        split = split_for(cfg, task)
         if cfg.method in SPLIT_METHODS:
             split.drop_body()  # the body's weights live on the server only
         _ACTOR_CACHE.clear()
@@ -87,7 +86,7 @@ def make_client_app(cfg_dict: dict, body_url: str | None, access_token: str | No
             if cfg.method in SPLIT_METHODS:
                 link = (_DroppingBodyClient if cfg.faults.get(pid) == "disconnect" else BodyClient)(body_url, access_token)
                 link.open()
-            report = client_round(split, cfg, task.train.subset(parts[pid]), task.num_classes,
+            report = client_round(split, cfg, task.train.subset(parts[pid]), task,
                                   seed=round_seed(cfg.seed, server_round, pid), link=link)
         except HetuneError as err:
             return Message(Error(code=1, reason=f"partition {pid}: {err.message}"), reply_to=msg)

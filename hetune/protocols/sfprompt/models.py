@@ -1,5 +1,8 @@
-"""Backbones SFPrompt runs on: a tiny ViT for 8x8 digits, the built-in Llamas, and the
-real ViT-B/16 and ViT-L/16 shapes (accounting only: no weights are ever built for them).
+"""Backbones SFPrompt runs on: the real pretrained SmolLM2-135M, a tiny ViT for 8x8 digits,
+the built-in random Llamas, and the real ViT-B/16 and ViT-L/16 shapes (accounting only: no
+weights are ever built for them).
+
+``blocks`` > 0 keeps only a backbone's first blocks (a truncated SmolLM2 for fast tests).
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ VIT_CONFIGS: dict[str, dict] = {
         image_size=224, patch_size=16, num_channels=3, num_labels=100,
     ),
 }
-TRAINABLE_MODELS = ("tiny-vit", "micro-llama", "tiny-llama")  # small enough to run here
+PRETRAINED = ("smollm2-135m",)  # real weights, loaded with hetune.models.loading (cached conversion)
+TRAINABLE_MODELS = ("smollm2-135m", "tiny-vit", "micro-llama", "tiny-llama")  # small enough to run here
 
 
 def family(name: str) -> str:
     """'vit' or 'llama'; a clear error for anything else."""
     if name in VIT_CONFIGS:
         return "vit"
-    if name in LLAMA_CONFIGS:
+    if name in LLAMA_CONFIGS or name in PRETRAINED:
         return "llama"
     raise ConfigError(
         f"model={name!r} is not a built-in SFPrompt backbone",
@@ -39,35 +43,67 @@ def family(name: str) -> str:
     )
 
 
-def model_config(name: str):
-    """The Hugging Face config, eager attention (same arithmetic in every process)."""
+def model_config(name: str, blocks: int = 0):
+    """The Hugging Face config; the random backbones use eager attention (same arithmetic in every process)."""
     if family(name) == "vit":
         from transformers import ViTConfig
 
-        return ViTConfig(**VIT_CONFIGS[name], attn_implementation="eager")
-    from transformers import LlamaConfig
+        cfg = ViTConfig(**VIT_CONFIGS[name], attn_implementation="eager")
+    elif name in PRETRAINED:
+        from hetune.models.loading import load_config
 
-    return LlamaConfig(**LLAMA_CONFIGS[name], attn_implementation="eager")
+        cfg = load_config(name)
+    else:
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(**LLAMA_CONFIGS[name], attn_implementation="eager")
+    if blocks:
+        if blocks > cfg.num_hidden_layers:
+            raise ConfigError(f"blocks={blocks} exceeds the {cfg.num_hidden_layers} blocks of {name}",
+                              f"pass --blocks 0 (all) or at most {cfg.num_hidden_layers}")
+        cfg.num_hidden_layers = blocks
+    return cfg
 
 
-def depth(name: str) -> int:
-    return model_config(name).num_hidden_layers
+def depth(name: str, blocks: int = 0) -> int:
+    return model_config(name, blocks).num_hidden_layers
 
 
-def build_backbone(name: str, seed: int, dtype=None):
-    """The whole model with seeded random weights: every process builds identical ones."""
+def tokenizer(name: str):
+    """The Llamas' tokenizer: SmolLM2's own, or the built-in byte tokenizer."""
+    if name in PRETRAINED:
+        from transformers import AutoTokenizer
+
+        from hetune.models.loading import local_source
+
+        return AutoTokenizer.from_pretrained(local_source(name))  # the converted directory: no weights read
+    from hetune.models.builtin import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+def build_backbone(name: str, seed: int, dtype=None, blocks: int = 0):
+    """The whole model: SmolLM2's pretrained weights, or seeded random weights that every process
+    builds identically. On the meta device (parameter counts) nothing is loaded."""
     import torch
 
-    cfg = model_config(name)
+    cfg = model_config(name, blocks)
     torch.manual_seed(seed)
     if family(name) == "vit":
         from transformers import ViTForImageClassification
 
         model = ViTForImageClassification(cfg)
+    elif name in PRETRAINED and torch.empty(0).device.type != "meta":
+        from hetune.models.loading import load_model
+
+        model = load_model(name).model
+        model.model.layers = model.model.layers[: cfg.num_hidden_layers]
+        model.config.num_hidden_layers = cfg.num_hidden_layers
     else:
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM(cfg)
     model = model.to(dtype or torch.float32)
+    model.requires_grad_(True)
     model.eval()
     return model

@@ -3,7 +3,11 @@ frozen middle blocks the server runs) and tail (last blocks, final norm, classif
 
 One :class:`SplitModel` serves every method: SFPrompt and split-fed run
 ``tail(remote_body(head(x)))``, the local-loss update runs ``tail(head(x))``, federated
-prompt tuning and full fine-tuning run the three parts in one process.
+prompt tuning, LoRA and full fine-tuning run the three parts in one process.
+
+Two kinds of output: a classifier ((B, classes) logits: the ViT's CLS head, or a Llama's
+verbalizer) or, for the causal-LM tasks, next-token logits (B, L, vocab) at the token
+positions through the model's own frozen LM head (tied to the client's embedding in SmolLM2).
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ class BlockStack(nn.Module):
         return len(self.blocks)
 
 
-def check_cut(model: str, cut: tuple[int, int]) -> None:
+def check_cut(model: str, cut: tuple[int, int], blocks: int = 0) -> None:
     """Head and tail block counts must leave at least one block for the body."""
     head, tail = cut
-    total = models.depth(model)
+    total = models.depth(model, blocks)
     if head < 0 or tail < 0 or head + tail >= total:
         raise ConfigError(
             f"cut={head}:{tail} does not fit {model}, which has {total} blocks (the body needs at least one)",
@@ -64,11 +68,11 @@ def _rotary(backbone, family: str):
     return backbone.model.rotary_emb if family == "llama" else None
 
 
-def body_stack(model: str, seed: int, cut: tuple[int, int], dtype=torch.float32) -> BlockStack:
+def body_stack(model: str, seed: int, cut: tuple[int, int], dtype=torch.float32, blocks: int = 0) -> BlockStack:
     """What the server holds: the frozen middle blocks, nothing else."""
-    check_cut(model, cut)
+    check_cut(model, cut, blocks)
     fam = models.family(model)
-    backbone = models.build_backbone(model, seed, dtype)
+    backbone = models.build_backbone(model, seed, dtype, blocks)
     blocks = _blocks(backbone, fam)
     body = BlockStack(blocks[cut[0] : len(blocks) - cut[1]], fam, _rotary(backbone, fam))
     body.requires_grad_(False)
@@ -80,14 +84,18 @@ class SplitModel(nn.Module):
 
     ``label_token_ids`` (Llama only) are the verbalizer: the tail scores the class
     tokens at the last position, so both families return (B, num_classes) logits.
+    ``lm``: next-token logits instead, through the backbone's frozen LM head.
+    ``lora_rank`` > 0: LoRA adapters (peft) on all seven linears of every block (fl-lora).
     """
 
     def __init__(self, model: str, seed: int, cut: tuple[int, int], n_prompts: int,
-                 label_token_ids: tuple[int, ...] = (), dtype=torch.float32):
+                 label_token_ids: tuple[int, ...] = (), dtype=torch.float32, *, lm: bool = False,
+                 blocks: int = 0, lora_rank: int = 0):
         super().__init__()
-        check_cut(model, cut)
+        check_cut(model, cut, blocks)
         self.family = models.family(model)
-        backbone = models.build_backbone(model, seed, dtype)
+        self.lm, self.n_prompts = lm, n_prompts
+        backbone = models.build_backbone(model, seed, dtype, blocks)
         blocks, rotary = _blocks(backbone, self.family), _rotary(backbone, self.family)
         n = len(blocks)
         self.head = BlockStack(blocks[: cut[0]], self.family, rotary)
@@ -96,6 +104,9 @@ class SplitModel(nn.Module):
         hidden = backbone.config.hidden_size
         if self.family == "vit":
             self.embeddings, self.norm, self.classifier = backbone.vit.embeddings, backbone.vit.layernorm, backbone.classifier
+        elif lm:
+            self.embeddings, self.norm = backbone.model.embed_tokens, backbone.model.norm
+            self.lm_head = backbone.lm_head  # frozen; the same tensor as the embedding when tied
         else:
             if not label_token_ids:
                 raise ConfigError("a Llama tail needs label_token_ids (the class tokens it scores)", "pass the task's label tokens")
@@ -106,6 +117,12 @@ class SplitModel(nn.Module):
         self.register_buffer("label_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
         generator = torch.Generator().manual_seed(seed + 1)
         self.prompts = nn.Parameter(0.02 * torch.randn(n_prompts, hidden, generator=generator, dtype=dtype)) if n_prompts else None
+        if lora_rank:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            torch.manual_seed(seed)  # lora_A's init: identical in every process
+            inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets), self)
 
     # ---- the three parts ----
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +138,8 @@ class SplitModel(nn.Module):
 
     def tail_forward(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.tail(h))
+        if self.lm:
+            return self.lm_head(h[:, self.n_prompts :])  # (B, L0, vocab) at the token positions
         if self.family == "vit":
             return self.classifier(h[:, 0])  # (B, classes) from CLS
         return nn.functional.linear(h[:, -1], self.classifier.weight[self.label_ids])  # (B, classes) from the last token
@@ -134,21 +153,24 @@ class SplitModel(nn.Module):
         return self.tail_forward(self.head_forward(x))
 
     # ---- what is trained and exchanged ----
-    def set_trainable(self, full: bool) -> list[nn.Parameter]:
-        """full: every weight (FL); otherwise prompts + tail + final norm + classifier."""
-        self.requires_grad_(full)
-        if not full:
-            for name, param in self.named_parameters():
-                param.requires_grad_(self._is_client_trained(name))
+    def set_trainable(self, trained: str) -> list[nn.Parameter]:
+        """"full": every weight (FL); "lora": the adapters; "prompt": prompts + tail + final norm + classifier
+        (never the LM head of an LM task: it is the client's frozen embedding)."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(self._is_trained(name, trained))
         return [p for p in self.parameters() if p.requires_grad]
 
     @staticmethod
-    def _is_client_trained(name: str) -> bool:
-        return name == "prompts" or name.startswith(("tail.", "norm.", "classifier."))
+    def _is_trained(name: str, trained: str) -> bool:
+        if trained == "full":
+            return "lora_" not in name
+        if trained == "lora":
+            return "lora_" in name
+        return name == "prompts" or (name.startswith(("tail.", "norm.", "classifier.")) and "lora_" not in name)
 
-    def shared_state(self, full: bool) -> dict[str, torch.Tensor]:
-        """What FedAvg averages, by name: prompts + tail, or every weight for FL."""
-        return {n: p.detach().clone() for n, p in self.named_parameters() if full or self._is_client_trained(n)}
+    def shared_state(self, trained: str) -> dict[str, torch.Tensor]:
+        """What FedAvg averages, by name (see set_trainable)."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if self._is_trained(n, trained)}
 
     def load_shared(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())
@@ -159,3 +181,9 @@ class SplitModel(nn.Module):
     def drop_body(self) -> None:
         """Client side of the split methods: the body's weights are the server's, not held here."""
         self.body = None
+
+
+def split_for(cfg, task, dtype=torch.float32) -> SplitModel:
+    """The SplitModel of an SfpromptConfig and its task (LoRA adapters for fl-lora only)."""
+    return SplitModel(cfg.model, cfg.seed, cfg.cut, cfg.n_prompts, task.label_token_ids, dtype, lm=task.lm,
+                      blocks=cfg.blocks, lora_rank=cfg.lora_rank if cfg.trained == "lora" else 0)
