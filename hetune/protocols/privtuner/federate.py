@@ -300,7 +300,7 @@ def compile_bundle(cell, out: Path):
 
     loaded = first_blocks(load_model(cell.model), cell.layers)
     compiled = compile_model(loaded, CompileConfig(), progress=False)
-    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report)
+    write_bundle(out, compiled.manifest, compiled.tensors, compiled.report, overwrite=True)  # a rerun's bundle replaces the last
     return loaded.tokenizer
 
 
