@@ -38,10 +38,10 @@ import resource, json
 from hetune.models.client_weights import load_client_model
 from hetune.models.layers import op_groups
 from hetune.models.loading import load_config
-from hetune.protocols.hybrid_lora.owner.client import LoraSettings, _wrap_lora
+from hetune.protocols.hybrid_lora.owner.client import LoraSettings, wrap_lora
 members = [m for g in op_groups(load_config(DIR)) for m in g.members]
 loaded = load_client_model(DIR, members)
-model = _wrap_lora(loaded.model, LoraSettings(), seed=0)
+model = wrap_lora(loaded.model, LoraSettings(), seed=0)
 touched = sum(float(p.detach().sum()) for p in model.parameters())  # read every page, as a forward pass would
 held = sum(p.untyped_storage().nbytes() for p in model.parameters())
 print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "param_bytes_held": held}))

@@ -9,6 +9,14 @@ privacy and no joint optimisation; and how long do the planner, its continuous s
 (quadratic transform) and the cvxpy oracle take, side by side on the same problems.
 
     .venv/bin/python benchmarks/privtuner.py [--sizes 5,10,20,50] [--omegas 1e-4,1e-3,1e-2] [--seed 0] [--scheme rlwe]
+    .venv/bin/python benchmarks/privtuner.py --real-owners [--cell docs/examples/cell_smollm2.toml] [--omega 0.003]
+
+``--real-owners``: the plan put to work. The cell is planned on the shipped rlwe fit
+(measured on this 2-core machine when quiet; ``--measure-costs``: measured now), and
+``hetune federate privtuner`` runs the plan's owners (SmolLM2-135M's first blocks, each its
+own documents, keys, parameter set, rate and CPU shares) at once through one worker:
+per owner measured time and energy against the prediction, the objective against the
+baselines'. Writes benchmarks/results/privtuner_owners.json.
 
 Costs: the fit hetune ships for --scheme (rlwe, the default: default_costs.json in
 hetune/protocols/privtuner/; glwe: default_costs_glwe.json), or --costs.
@@ -33,6 +41,7 @@ from hetune.protocols.privtuner.costs import load_costs  # noqa: E402
 from hetune.protocols.privtuner.discrete import branch_and_bound, brute_force, cost_table  # noqa: E402
 from hetune.protocols.privtuner.oracle import OracleFailed, oracle_solve  # noqa: E402
 from hetune.protocols.privtuner.planner import BASELINES, Planner, plan_cell  # noqa: E402
+from hetune.protocols.privtuner.run import format_table  # noqa: E402
 from hetune.protocols.privtuner.system import build_instance  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Solution may be inaccurate")
@@ -115,8 +124,36 @@ def bnb_rows(costs, seed, omega=1e-3) -> list[dict]:
     return rows
 
 
+def real_owners(cell: Path, omega: float, out: Path, measure: bool) -> dict:
+    """Measure the costs here, plan the cell on them, run the plan's owners through one worker."""
+    from hetune.protocols.privtuner.costs import measure_and_save
+    from hetune.protocols.privtuner.federate import FederateConfig, format_report, run_federate
+    from hetune.protocols.privtuner.run import PlanConfig, run_plan
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    costs = None
+    if measure:
+        costs = out / "costs.json"
+        measure_and_save(costs, "rlwe")
+    measure_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = run_plan(PlanConfig(cell=cell, omega=omega, costs=costs, out=out / "plan", sweep=False))
+    plan_s = time.perf_counter() - t0
+    print(format_table(plan), flush=True)
+    report = run_federate(FederateConfig(plan=out / "plan" / "privtuner.json", out=out / "run"), echo=print)
+    print(format_report(report), flush=True)
+    return {"environment": environment(), "cell": str(cell), "omega": omega, "costs_measured_here": measure,
+            "measure_s": measure_s, "plan_s": plan_s, "plan": {k: plan[k] for k in ("plan", "baselines", "violation", "sets")},
+            "run": report}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--real-owners", action="store_true", help="plan a SmolLM2 cell and run its owners through one worker")
+    ap.add_argument("--cell", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "examples" / "cell_smollm2.toml")
+    ap.add_argument("--omega", type=float, default=0.003, help="--real-owners: privacy weight (J per bit)")
+    ap.add_argument("--measure-costs", action="store_true", help="--real-owners: measure the rlwe costs here first (a loaded machine spoils the fit)")
     ap.add_argument("--sizes", default="5,10,20,50")
     ap.add_argument("--omegas", default="1e-4,1e-3,1e-2")
     ap.add_argument("--seed", type=int, default=0)
@@ -124,6 +161,14 @@ def main() -> None:
     ap.add_argument("--scheme", default=None, help="rlwe (default) or glwe; with --costs, the file's")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "privtuner.json")
     args = ap.parse_args()
+    if args.real_owners:
+        t0 = time.perf_counter()
+        data = real_owners(args.cell, args.omega, Path("runs/privtuner-owners"), args.measure_costs)
+        data["wall_s"] = time.perf_counter() - t0
+        out = args.out.with_name("privtuner_owners.json")
+        write_json(out, data)
+        print(f"wrote {out} in {data['wall_s']:.0f} s")
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     omegas = [float(w) for w in args.omegas.split(",")]
     costs = load_costs(args.costs, args.scheme)

@@ -20,7 +20,7 @@ app = typer.Typer(
     help="Private LoRA fine-tuning of open LLMs with homomorphic encryption.",
     pretty_exceptions_enable=False,
 )
-federate_app = typer.Typer(no_args_is_help=True, help="Federated relatives of the core protocol, run on Flower's simulation engine.")
+federate_app = typer.Typer(no_args_is_help=True, help="Federated relatives of the core protocol: SHE-LoRA and SFPrompt on Flower's simulation engine, PrivTuner's owners through one worker.")
 plan_app = typer.Typer(no_args_is_help=True, help="Resource planning for encrypted fine-tuning.")
 keys_app = typer.Typer(no_args_is_help=True, help="Data owners' API keys for a worker's admission (`serve --api-keys`).")
 app.add_typer(federate_app, name="federate")
@@ -427,6 +427,30 @@ def federate_sfprompt(
                f"(best {summary['best_accuracy']:.4f}); traffic {traffic / 1e6:.2f} MB; "
                f"client FLOPs/round {summary['client_flops_per_round_mean']:.3g}; {summary['wall_s']:.0f} s")
     typer.echo(f"metrics: {out / 'metrics.json'}  plot: {out / 'metrics.png'}")
+
+
+# ---- federate privtuner (issue 19) ----
+@federate_app.command("privtuner")
+def federate_privtuner(
+    plan: Path = typer.Option(..., "--plan", help="privtuner.json from `hetune plan privtuner` (holds its cell and cost fit)."),
+    out: Path = typer.Option(Path("runs/privtuner-federate"), "--out", "-o", help="Writes federate.json, the bundle and each owner's adapter here."),
+    task: str = typer.Option("knowledge", "--task", help="Each owner's private documents: knowledge (company facts) or text (stdlib prose)."),
+    lr: float = typer.Option(5e-3, "--lr", help="AdamW learning rate on the LoRA adapters."),
+    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
+    clip_norm: float = typer.Option(1.0, "--clip-norm", help="Gradient clipping norm."),
+    max_docs: int = typer.Option(0, "--max-docs", help="At most this many documents per owner (0: all)."),
+    seed: int = typer.Option(0, "--seed", help="Owner n's LoRA init and batch order use seed + n."),
+    solo: bool = typer.Option(True, "--solo/--no-solo", help="Also run each owner alone on the quantized backend and require equal adapters."),
+) -> None:
+    """PrivTuner's owners fine-tune privately through one worker at once, each with the plan's parameter set,
+    bandwidth and CPU shares; measured time and energy against the plan."""
+    from hetune.protocols.privtuner.federate import FederateConfig, format_report, run_federate
+
+    cfg = FederateConfig(plan=plan, out=out, task=task, lr=lr, lora_r=lora_r, clip_norm=clip_norm, max_docs=max_docs,
+                         seed=seed, solo=solo)
+    report = run_federate(cfg, echo=typer.echo)
+    typer.echo(format_report(report))
+    typer.echo(f"wrote {out / 'federate.json'}")
 
 
 # ---- plan privtuner (issue 7) ----

@@ -20,6 +20,7 @@ def _configs():
     from hetune.protocols.hybrid_lora.owner.train import TrainConfig
     from hetune.protocols.hybrid_lora.worker.ray_serve import RayServeConfig
     from hetune.protocols.hybrid_lora.worker.server import ServeConfig
+    from hetune.protocols.privtuner.federate import FederateConfig
     from hetune.protocols.privtuner.run import PlanConfig
     from hetune.protocols.sfprompt.config import SfpromptConfig
     from hetune.protocols.she_lora.config import SheLoraConfig
@@ -35,6 +36,7 @@ def _configs():
         ("federate", "she-lora"): (SheLoraConfig,),
         ("federate", "sfprompt"): (SfpromptConfig,),
         ("plan", "privtuner"): (PlanConfig,),
+        ("federate", "privtuner"): (FederateConfig,),
     }
 
 

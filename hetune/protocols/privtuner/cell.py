@@ -26,7 +26,8 @@ CELL_KEYS = {
 }
 CELL_OPTIONAL = {"kappa": 1e-28, "kappa_server": 0.0, "downlink_mbps": 100.0, "server_memory_gib": math.inf}
 OWNER_KEYS = {"samples": "data size D_n (training sequences)", "max_power_w": "p_max", "max_cpu_ghz": "f_max"}
-WORKLOAD_DEFAULTS = {"model": "micro-llama", "seq_len": 16, "batch": 4}  # batch: `hetune train --batch-size`'s default
+WORKLOAD_DEFAULTS = {"model": "micro-llama", "seq_len": 16, "batch": 4, "layers": 0}  # batch: `hetune train --batch-size`'s default;
+# layers: the model's first decoder blocks only (0: all of them), the smallest real setting of a large model
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Cell:
     model: str = "micro-llama"
     seq_len: int = 16
     batch: int = 4  # sequences per encrypted request (the client's micro-batch): they share its ciphertexts
+    layers: int = 0  # the model's first decoder blocks that are trained (0: all)
     source: str = field(default="<memory>", compare=False)
 
     def __post_init__(self) -> None:
@@ -66,9 +68,9 @@ class Cell:
                 raise ConfigError(f"{self.source}: {name}={getattr(self, name)} must be > 0", f"set [cell] {name} to a positive number")
         if self.kappa_server < 0:
             raise ConfigError(f"{self.source}: kappa_server={self.kappa_server} must be >= 0", "use 0 to leave server energy out")
-        if self.seq_len < 1 or self.batch < 1:
-            raise ConfigError(f"{self.source}: seq_len={self.seq_len} and batch={self.batch} must be >= 1",
-                              "set [workload] seq_len, e.g. 16, and batch, e.g. 4")
+        if self.seq_len < 1 or self.batch < 1 or self.layers < 0:
+            raise ConfigError(f"{self.source}: seq_len={self.seq_len} and batch={self.batch} must be >= 1, layers={self.layers} >= 0",
+                              "set [workload] seq_len, e.g. 16, batch, e.g. 4, and layers (0: all of the model's)")
 
     @property
     def noise_w_per_hz(self) -> float:
@@ -145,11 +147,12 @@ def parse_cell(data: dict, source: str = "<memory>") -> Cell:
     model = workload.get("model", WORKLOAD_DEFAULTS["model"])
     seq_len = workload.get("seq_len", WORKLOAD_DEFAULTS["seq_len"])
     batch = workload.get("batch", WORKLOAD_DEFAULTS["batch"])
-    if not isinstance(model, str) or any(isinstance(v, bool) or not isinstance(v, int) for v in (seq_len, batch)):
-        raise ConfigError(f"{source} [workload]: model must be a string, seq_len and batch integers",
-                          'e.g. model = "micro-llama", seq_len = 16, batch = 4')
+    layers = workload.get("layers", WORKLOAD_DEFAULTS["layers"])
+    if not isinstance(model, str) or any(isinstance(v, bool) or not isinstance(v, int) for v in (seq_len, batch, layers)):
+        raise ConfigError(f"{source} [workload]: model must be a string, seq_len, batch and layers integers",
+                          'e.g. model = "micro-llama", seq_len = 16, batch = 4, layers = 0')
     parsed = tuple(_owner(o, f"{source} [[owner]] #{i + 1}") for i, o in enumerate(owners))
-    return Cell(parsed, model=model, seq_len=seq_len, batch=batch, source=source, **values)
+    return Cell(parsed, model=model, seq_len=seq_len, batch=batch, layers=layers, source=source, **values)
 
 
 def load_cell(path: Path) -> Cell:
@@ -184,7 +187,8 @@ def cell_to_toml(cell: Cell) -> str:
         lines.append(f"{k} = {getattr(cell, k)!r}")
     if math.isfinite(cell.server_memory_gib):
         lines.append(f"server_memory_gib = {cell.server_memory_gib!r}")
-    lines += ["", "[workload]", f'model = "{cell.model}"', f"seq_len = {cell.seq_len}", f"batch = {cell.batch}"]
+    lines += ["", "[workload]", f'model = "{cell.model}"', f"seq_len = {cell.seq_len}", f"batch = {cell.batch}",
+              f"layers = {cell.layers}"]
     for o in cell.owners:
         where = f"distance_m = {o.distance_m!r}" if o.distance_m is not None else f"gain_db = {o.gain_db!r}"
         lines += ["", "[[owner]]", f"samples = {o.samples}", where, f"max_power_w = {o.max_power_w!r}", f"max_cpu_ghz = {o.max_cpu_ghz!r}"]

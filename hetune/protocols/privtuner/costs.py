@@ -24,7 +24,7 @@ its cores, the unit the planner scales by each device's frequency.
 ``per_sample`` turns a fit into the planner's per-sample figures for a workload: training
 sequences of ``seq_len`` tokens, ``batch`` of them per encrypted request (the client's
 micro-batch: its tokens share each request, and rlwe pads them to N), through one LoRA
-step of a model of a supported family (forward products of every outsourced op, backward products
+step of a model of a supported family (or its first ``layers`` blocks; forward products of every outsourced op, backward products
 of every op but the first block's q/k/v, as the core client does).
 """
 
@@ -128,15 +128,19 @@ class Product:
     n_out: int
 
 
-def workload_products(model: str) -> list[Product]:
-    """Encrypted products of one LoRA training step (forward and backward) of ``model``."""
+def workload_products(model: str, layers: int = 0) -> list[Product]:
+    """Encrypted products of one LoRA training step (forward and backward) of ``model``'s first ``layers``
+    decoder blocks (0: all)."""
     from hetune.models.families import family_of
     from hetune.models.loading import load_config
 
     c = load_config(model)
     ops = [(k, n) for _, k, n in family_of(c, model).op_shapes(c)]  # (in, out) of the block's fused ops, first one first
     products = []
-    for layer in range(c.num_hidden_layers):
+    if layers > c.num_hidden_layers:
+        raise ConfigError(f"[workload] layers={layers}: {model} has only {c.num_hidden_layers} decoder blocks",
+                          f"use layers between 1 and {c.num_hidden_layers}, or 0 for all")
+    for layer in range(layers or c.num_hidden_layers):
         for i, (k, n) in enumerate(ops):
             products.append(Product(k, n))  # forward
             if not (layer == 0 and i == 0):  # the first block's qkv input needs no gradient
@@ -156,13 +160,13 @@ class SampleCosts:
     security_bits: int
 
 
-def per_sample(costs: CostModel, param_set: str, model: str, seq_len: int, batch: int = 1) -> SampleCosts:
+def per_sample(costs: CostModel, param_set: str, model: str, seq_len: int, batch: int = 1, layers: int = 0) -> SampleCosts:
     """One sequence's share of the requests of a micro-batch of ``batch`` sequences (T = batch * seq_len rows)."""
     scheme = get_scheme(costs.scheme)
     params, p = scheme.params(param_set), costs.sets[param_set]
     rows = batch * seq_len
     client_s = server_s = up = down = 0.0
-    for prod in workload_products(model):
+    for prod in workload_products(model, layers):
         in_b, out_b = scheme.request_bytes(params, rows, prod.k), scheme.request_bytes(params, rows, prod.n_out)
         client_s += p.client_s_per_request + p.enc_s_per_byte * in_b + p.dec_s_per_byte * out_b
         server_s += (p.srv_s_per_request + p.srv_s_per_value * rows * prod.n_out + p.srv_s_per_mac_byte * prod.n_out * in_b

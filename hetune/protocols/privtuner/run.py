@@ -1,6 +1,7 @@
 """What ``hetune plan privtuner`` does end to end: read, plan, compare, sweep, write.
 
-Writes ``OUT/privtuner.json`` (the allocation, every baseline, the omega sweep) and
+Writes ``OUT/privtuner.json`` (the allocation, every baseline, the omega sweep, and the
+cell and cost fit it was planned on, so ``hetune federate privtuner --plan`` needs nothing else) and
 ``OUT/energy_vs_omega.png``, each to a temporary file renamed into place, so a failed
 run leaves no half-written output.
 """
@@ -45,7 +46,7 @@ def run_plan(cfg: PlanConfig) -> dict:
 def _run_plan(cfg: PlanConfig) -> dict:
     import numpy as np
 
-    from hetune.protocols.privtuner.cell import load_cell
+    from hetune.protocols.privtuner.cell import cell_to_toml, load_cell
     from hetune.protocols.privtuner.costs import load_costs
     from hetune.protocols.privtuner.planner import check_feasible, omega_grid, plan_cell, plot_sweep, sweep
     from hetune.protocols.privtuner.system import build_instance
@@ -56,6 +57,7 @@ def _run_plan(cfg: PlanConfig) -> dict:
     result = plan_cell(cell, costs, cfg.omega)
     result["cell"] = str(cfg.cell)
     result["costs"] = str(cfg.costs or f"shipped fit for {costs.scheme}")
+    result["inputs"] = {"cell": cell_to_toml(cell), "costs": costs.to_dict()}  # what `hetune federate privtuner` runs
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.sweep:
         inst = build_instance(cell, costs)

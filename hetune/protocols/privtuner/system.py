@@ -59,7 +59,7 @@ class Instance:
 
 def build_instance(cell: Cell, costs: CostModel, sets: tuple[str, ...] | None = None) -> Instance:
     """The cell under the fit's scheme and its sets (default: all the fit has), least private first."""
-    per = {s: per_sample(costs, s, cell.model, cell.seq_len, cell.batch) for s in (sets or costs.sets)}
+    per = {s: per_sample(costs, s, cell.model, cell.seq_len, cell.batch, cell.layers) for s in (sets or costs.sets)}
     sets = tuple(sorted(per, key=lambda s: per[s].security_bits))
     per = [per[s] for s in sets]
     D = np.array([o.samples for o in cell.owners], dtype=float)[:, None]

@@ -62,7 +62,7 @@ def plain_ops(model: torch.nn.Module, fuse: bool = True) -> tuple[list[OpSpec], 
     return specs, weights
 
 
-def _wrap_lora(model: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.nn.Module:
+def wrap_lora(model: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     allowed = family_of(model.config).lora_targets
@@ -188,7 +188,7 @@ def build_private_model(
 
     _check_needs(backend, bundle, workers)
     loaded = load_model(model_id, seed=seed) if backend == "plain" else load_client_model(model_id, seed=seed)
-    model = _wrap_lora(loaded.model, lora, seed)
+    model = wrap_lora(loaded.model, lora, seed)
     return make_private(model, backend, bundle=bundle, workers=workers, keys=keys, scheme=scheme,
                         param_set=param_set, tokenizer=loaded.tokenizer, access=access, model_id=model_id,
                         hint_cache=hint_cache)
