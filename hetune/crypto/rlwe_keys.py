@@ -18,7 +18,7 @@ from hetune.crypto.rlwe import NAME, SCHEME, blocks
 from hetune.crypto.rlwe_params import PARAM_SETS, RlweParamSet
 from hetune.crypto.scheme import ClientKeys, PayloadError
 from hetune.errors import ConfigError, HetuneError
-from hetune.files import write_atomic
+from hetune.files import open_atomic, write_atomic
 
 _POLY_CHUNK = 1024  # polynomials per FFT batch (bounds memory)
 _KEY_MAGIC = b"HTRLWEsk"
@@ -101,7 +101,25 @@ class SecretReuseError(HetuneError):
     """A per-call secret was asked to encrypt a second message: (mask, secret) pairs are used once."""
 
 
-HintFetch = Callable[[str, str, bytes, int, int], bytes]  # (op, direction, query body, rows, cols) -> hint body
+HintFetch = Callable[[str, str, bytes, int, int, "HintFile"], None]  # (op, direction, query, rows, cols, sink): streams the hint
+
+
+class HintFile:
+    """Where a hint download goes as it arrives: a temp file, rewound for each try."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def begin(self) -> None:
+        self.fh.seek(0)
+        self.fh.truncate()
+
+    def write(self, chunk: bytes) -> None:
+        self.fh.write(chunk)
+
+
+class _BadHint(Exception):
+    pass
 
 
 class HintCache:
@@ -110,10 +128,15 @@ class HintCache:
     Layout: ``root/<set>-<bundle sha256>/mask_seed`` (16 bytes, made once: the masks are
     public, the seed is kept so a resumed run reuses the cached hints) and one file per
     (op, direction, block): the worker's hint (header, values, SHA-256 of both) followed by
-    SHA-256(bundle hash, header, values). Every file is checked once per process (sizes,
-    header, seed, both digests); a bad one is deleted and fetched again, and a second bad
-    fetch raises PayloadError. Values are read through a memory map, one chunk at a time.
+    SHA-256(bundle hash, header, values). A hint is streamed from the worker into a temp file,
+    checked there (sizes, header, seed, digest) and only then bound and renamed into place, so
+    a truncated or corrupted download never becomes a cached hint; memory stays at one piece
+    of the stream, never the hint. A cached file is checked once per process (both digests);
+    a bad one is deleted and fetched again, and a second bad fetch raises PayloadError. Values
+    are read through a memory map, one chunk at a time.
     """
+
+    _READ = 1 << 20  # bytes per read while checking a file
 
     def __init__(self, root: Path, bundle_sha256: str, rp: RlweParamSet, fetch: HintFetch):
         self.rp, self.bundle_sha256, self.fetch = rp, bundle_sha256, fetch
@@ -136,15 +159,17 @@ class HintCache:
         if key not in self._maps:
             path = self.dir / f"{op}.{direction}.{block}.hint"
             for attempt in range(2):
-                if not path.exists():
-                    query = wire.Header(wire.HINT_QUERY, NAME, self.rp.name, (block + 1) * self.rp.n, n_in, 8,
-                                        self.op_seed(op, direction)).pack()
-                    data = self.fetch(op, direction, query, (block + 1) * self.rp.n, n_in)
-                    write_atomic(path, bytes(data) + self._binding(data), mode=0o600)
-                problem = self._check(path, op, direction, block, n_out)
-                if problem is None:
-                    break
-                path.unlink()
+                if path.exists():
+                    problem = self._scan(path, op, direction, block, n_out, bound=True)[0]
+                    if problem is None:
+                        break
+                    path.unlink()
+                else:
+                    try:
+                        self._download(path, op, direction, block, n_in, n_out)
+                        break
+                    except _BadHint as bad:
+                        problem = str(bad)
                 if attempt:
                     raise PayloadError(f"the hint of {op} {direction} block {block} is {problem}, twice; "
                                        "check the worker serves the bundle this cache was made for")
@@ -154,25 +179,48 @@ class HintCache:
                                          shape=(n_out * self.rp.n * vb,)), vb)
         return self._maps[key]
 
-    def _binding(self, data) -> bytes:
-        return wire.digest(self.bundle_sha256.encode() + bytes(data[: len(data) - wire.DIGEST_BYTES]))
-
-    def _check(self, path: Path, op: str, direction: str, block: int, n_out: int) -> str | None:
-        data = path.read_bytes()
+    def _download(self, path: Path, op: str, direction: str, block: int, n_in: int, n_out: int) -> None:
+        """Stream the hint into a temp file, check it, bind it, rename it into place; _BadHint (and no file) if bad."""
+        rows = (block + 1) * self.rp.n
+        query = wire.Header(wire.HINT_QUERY, NAME, self.rp.name, rows, n_in, 8, self.op_seed(op, direction)).pack()
         try:
-            header = wire.Header.parse(data, wire.HINT, NAME, self.rp.name, (block + 1) * self.rp.n, n_out)
-        except PayloadError as err:
-            return f"not a hint of this shape ({err.message})"
-        values_end = wire.HEADER_BYTES + n_out * self.rp.n * header.value_bytes
-        if len(data) != values_end + 2 * wire.DIGEST_BYTES:
-            return f"{len(data)} bytes, expected {values_end + 2 * wire.DIGEST_BYTES} (truncated?)"
-        if header.seed != self.op_seed(op, direction):
-            return "for other masks (another mask seed)"
-        if wire.digest(data[:values_end]) != data[values_end : values_end + wire.DIGEST_BYTES]:
-            return "corrupted (checksum mismatch)"
-        if self._binding(data[: values_end + wire.DIGEST_BYTES]) != data[values_end + wire.DIGEST_BYTES :]:
-            return "bound to another bundle"
-        return None
+            with open_atomic(path, mode=0o600) as (fh, tmp):
+                self.fetch(op, direction, query, rows, n_in, HintFile(fh))
+                fh.flush()
+                problem, binding = self._scan(tmp, op, direction, block, n_out, bound=False)
+                if problem is not None:
+                    raise _BadHint(problem)  # the temp file is removed: nothing bad is cached
+                fh.write(binding)
+        except OSError as err:
+            raise ConfigError(f"cannot write the hint cache {self.dir}: {err.strerror or err}",
+                              "pass a writable --hint-cache directory with room for the hints") from err
+
+    def _scan(self, path: Path, op: str, direction: str, block: int, n_out: int, bound: bool) -> tuple[str | None, bytes]:
+        """(What is wrong with the hint file, or None; its binding digest), reading it a piece at a time.
+        ``bound``: the file ends with its binding (cached), else only the worker's digest (just downloaded)."""
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(wire.HEADER_BYTES)
+            try:
+                header = wire.Header.parse(head, wire.HINT, NAME, self.rp.name, (block + 1) * self.rp.n, n_out)
+            except PayloadError as err:
+                return f"not a hint of this shape ({err.message})", b""
+            values_end = wire.HEADER_BYTES + n_out * self.rp.n * header.value_bytes
+            expected = values_end + (2 if bound else 1) * wire.DIGEST_BYTES
+            if size != expected:
+                return f"{size} bytes, expected {expected} (truncated?)", b""
+            if header.seed != self.op_seed(op, direction):
+                return "for other masks (another mask seed)", b""
+            checksum, binding = hashlib.sha256(head), hashlib.sha256(self.bundle_sha256.encode() + head)
+            for left in range(values_end - wire.HEADER_BYTES, 0, -self._READ):
+                piece = fh.read(min(self._READ, left))
+                checksum.update(piece)
+                binding.update(piece)
+            if checksum.digest() != fh.read(wire.DIGEST_BYTES):
+                return "corrupted (checksum mismatch)", b""
+            if bound and binding.digest() != fh.read(wire.DIGEST_BYTES):
+                return "bound to another bundle", b""
+        return None, binding.digest()
 
 
 class CallKey:

@@ -36,6 +36,21 @@ class TransferStats:
         return dict(self.__dict__)
 
 
+class _Counting:
+    """A sink that counts the bytes of the last try (a retry starts it afresh) and passes them on."""
+
+    def __init__(self, sink):
+        self.sink, self.bytes = sink, 0
+
+    def begin(self) -> None:
+        self.sink.begin()
+        self.bytes = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.sink.write(chunk)
+        self.bytes += len(chunk)
+
+
 class FrozenBackend:
     """Frozen linear products of the outsourced ops; float in, float64 out."""
 
@@ -126,10 +141,11 @@ class EncryptedBackend(FrozenBackend):
                 for block in range(-(-tokens // n)):
                     self.keys.cache.values(op, direction, block, cols, out)
 
-    def _fetch_hint(self, op: str, direction: str, query: bytes, rows: int, cols: int) -> bytes:
-        hint, _ = self.transport.run(op, direction, query, rows=rows, cols=cols)
-        self.stats.hint_bytes += len(hint)
-        return hint
+    def _fetch_hint(self, op: str, direction: str, query: bytes, rows: int, cols: int, sink) -> None:
+        """The hint streamed into ``sink`` (the cache's temp file) as the worker computes it: never held whole."""
+        counted = _Counting(sink)
+        self.transport.run(op, direction, query, rows=rows, cols=cols, sink=counted)
+        self.stats.hint_bytes += counted.bytes
 
     def _decrypt(self, result: bytes, rows: int, out_cols: int, cols: int, call=None):
         """The result's integers (under ``call``'s fresh secret with fixed masks), or PayloadError for a body that

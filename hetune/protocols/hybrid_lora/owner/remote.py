@@ -19,6 +19,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import torch
@@ -93,6 +94,15 @@ def _certificate_failure(err: BaseException) -> bool:
     return False
 
 
+class Sink(Protocol):
+    """Where a streamed result goes as it arrives: a file (a hint), a decryptor (a product)."""
+
+    def begin(self) -> None:
+        """Start afresh (called before each try's first byte)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+
 class _TooLarge(Exception):
     def __init__(self, size: int):
         self.size = size
@@ -115,25 +125,32 @@ class WorkerClient:
         self._params = None  # the session's hetune.crypto.scheme.ParamSet
         self.fingerprint: str | None = None  # outsourced_sha256 the data owner verified; each session must report it
 
-    def _receive(self, method: str, path: str, max_bytes: int, **kwargs):
-        """The response with its body read whole, or _TooLarge once it passes ``max_bytes`` (decoded)."""
+    def _receive(self, method: str, path: str, max_bytes: int, sink: Sink | None = None, **kwargs):
+        """The response with its body read whole, or _TooLarge once it passes ``max_bytes`` (decoded).
+        With ``sink``, a 200's body goes to the sink as it arrives (never held whole; the returned body is empty)."""
         import httpx
 
         with self.http.stream(method, path, **kwargs) as response:
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise _TooLarge(int(declared))
+            streamed = sink is not None and response.status_code == 200
+            if streamed:
+                sink.begin()  # each try starts the sink afresh: a retry never appends to a broken download
             chunks, total = [], 0
             for chunk in response.iter_bytes():  # after content decoding: a gzip bomb is counted as it inflates
                 total += len(chunk)
                 if total > max_bytes:
                     raise _TooLarge(total)
-                chunks.append(chunk)
+                if streamed:
+                    sink.write(chunk)
+                else:
+                    chunks.append(chunk)
         plain = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
         return httpx.Response(response.status_code, headers=plain, content=b"".join(chunks), request=response.request)
 
     def _request(self, method: str, path: str, max_bytes: int = MAX_INFO_BYTES, content: bytes | None = None,
-                 remake=None, **kwargs):
+                 remake=None, sink: Sink | None = None, **kwargs):
         """``remake``: a callable that makes a fresh body for each retry (a product is re-encrypted, never resent)."""
         import httpx
 
@@ -141,7 +158,7 @@ class WorkerClient:
             wait = self.retry.backoff_s * 2**attempt
             try:
                 body = remake() if remake is not None and attempt else content
-                response = self._receive(method, path, max_bytes, content=body, **kwargs)
+                response = self._receive(method, path, max_bytes, sink=sink, content=body, **kwargs)
             except _TooLarge as err:  # never held whole: retried like a lost connection
                 problem = f"worker {self.url} sent a response of over {max_bytes} bytes ({err.size} so far) to {method} {path}"
             except httpx.TransportError as err:
@@ -220,14 +237,17 @@ class WorkerClient:
                               "serve the bundle compiled from your model on that worker, then rerun (with --resume if a run had started)")
         self.session_id, self._token = data["session_id"], data["token"]
 
-    def run(self, op: str, direction: str, payload, rows: int, cols: int, max_bytes: int = MAX_INFO_BYTES) -> tuple[bytes, float]:
+    def run(self, op: str, direction: str, payload, rows: int, cols: int, max_bytes: int = MAX_INFO_BYTES,
+            sink: Sink | None = None) -> tuple[bytes, float]:
         """The result body (at most ``max_bytes``) and the worker's seconds (its ``x-worker-seconds`` header);
-        ``payload``: bytes, or a callable that makes a fresh request body for each try."""
+        ``payload``: bytes, or a callable that makes a fresh request body for each try. With ``sink`` the worker
+        streams the result into it as it is computed (body b"", seconds 0: the worker cannot know them up front)."""
         path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
+        query = {"rows": rows, "cols": cols, **({"stream": "true"} if sink is not None else {})}
         for reopened in (False, True):
             response = self._request(
                 "POST", path, max_bytes=max_bytes, content=payload() if callable(payload) else payload,
-                remake=payload if callable(payload) else None, params={"rows": rows, "cols": cols},
+                remake=payload if callable(payload) else None, sink=sink, params=query,
                 headers={"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"},
             )
             if response.status_code == 404 and "session" in response.text and not reopened:
@@ -300,13 +320,13 @@ class HttpTransport:
     def weights_sha256(self) -> str:
         return self.manifest.model.weights_sha256
 
-    def run(self, op: str, direction: str, payload, rows: int, cols: int) -> tuple[bytes, float]:
+    def run(self, op: str, direction: str, payload, rows: int, cols: int, sink: Sink | None = None) -> tuple[bytes, float]:
         client = self._by_op[op]
         spec = self.manifest.op(op)
         out_cols = spec.out_features if direction == "forward" else spec.in_features
         params = client._params
         cap = RESULT_BYTES_FACTOR * get_scheme(params.scheme).request_bytes(params, rows, out_cols) + 2**16
-        return client.run(op, direction, payload, rows, cols, cap)
+        return client.run(op, direction, payload, rows, cols, cap, sink)
 
     def close(self) -> None:
         for client in self.clients:
