@@ -6,7 +6,7 @@ The worker never imports this module (tests/test_layout.py).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from hetune.errors import ConfigError, HetuneError
 from hetune.files import open_atomic, write_atomic
 
 _POLY_CHUNK = 1024  # polynomials per FFT batch (bounds memory)
+ENCRYPT_FEATURES = 128  # features per encrypted chunk of a request (a pipelined upload's unit)
 _KEY_MAGIC = b"HTRLWEsk"
 
 
@@ -32,6 +33,70 @@ def _chunked(fn, a: torch.Tensor) -> torch.Tensor:
 def top_bits(x: torch.Tensor, k: int) -> torch.Tensor:
     """Values mod 2^64 rounded to their top k bits, as signed integers |x'| <= 2^(k-1): x ~ x' 2^(64-k)."""
     return (x + (1 << (63 - k))) >> (64 - k) if k < 64 else x  # wrapping add, arithmetic shift: round mod 2^k
+
+
+def _encrypt_rows(mult: BinaryPolyMultiplier, a: torch.Tensor, x: torch.Tensor, rp: RlweParamSet) -> bytes:
+    """b = a s + e + Delta m for the masks ``a`` (f c, N) of features x (T, f), packed to the upload width."""
+    f, c, n = x.shape[1], a.shape[0] // x.shape[1], rp.n
+    b = _chunked(mult.mul, a)  # exact a * s: 2 limbs
+    b += randomness.t_uniform(a.numel(), rp.noise_bound_log2).view(a.shape)
+    b.view(f, c * n)[:, : x.shape[0]] += x.T << rp.log2_delta  # feature j's polynomial holds its T tokens (block-major)
+    return wire.pack_top(b, rp.input_bytes)
+
+
+class ResultReader:
+    """A result body decrypted as it arrives (a streamed download), or whole.
+
+    Values are feature-major, each output's c blocks of N one after the other (``parts``
+    such runs: 2 for A_out then B_out). Whole outputs are handed to ``take(header, first,
+    values (k, c N))`` as soon as they are complete, at most :data:`_POLY_CHUNK` at a time
+    (never straddling a part), which returns the decoded rounds of the last part or None.
+    A body that is short, long or of another shape raises PayloadError.
+    """
+
+    def __init__(self, rp: RlweParamSet, kind: int, rows: int, cols: int, parts: int, take):
+        self.rp, self.kind, self.rows, self.cols, self.parts, self.take = rp, kind, rows, cols, parts, take
+        self.begin()
+
+    def begin(self) -> None:
+        self.header: wire.Header | None = None
+        self.buf, self.done = bytearray(), 0  # bytes not yet used; outputs (of all parts) taken
+        self.out = np.empty((self.cols, self.rows), dtype=np.int64)
+
+    def write(self, chunk: bytes) -> None:
+        self.buf += chunk
+        if self.header is None:
+            if len(self.buf) < wire.HEADER_BYTES:
+                return
+            self.header = wire.Header.parse(bytes(self.buf[: wire.HEADER_BYTES]), self.kind, NAME, self.rp.name, self.rows, self.cols)
+            del self.buf[: wire.HEADER_BYTES]
+        c = blocks(self.rows, self.rp.n)
+        poly = c * self.rp.n * self.header.value_bytes  # one output's bytes
+        total = self.parts * self.cols
+        used = 0
+        while len(self.buf) - used >= poly and self.done < total:
+            k = min((len(self.buf) - used) // poly, _POLY_CHUNK, self.cols - self.done % self.cols, total - self.done)
+            v = wire.unpack_top(memoryview(self.buf)[used : used + k * poly], k * c * self.rp.n, self.header.value_bytes)
+            m = self.take(self.header, self.done, v.view(k, -1))
+            if m is not None:
+                o = self.done % self.cols
+                self.out[o : o + k] = m[:, : self.rows].numpy()
+            used += k * poly
+            self.done += k
+        del self.buf[:used]  # once per piece: a whole body is not moved again for every batch
+        if self.done == total and self.buf:
+            raise PayloadError(f"result of {self.rows}x{self.cols} is longer than its {total} outputs")
+
+    def result(self) -> np.ndarray:
+        total = self.parts * self.cols
+        if self.header is None or self.done != total:
+            raise PayloadError(f"result of {self.rows}x{self.cols} ended after {self.done} of {total} outputs (truncated?)")
+        return np.ascontiguousarray(self.out.T)
+
+    def whole(self, body: bytes) -> np.ndarray:
+        self.begin()
+        self.write(body)
+        return self.result()
 
 
 class RlweKeys(ClientKeys):
@@ -46,32 +111,38 @@ class RlweKeys(ClientKeys):
         return b""  # the worker needs no evaluation key
 
     def encrypt(self, q) -> bytes:
+        return b"".join(self.encrypt_chunks(q))
+
+    def encrypt_chunks(self, q, features: int = ENCRYPT_FEATURES) -> Iterator[bytes]:
+        """The request body as its header and then ``features`` features' ciphertexts at a time (a pipelined upload
+        sends one while the next is encrypted); under a fresh mask seed per request."""
         x = torch.as_tensor(np.asarray(q), dtype=torch.int64)  # (T, k) small integers
         rows, cols = x.shape
-        n = self.rp.n
-        c = blocks(rows, n)
+        n, c = self.rp.n, blocks(rows, self.rp.n)
         seed = randomness.new_seed()
-        a = randomness.aes_ctr_words(seed, cols * c * n).view(cols * c, n)
-        b = _chunked(self._mult.mul, a)  # exact a * s: 2 limbs
-        b += randomness.t_uniform(cols * c * n, self.rp.noise_bound_log2).view(cols * c, n)
-        b.view(cols, c * n)[:, :rows] += x.T << self.rp.log2_delta  # feature j's polynomial holds its T tokens (block-major)
-        header = wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed)
-        return header.pack() + wire.pack_top(b, self.rp.input_bytes)
+        yield wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed).pack()
+        for j in range(0, cols, features):
+            f = min(features, cols - j)
+            a = randomness.aes_ctr_words(seed, f * c * n, start=j * c * n).view(f * c, n)  # row (j, k): feature j, block k
+            yield _encrypt_rows(self._mult, a, x[:, j : j + f], self.rp)
 
     def decrypt(self, result: bytes, rows: int, cols: int) -> np.ndarray:
-        header = wire.Header.parse(result, wire.RESULT, NAME, self.rp.name, rows, cols)
-        n, c = self.rp.n, blocks(rows, self.rp.n)
-        count = cols * c * n
-        body = memoryview(result)[wire.HEADER_BYTES :]
-        if len(body) != 2 * count * header.value_bytes:
-            raise PayloadError(f"result of {rows}x{cols} must carry {2 * count * header.value_bytes} bytes, got {len(body)}")
-        a = wire.unpack_top(body[: count * header.value_bytes], count, header.value_bytes).view(cols * c, n)
-        b = wire.unpack_top(body[count * header.value_bytes :], count, header.value_bytes).view(cols * c, n)
-        k = min(8 * header.value_bytes, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
-        phase = b - (_chunked(self._mult.mul_small, top_bits(a, k)) << (64 - k))  # Delta m + noise, mod 2^64
-        d = self.rp.log2_delta
-        m = (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
-        return m.view(cols, c * n)[:, :rows].T.contiguous().numpy()
+        return self.decryptor(rows, cols).whole(result)
+
+    def decryptor(self, rows: int, cols: int) -> "ResultReader":
+        """Decrypts a fresh-mask result (A_out, then B_out) fed in pieces: a * s as A_out arrives, the rest with B_out."""
+        n, c, d = self.rp.n, blocks(rows, self.rp.n), self.rp.log2_delta
+        a_s = torch.empty(cols, c * n, dtype=torch.int64)
+
+        def take(header: wire.Header, o: int, v: torch.Tensor) -> torch.Tensor | None:
+            if o < cols:
+                k = min(8 * header.value_bytes, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
+                a_s[o : o + len(v)] = (self._mult.mul_small(top_bits(v.view(-1, n), k)) << (64 - k)).view(len(v), c * n)
+                return None
+            phase = v - a_s[o - cols : o - cols + len(v)]  # Delta m + noise, mod 2^64
+            return (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
+
+        return ResultReader(self.rp, wire.RESULT, rows, cols, 2, take)
 
     def save(self, path: Path) -> None:
         """Layout: magic, set name (8 bytes), packed secret bits. Written 0600 via a temp file."""
@@ -240,40 +311,43 @@ class CallKey:
         raise TypeError("a per-call RLWE key is never saved or copied: a resumed run makes fresh ones")
 
     def encrypt(self, q) -> bytes:
+        return b"".join(self.encrypt_chunks(q))
+
+    def encrypt_chunks(self, q, features: int = ENCRYPT_FEATURES) -> Iterator[bytes]:
+        """The request body as its header and then ``features`` features' ciphertexts at a time; this call's one message."""
         if self._used:
             raise SecretReuseError(f"this call's secret already encrypted a message ({self.op} {self.direction}); "
                                    "a retry or another micro-batch takes a new call key")
         self._used = True
-        x = torch.as_tensor(np.asarray(q), dtype=torch.int64)  # (T, k) small integers
+        return self._chunks(torch.as_tensor(np.asarray(q), dtype=torch.int64), features)
+
+    def _chunks(self, x: torch.Tensor, features: int) -> Iterator[bytes]:
         rows, cols = x.shape
         n, c = self.rp.n, blocks(rows, self.rp.n)
         seed = self.cache.op_seed(self.op, self.direction)
-        a = torch.cat([randomness.aes_ctr_words(seed, cols * n, start=k * cols * n).view(cols, n) for k in range(c)], dim=1)
-        b = _chunked(self._mult.mul, a.view(cols * c, n))  # exact a * s: 2 limbs; row j c + k: feature j, block k
-        b += randomness.t_uniform(cols * c * n, self.rp.noise_bound_log2).view(cols * c, n)
-        b.view(cols, c * n)[:, :rows] += x.T << self.rp.log2_delta
-        header = wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed)
-        return header.pack() + wire.pack_top(b, self.rp.input_bytes)
+        yield wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed).pack()
+        for j in range(0, cols, features):
+            f = min(features, cols - j)  # block k's masks of features j.. are at words k cols N + j N of the op's stream
+            a = torch.stack([randomness.aes_ctr_words(seed, f * n, start=(k * cols + j) * n).view(f, n) for k in range(c)], dim=1)
+            yield _encrypt_rows(self._mult, a.view(f * c, n), x[:, j : j + f], self.rp)
 
     def decrypt(self, result: bytes, rows: int, cols: int, n_in: int) -> np.ndarray:
-        """B_out minus the cached hint times this call's secret, block by block, rounded to Delta."""
-        header = wire.Header.parse(result, wire.HINTED_RESULT, NAME, self.rp.name, rows, cols)
-        n, c = self.rp.n, blocks(rows, self.rp.n)
-        vb = header.value_bytes
-        body = memoryview(result)[wire.HEADER_BYTES :]
-        if len(body) != cols * c * n * vb:
-            raise PayloadError(f"result of {rows}x{cols} must carry {cols * c * n * vb} bytes, got {len(body)}")
-        phase = wire.unpack_top(body, cols * c * n, vb).view(cols, c, n)
-        for k in range(c):
-            hint, hb = self.cache.values(self.op, self.direction, k, n_in, cols)
-            bits = min(8 * hb, self.rp.fft_bits)
-            for i in range(0, cols, _POLY_CHUNK):  # bounded memory: a chunk of output polynomials at a time
-                rows_i = min(_POLY_CHUNK, cols - i)
-                h = wire.unpack_top(hint[i * n * hb : (i + rows_i) * n * hb], rows_i * n, hb).view(rows_i, n)
-                phase[i : i + rows_i, k] -= self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
-        d = self.rp.log2_delta
-        m = (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
-        return m.view(cols, c * n)[:, :rows].T.contiguous().numpy()
+        return self.decryptor(rows, cols, n_in).whole(result)
+
+    def decryptor(self, rows: int, cols: int, n_in: int) -> "ResultReader":
+        """Decrypts B_out fed in pieces: minus the cached hint times this call's secret, block by block, rounded to Delta."""
+        n, c, d = self.rp.n, blocks(rows, self.rp.n), self.rp.log2_delta
+
+        def take(header: wire.Header, o: int, v: torch.Tensor) -> torch.Tensor:
+            phase = v.view(len(v), c, n)
+            for k in range(c):
+                hint, hb = self.cache.values(self.op, self.direction, k, n_in, cols)
+                bits = min(8 * hb, self.rp.fft_bits)
+                h = wire.unpack_top(hint[o * n * hb : (o + len(v)) * n * hb], len(v) * n, hb).view(len(v), n)
+                phase[:, k] -= self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
+            return (v + (1 << (d - 1))) >> d  # round(phase / Delta), signed
+
+        return ResultReader(self.rp, wire.HINTED_RESULT, rows, cols, 1, take)
 
 
 class FixedMaskKeys(ClientKeys):
