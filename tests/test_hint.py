@@ -364,3 +364,33 @@ def test_a_corrupted_stream_is_fetched_again_then_refused(wide_worker, tmp_path,
         keys.cache.values(WIDE, "forward", 0, 8, 8192)
     assert [p.name for p in keys.cache.dir.iterdir()] == ["mask_seed"]
     client.close()
+
+
+# ---- overlap: pipelined products ----
+
+@pytest.mark.parametrize("masks", ["fresh", "fixed"])
+def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro_bundle, loopback_worker, noise_audit,
+                                                                 tmp_path, monkeypatch, masks):  # noqa: F811
+    """Products pipelined in chunks of 8 features up and 8 outputs down (micro-llama's ops have 32 to 128): remote and
+    in process equal quantized bit for bit; each product's spans are recorded, and the bytes are the wire format's."""
+    from hetune.crypto import rlwe, rlwe_keys
+
+    monkeypatch.setattr(rlwe_keys, "ENCRYPT_FEATURES", 8)
+    monkeypatch.setattr(rlwe, "STREAM_ROWS", 8)
+    _, quantized = reference
+    worker = loopback_worker()
+    for backend, where in (("remote", {"workers": (worker.url,)}), ("encrypted", {"bundle": micro_bundle})):
+        keys = fixed_mask_keys("p128", tmp_path) if masks == "fixed" else None
+        pm = build_private_model("micro-llama", backend, keys=keys, overlap=True, **where)
+        assert_equal_grads(lora_grads(pm), quantized)
+        st = pm.backend.stats
+        assert st.round_trips == len(st.timeline) == 15 and max(noise_audit) == 0
+        for span in st.timeline:
+            assert span["encrypt"][0] <= span["send"][0] <= span["send"][1] <= span["receive"][1] <= span["end"]
+            assert span["receive"][0] <= span["decrypt"][0] <= span["decrypt"][1] <= span["end"]
+            assert 0 < span["encrypt_s"] and 0 < span["decrypt_s"] <= span["receive"][1] - span["receive"][0] + 1e-3
+            assert span["send_chunks"] == 1 + -(-span["cols"] // 8)  # the header, then 8 features at a time
+            assert span["sent"] == wire.HEADER_BYTES + span["cols"] * N * 6  # 6 B per input value
+            assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * (5 if masks == "fixed" else 10)
+        assert st.bytes_sent == sum(s["sent"] for s in st.timeline) and st.bytes_received == sum(s["received"] for s in st.timeline)
+        pm.close()

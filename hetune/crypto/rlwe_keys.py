@@ -113,13 +113,13 @@ class RlweKeys(ClientKeys):
     def encrypt(self, q) -> bytes:
         return b"".join(self.encrypt_chunks(q))
 
-    def encrypt_chunks(self, q, features: int = ENCRYPT_FEATURES) -> Iterator[bytes]:
+    def encrypt_chunks(self, q, features: int | None = None) -> Iterator[bytes]:
         """The request body as its header and then ``features`` features' ciphertexts at a time (a pipelined upload
         sends one while the next is encrypted); under a fresh mask seed per request."""
         x = torch.as_tensor(np.asarray(q), dtype=torch.int64)  # (T, k) small integers
         rows, cols = x.shape
         n, c = self.rp.n, blocks(rows, self.rp.n)
-        seed = randomness.new_seed()
+        seed, features = randomness.new_seed(), features or ENCRYPT_FEATURES
         yield wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed).pack()
         for j in range(0, cols, features):
             f = min(features, cols - j)
@@ -313,7 +313,7 @@ class CallKey:
     def encrypt(self, q) -> bytes:
         return b"".join(self.encrypt_chunks(q))
 
-    def encrypt_chunks(self, q, features: int = ENCRYPT_FEATURES) -> Iterator[bytes]:
+    def encrypt_chunks(self, q, features: int | None = None) -> Iterator[bytes]:
         """The request body as its header and then ``features`` features' ciphertexts at a time; this call's one message."""
         if self._used:
             raise SecretReuseError(f"this call's secret already encrypted a message ({self.op} {self.direction}); "
@@ -326,6 +326,7 @@ class CallKey:
         n, c = self.rp.n, blocks(rows, self.rp.n)
         seed = self.cache.op_seed(self.op, self.direction)
         yield wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed).pack()
+        features = features or ENCRYPT_FEATURES
         for j in range(0, cols, features):
             f = min(features, cols - j)  # block k's masks of features j.. are at words k cols N + j N of the op's stream
             a = torch.stack([randomness.aes_ctr_words(seed, f * n, start=(k * cols + j) * n).view(f, n) for k in range(c)], dim=1)

@@ -44,6 +44,8 @@ class LocalTransport:
         """The result body and the worker's seconds; ``payload``: bytes, or a callable that makes them.
         With ``sink`` (see remote.Sink) the result goes there chunk by chunk as it is computed (body b"")."""
         payload = payload() if callable(payload) else payload
+        if not isinstance(payload, bytes):  # a pipelined body: the worker's product needs all of it
+            payload = b"".join(payload)
         get_scheme(self._params.scheme).check_request(self._params, payload, rows, cols)
         t0 = time.perf_counter()
         if sink is None:

@@ -245,10 +245,13 @@ class WorkerClient:
         path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
         query = {"rows": rows, "cols": cols, **({"stream": "true"} if sink is not None else {})}
         for reopened in (False, True):
+            body = payload() if callable(payload) else payload
+            headers = {"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"}
+            if not isinstance(body, bytes):  # made as it is sent (pipelined): its exact size up front, not chunked
+                headers["content-length"] = str(get_scheme(self._params.scheme).request_bytes(self._params, rows, cols))
             response = self._request(
-                "POST", path, max_bytes=max_bytes, content=payload() if callable(payload) else payload,
-                remake=payload if callable(payload) else None, sink=sink, params=query,
-                headers={"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"},
+                "POST", path, max_bytes=max_bytes, content=body,
+                remake=payload if callable(payload) else None, sink=sink, params=query, headers=headers,
             )
             if response.status_code == 404 and "session" in response.text and not reopened:
                 self.open(self._params, self._key)  # the worker restarted or the session expired
