@@ -34,8 +34,8 @@ worker too) and of the worker process.
 
 Overlap (``-overlap`` rows): each product pipelined (encryption ahead of the upload, the result
 streamed and decrypted as it comes); the worker then reports no seconds, so ``products_s`` (the
-products' wall time) and each row's ``timeline`` (per product: encrypt, send or transport,
-receive, decrypt spans in seconds from the step's start) say what overlapped.
+products' wall time) and each row's ``timeline`` (per product: encrypt, send, wait and receive
+or transport, decrypt spans in seconds from the step's start) say what overlapped.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def relative_timeline(timeline: list[dict], t0: float) -> list[dict]:
             return [None if x is None else round(x - t0, 6) for x in v]
         return round(v - t0, 6) if isinstance(v, float) else v
 
-    return [{k: rel(v) if k in ("encrypt", "send", "transport", "receive", "decrypt", "start", "end") else v
+    return [{k: rel(v) if k in ("encrypt", "send", "wait", "transport", "receive", "decrypt", "start", "end") else v
              for k, v in span.items()} for span in timeline]
 
 
@@ -181,7 +181,7 @@ def glwe_seconds_per_value(n_in: int = 2048, values: int = 256) -> float:
     return (time.perf_counter() - t0) / values
 
 
-def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str], glwe_spv: float | None, save) -> dict:
+def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str], glwe_spv: float, save) -> dict:
     """Measure each backend in turn; ``save(partial)`` after each, so a long run keeps what it measured."""
     rows = []
     result = {"workload": model_id, "tokens": ids.numel(), "rows": rows}
@@ -207,9 +207,6 @@ def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str]
         else:
             rows.append(measure(model_id, backend, ids, bundle=bundle))
         save(result)
-    if glwe_spv is None:
-        save(result)
-        return result
     values = rows[0]["values_out"]  # the same on every backend but plain
     glwe = {"backend": "encrypted (Concrete ML GLWE, extrapolated)", "tokens": ids.numel(), "values_out": values,
             "step_s": values * glwe_spv, "extrapolated": True}
@@ -240,34 +237,65 @@ def one_block_smollm2(root: Path) -> Path:
 
 
 def overlap_comparison(args) -> None:
-    """Remote on loopback with and without overlap, both mask layouts, alternated over ``args.rounds`` rounds."""
-    done: list[dict] = []
+    """Remote on loopback, steps with and without overlap alternated in one owner process against one worker,
+    for each mask layout: the same model, data, keys and worker, so the ratios compare like with like."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows, result = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         model = one_block_smollm2(Path(tmp) / "models")
         bundle = make_bundle(str(model), Path(tmp))
         ids = torch.randint(0, 256, (4, 128), generator=torch.Generator().manual_seed(0))
-        kinds = ["remote", "remote-overlap", "remote-hint", "remote-hint-overlap"]
-
-        def save(partial: dict) -> None:
-            write_json(args.out, {"benchmark": "step_time --overlap", "environment": environment(),
-                                  "workloads": [*done, partial], "ratios": ratios([*done, partial])})
-
-        for r in range(args.rounds):
-            done.append(workload(f"smollm2-1block-shape (round {r + 1})", ids, bundle, kinds, None, save))
-    for name, value in ratios(done).items():
+        worker = ServedWorker(bundle)
+        try:
+            for hint_cache in (None, tempfile.mkdtemp(prefix="hetune-hints-", dir=tmp)):
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    rows += pool.submit(_alternate, str(model), ids, worker.url, hint_cache, args.rounds).result()
+                result = {"benchmark": "step_time --overlap", "environment": environment(), "workload": "smollm2-1block-shape",
+                          "tokens": ids.numel(), "rows": rows, "ratios": ratios(rows)}
+                write_json(args.out, result)
+        finally:
+            result["worker_peak_gib"] = worker.stop()
+            write_json(args.out, result)
+    for name, value in result["ratios"].items():
         print(f"  {name}: {value:.3f}")
     print(f"wrote {args.out}")
 
 
-def ratios(workloads: list[dict]) -> dict:
-    """Step and product wall time with overlap over without, per mask layout and round."""
+def _alternate(model_id: str, ids: torch.Tensor, url: str, hint_cache: str | None, rounds: int) -> list[dict]:
+    keys = fixed_mask_keys("p128", Path(hint_cache)) if hint_cache else None
+    pm = build_private_model(model_id, "remote", workers=(url,), keys=keys)
+    if hint_cache:
+        pm.backend.prefetch_hints(ids.numel())
+    one_step(pm, ids)  # warm-up: first-use costs (the FFT plans, the connection) in neither mode
+    rows = []
+    for r in range(rounds):
+        for overlap in (False, True):
+            pm.backend.overlap = overlap
+            before = pm.backend.stats.snapshot()
+            step_s, t0 = one_step(pm, ids)
+            after = pm.backend.stats.snapshot()
+            st = {k: v[len(before[k]):] if isinstance(v, list) else v - before[k] for k, v in after.items()}
+            rows.append({"masks": "fixed" if hint_cache else "per request", "overlap": overlap, "round": r + 1,
+                         "step_s": step_s, "products_s": st["round_trip_s"], "encrypt_s": st["encrypt_s"],
+                         "decrypt_s": st["decrypt_s"], "bytes_sent": st["bytes_sent"], "bytes_received": st["bytes_received"],
+                         "client_clear_s": step_s - st["round_trip_s"], "timeline": relative_timeline(st["timeline"], t0)})
+            print(f"  {rows[-1]['masks']:<12} overlap={overlap!s:<5} round {r + 1}: step {step_s:.2f} s, "
+                  f"products {st['round_trip_s']:.2f} s, crypto {st['encrypt_s'] + st['decrypt_s']:.2f} s", flush=True)
+    pm.close()
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Per mask layout: the summed step and product wall times with overlap over those without (same rounds)."""
     out = {}
-    for w in workloads:
-        by = {row["backend"]: row for row in w["rows"]}
-        for plain, piped in (("remote", "remote overlapped"), ("remote (fixed masks)", "remote (fixed masks) overlapped")):
-            if plain in by and piped in by:
-                for what in ("step_s", "products_s"):
-                    out[f"{w['workload']}: {piped} / {plain}, {what}"] = by[piped][what] / by[plain][what]
+    for masks in ("per request", "fixed"):
+        for what in ("step_s", "products_s"):
+            plain = sum(r[what] for r in rows if r["masks"] == masks and not r["overlap"])
+            piped = sum(r[what] for r in rows if r["masks"] == masks and r["overlap"])
+            if plain:
+                out[f"{masks} masks: {what} overlapped / not"] = piped / plain
     return out
 
 
@@ -277,7 +305,7 @@ def main() -> None:
     parser.add_argument("--smollm2", action="store_true", help="micro-llama and SmolLM2-135M, not the 1B shape")
     parser.add_argument("--overlap", action="store_true",
                         help="only remote with and without overlap on a one-block SmolLM2 shape, 512 tokens")
-    parser.add_argument("--rounds", type=int, default=2, help="--overlap: alternated rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="--overlap: rounds of one step without, one with overlap")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of the 1B-shape step")
     parser.add_argument("--out", type=Path, default=None, help="default: results/step_time.json (--overlap: step_time_overlap.json)")
     args = parser.parse_args()

@@ -386,7 +386,8 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
         st = pm.backend.stats
         assert st.round_trips == len(st.timeline) == 15 and max(noise_audit) == 0
         for span in st.timeline:
-            assert span["encrypt"][0] <= span["send"][0] <= span["send"][1] <= span["receive"][1] <= span["end"]
+            assert span["encrypt"][0] <= span["send"][0] <= span["send"][1] == span["wait"][0] <= span["wait"][1]
+            assert span["wait"][1] == span["receive"][0] <= span["receive"][1] <= span["end"]
             assert span["receive"][0] <= span["decrypt"][0] <= span["decrypt"][1] <= span["end"]
             assert 0 < span["encrypt_s"] and 0 < span["decrypt_s"] <= span["receive"][1] - span["receive"][0] + 1e-3
             assert span["send_chunks"] == 1 + -(-span["cols"] // 8)  # the header, then 8 features at a time

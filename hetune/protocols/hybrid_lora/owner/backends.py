@@ -176,11 +176,13 @@ class EncryptedBackend(FrozenBackend):
     def _round_trip(self, op: str, direction: str, tq: TokenQuant, out_cols: int) -> torch.Tensor:
         """One product. Its timeline entry: [start, end] seconds on perf_counter of ``encrypt``, ``decrypt`` and
         either ``transport`` (whole bodies: send, the worker's product, receive) or, with overlap, ``send`` (the
-        body handed to the transport as it is encrypted) and ``receive`` (the result arriving, decrypted as it
-        comes while the worker computes the next chunk); plus the busy seconds ``encrypt_s`` and ``decrypt_s``."""
+        body handed to the transport as it is encrypted), ``wait`` (for the worker's first chunk) and ``receive``
+        (the result arriving, decrypted as it comes while the worker computes the next chunk); plus the busy
+        seconds ``encrypt_s`` and ``decrypt_s``."""
         rows, cols = tq.q.shape
         st, q = self.stats, tq.q.to(torch.int64)
-        calls, span = [], {"op": op, "direction": direction, "rows": rows, "cols": cols, "out_cols": out_cols}
+        calls, span = [], {"op": op, "direction": direction, "rows": rows, "cols": cols, "out_cols": out_cols,
+                           "encrypt_s": 0.0, "decrypt_s": 0.0, "sent": 0, "received": 0}
 
         def new_call():
             if self.fixed_masks:
@@ -197,7 +199,7 @@ class EncryptedBackend(FrozenBackend):
             t = time.perf_counter()
             body = key.encrypt(q)
             span.update(encrypt=[t, time.perf_counter()], sent=len(body))
-            span["encrypt_s"] = span.get("encrypt_s", 0.0) + span["encrypt"][1] - t  # every try's
+            span["encrypt_s"] += span["encrypt"][1] - t  # every try's
             return body
 
         def decryptor():
@@ -210,10 +212,11 @@ class EncryptedBackend(FrozenBackend):
                     sink = _Decrypting(decryptor, span)
                     _, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols, sink=sink)
                     raw = sink.result()
+                    span["wait"] = [span["send"][1], span["receive"][0]]  # upload done -> the worker's first chunk
                 else:
                     result, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols)
                     t2 = time.perf_counter()
-                    span.update(transport=[span["encrypt"][1], t2], received=len(result))  # send, worker and receive
+                    span.update(transport=[span.get("encrypt", (t1, t1))[1], t2], received=len(result))  # send, worker, receive
                     raw = self._decrypt(result, rows, out_cols, cols, calls[-1] if self.fixed_masks else None)
                     span.update(decrypt=[t2, time.perf_counter()], decrypt_s=time.perf_counter() - t2)
                 break
@@ -261,7 +264,7 @@ class _Pipelined:
     def __init__(self, chunks: Iterator[bytes], span: dict, depth: int = 2):
         self.chunks, self.span, self.queue = chunks, span, queue.Queue(depth)
         self.stop = threading.Event()
-        span.update(encrypt=[time.perf_counter(), None], encrypt_s=span.get("encrypt_s", 0.0), sent=0)  # every try's seconds
+        span.update(encrypt=[time.perf_counter(), None], sent=0)
         threading.Thread(target=self._produce, name="hetune-encrypt", daemon=True).start()
 
     def _produce(self) -> None:
