@@ -377,6 +377,7 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
 
     monkeypatch.setattr(rlwe_keys, "ENCRYPT_FEATURES", 8)
     monkeypatch.setattr(rlwe, "STREAM_ROWS", 8)
+    monkeypatch.setattr(rlwe_keys, "_STREAM_BATCH", 8)
     _, quantized = reference
     worker = loopback_worker()
     for backend, where in (("remote", {"workers": (worker.url,)}), ("encrypted", {"bundle": micro_bundle})):

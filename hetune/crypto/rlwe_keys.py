@@ -21,6 +21,7 @@ from hetune.errors import ConfigError, HetuneError
 from hetune.files import open_atomic, write_atomic
 
 _POLY_CHUNK = 1024  # polynomials per FFT batch (bounds memory)
+_STREAM_BATCH = 256  # outputs decrypted at once from a streamed result (the worker's chunk), unless fewer are left
 ENCRYPT_FEATURES = 128  # features per encrypted chunk of a request (a pipelined upload's unit)
 _KEY_MAGIC = b"HTRLWEsk"
 
@@ -49,8 +50,9 @@ class ResultReader:
 
     Values are feature-major, each output's c blocks of N one after the other (``parts``
     such runs: 2 for A_out then B_out). Whole outputs are handed to ``take(header, first,
-    values (k, c N))`` as soon as they are complete, at most :data:`_POLY_CHUNK` at a time
-    (never straddling a part), which returns the decoded rounds of the last part or None.
+    values (k, c N))`` once :data:`_STREAM_BATCH` of them (or the rest of a part) have come,
+    at most :data:`_POLY_CHUNK` at a time and never straddling a part; it returns the decoded
+    rounds of the last part or None.
     A body that is short, long or of another shape raises PayloadError.
     """
 
@@ -74,8 +76,11 @@ class ResultReader:
         poly = c * self.rp.n * self.header.value_bytes  # one output's bytes
         total = self.parts * self.cols
         used = 0
-        while len(self.buf) - used >= poly and self.done < total:
-            k = min((len(self.buf) - used) // poly, _POLY_CHUNK, self.cols - self.done % self.cols, total - self.done)
+        while self.done < total:
+            left = self.cols - self.done % self.cols  # outputs left in this part
+            k = min((len(self.buf) - used) // poly, _POLY_CHUNK, left)
+            if k < min(_STREAM_BATCH, left):  # tiny batches would pay the FFT's per-call overhead many times over
+                break
             v = wire.unpack_top(memoryview(self.buf)[used : used + k * poly], k * c * self.rp.n, self.header.value_bytes)
             m = self.take(self.header, self.done, v.view(k, -1))
             if m is not None:
