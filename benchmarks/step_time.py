@@ -114,6 +114,7 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
         t0 = time.perf_counter()
         pm.backend.prefetch_hints(ids.numel())
         once = {"hint_s": time.perf_counter() - t0, "hint_bytes": pm.backend.stats.hint_bytes}
+    pm.backend.stats.timeline = []
     before = pm.backend.stats.snapshot()
     step_s, t0 = one_step(pm, ids)
     after = pm.backend.stats.snapshot()
@@ -270,6 +271,7 @@ def _alternate(model_id: str, ids: torch.Tensor, url: str, hint_cache: str | Non
     if hint_cache:
         pm.backend.prefetch_hints(ids.numel())
     rows = []
+    pm.backend.stats.timeline = []
     for r in range(rounds):
         for overlap in (True, False) if r % 2 == 0 else (False, True):  # round 1's first step (overlapped) pays first-use costs
             pm.backend.overlap = overlap

@@ -11,7 +11,7 @@ import time
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,8 @@ class TransferStats:
     transport_s: float = 0.0  # from request sent to result received (worker + transfer)
     worker_s: float = 0.0  # the worker's product alone, as it reports it (0 when streamed: it cannot say up front)
     round_trip_s: float = 0.0  # wall time of the products, encryption to decryption (overlapped or not)
-    timeline: list = field(default_factory=list)  # per product: its spans (see EncryptedBackend._round_trip)
+    timeline: list | None = None  # set to [] to record each product's spans (EncryptedBackend._round_trip); off: a long run
+                                  # would keep one entry per product
 
     def snapshot(self) -> dict:
         return {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
@@ -238,7 +239,8 @@ class EncryptedBackend(FrozenBackend):
         st.values_out += rows * out_cols
         st.bytes_sent += span["sent"]
         st.bytes_received += span["received"]
-        st.timeline.append({**span, "worker_s": worker_s, "start": t1, "end": t1 + wall})
+        if st.timeline is not None:
+            st.timeline.append({**span, "worker_s": worker_s, "start": t1, "end": t1 + wall})
         return torch.from_numpy(raw).to(torch.float64)
 
     def forward(self, op, x):
