@@ -30,6 +30,12 @@ worker too) and of the worker process.
     .venv/bin/python benchmarks/step_time.py            # about 1 hour on 2 cores
     .venv/bin/python benchmarks/step_time.py --quick    # micro-llama only, under a minute
     .venv/bin/python benchmarks/step_time.py --smollm2  # micro-llama and SmolLM2, about 20 minutes
+    .venv/bin/python benchmarks/step_time.py --overlap  # remote with and without overlap, one-block SmolLM2 shape
+
+Overlap (``-overlap`` rows): each product pipelined (encryption ahead of the upload, the result
+streamed and decrypted as it comes); the worker then reports no seconds, so ``products_s`` (the
+products' wall time) and each row's ``timeline`` (per product: encrypt, send, wait and receive
+or transport, decrypt spans in seconds from the step's start) say what overlapped.
 """
 
 from __future__ import annotations
@@ -61,17 +67,29 @@ def gib(kib: int) -> float:
 
 def make_bundle(model_id: str, root: Path) -> Path:
     """``hetune compile`` in a child process: this process stays small while the steps are measured."""
-    out = root / model_id
+    out = root / Path(model_id).name
     subprocess.run([HETUNE, "compile", model_id, "--out", str(out), "--calibration-tokens", "32"], check=True,
                    stdout=subprocess.DEVNULL)
     return out
 
 
-def one_step(pm, ids: torch.Tensor) -> float:
+def one_step(pm, ids: torch.Tensor) -> tuple[float, float]:
+    """(seconds, its start on perf_counter)."""
     t0 = time.perf_counter()
     pm.model.zero_grad(set_to_none=True)
     pm.model(input_ids=ids, labels=ids).loss.backward()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, t0
+
+
+def relative_timeline(timeline: list[dict], t0: float) -> list[dict]:
+    """Each product's spans in seconds from the step's start (the backend records perf_counter times)."""
+    def rel(v):
+        if isinstance(v, list):
+            return [None if x is None else round(x - t0, 6) for x in v]
+        return round(v - t0, 6) if isinstance(v, float) else v
+
+    return [{k: rel(v) if k in ("encrypt", "send", "wait", "transport", "receive", "decrypt", "start", "end") else v
+             for k, v in span.items()} for span in timeline]
 
 
 def measure(model_id: str, backend: str, ids: torch.Tensor, **kwargs) -> dict:
@@ -87,6 +105,7 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
     hint_cache = kwargs.pop("hint_cache", None)
     if hint_cache:  # fixed masks, a fresh secret per product
         kwargs["keys"] = fixed_mask_keys("p128", Path(hint_cache))
+    overlap = kwargs.get("overlap", False)
     pm = build_private_model(model_id, backend, **kwargs)
     if not pm.backend.encrypted and ids.numel() < 100:
         one_step(pm, ids)  # warm-up where a step is cheap
@@ -95,22 +114,28 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
         t0 = time.perf_counter()
         pm.backend.prefetch_hints(ids.numel())
         once = {"hint_s": time.perf_counter() - t0, "hint_bytes": pm.backend.stats.hint_bytes}
+    pm.backend.stats.timeline = []
     before = pm.backend.stats.snapshot()
-    step_s = one_step(pm, ids)
-    st = {k: v - before[k] for k, v in pm.backend.stats.snapshot().items()}
+    step_s, t0 = one_step(pm, ids)
+    after = pm.backend.stats.snapshot()
+    st = {k: v[len(before[k]):] if isinstance(v, list) else v - before[k] for k, v in after.items()}
     pm.close()
-    row = {"backend": backend + (" (fixed masks)" if hint_cache else ""), "masks": "fixed" if hint_cache else "per request",
+    row = {"backend": backend + (" (fixed masks)" if hint_cache else "") + (" overlapped" if overlap else ""),
+           "masks": "fixed" if hint_cache else "per request", "overlap": overlap,
            **once, "tokens": ids.numel(), "step_s": step_s, "values_out": st["values_out"],
            "round_trips": st["round_trips"], "client_peak_gib": gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
     if pm.backend.encrypted:
         crypto = st["encrypt_s"] + st["decrypt_s"]
+        # With overlap the worker streams its result and reports no seconds (worker_s 0), and crypto runs during the
+        # wire and the worker: products_s (their wall time) and the timeline tell what overlapped.
         row.update(scheme=pm.backend.keys.params.scheme, encrypt_s=st["encrypt_s"], decrypt_s=st["decrypt_s"],
-                   worker_s=st["worker_s"], transfer_s=st["transport_s"] - st["worker_s"],
-                   client_clear_s=step_s - crypto - st["transport_s"], client_crypto_s=crypto,
+                   worker_s=st["worker_s"], transfer_s=st["transport_s"] - st["worker_s"], products_s=st["round_trip_s"],
+                   client_clear_s=step_s - st["round_trip_s"], client_crypto_s=crypto,
                    bytes_sent=st["bytes_sent"], bytes_received=st["bytes_received"],
-                   bytes_per_token=(st["bytes_sent"] + st["bytes_received"]) / ids.numel())
-    print(f"  {model_id:<20} {backend:<10} {row.get('scheme', ''):<5} {step_s:9.2f} s  "
-          + (f"crypto {row['client_crypto_s']:.1f} s, worker {row['worker_s']:.1f} s, transfer {row['transfer_s']:.1f} s, "
+                   bytes_per_token=(st["bytes_sent"] + st["bytes_received"]) / ids.numel(),
+                   timeline=relative_timeline(st["timeline"], t0))
+    print(f"  {model_id:<20} {row['backend']:<32} {row.get('scheme', ''):<5} {step_s:9.2f} s  "
+          + (f"crypto {row['client_crypto_s']:.1f} s, products {row['products_s']:.1f} s, worker {row['worker_s']:.1f} s, "
              f"clear {row['client_clear_s']:.1f} s" if "scheme" in row else ""), flush=True)
     return row
 
@@ -157,21 +182,25 @@ def glwe_seconds_per_value(n_in: int = 2048, values: int = 256) -> float:
     return (time.perf_counter() - t0) / values
 
 
-def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str], spv: float, save) -> dict:
+def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str], glwe_spv: float, save) -> dict:
     """Measure each backend in turn; ``save(partial)`` after each, so a long run keeps what it measured."""
     rows = []
     result = {"workload": model_id, "tokens": ids.numel(), "rows": rows}
     for backend in backends:
+        overlap = {"overlap": True} if backend.endswith("-overlap") else {}
+        backend = backend.removesuffix("-overlap")
         hint = {"hint_cache": tempfile.mkdtemp(prefix="hetune-hints-")} if backend.endswith("-hint") else {}
         if backend.startswith("remote"):
             worker = ServedWorker(bundle)
             try:
-                row = measure(model_id, "remote", ids, workers=(worker.url,), **hint)
+                row = measure(model_id, "remote", ids, workers=(worker.url,), **hint, **overlap)
             finally:
                 peak = worker.stop()
             rows.append({**row, "worker_peak_gib": peak})
         elif backend == "encrypted-hint":
-            rows.append(measure(model_id, "encrypted", ids, bundle=bundle, **hint))
+            rows.append(measure(model_id, "encrypted", ids, bundle=bundle, **hint, **overlap))
+        elif backend == "encrypted" and overlap:
+            rows.append(measure(model_id, "encrypted", ids, bundle=bundle, **overlap))
         elif backend == "encrypted-glwe":
             rows.append(measure(model_id, "encrypted", ids, bundle=bundle, scheme="glwe"))
         elif backend in ("plain",):
@@ -181,7 +210,7 @@ def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str]
         save(result)
     values = rows[0]["values_out"]  # the same on every backend but plain
     glwe = {"backend": "encrypted (Concrete ML GLWE, extrapolated)", "tokens": ids.numel(), "values_out": values,
-            "step_s": values * spv, "extrapolated": True}
+            "step_s": values * glwe_spv, "extrapolated": True}
     rows.append(glwe)
     for r in rows:
         if r.get("scheme") == "rlwe":
@@ -190,13 +219,104 @@ def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str]
     return result
 
 
+OVERLAP_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+                     num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)  # SmolLM2-135M's, one block
+
+
+def one_block_smollm2(root: Path) -> Path:
+    """A directory model of SmolLM2-135M's shape with one decoder block and random weights (the byte tokenizer)."""
+    import transformers
+
+    from hetune.models.builtin import byte_tokenizer
+
+    out = root / "smollm2-1block-shape"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**OVERLAP_SHAPE)).save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def overlap_comparison(args) -> None:
+    """Remote on loopback, steps with and without overlap alternated in one owner process against one worker,
+    for each mask layout: the same model, data, keys and worker, so the ratios compare like with like. No warm-up
+    step: the first step of round 1 is the overlapped one, so first-use costs count against overlap."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows, result = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = one_block_smollm2(Path(tmp) / "models")
+        bundle = make_bundle(str(model), Path(tmp))
+        ids = torch.randint(0, 256, (4, 128), generator=torch.Generator().manual_seed(0))
+        worker = ServedWorker(bundle)
+        try:
+            for hint_cache in [tempfile.mkdtemp(prefix="hetune-hints-", dir=tmp) if m == "fixed" else None for m in args.masks]:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    rows += pool.submit(_alternate, str(model), ids, worker.url, hint_cache, args.rounds).result()
+                result = {"benchmark": "step_time --overlap", "environment": environment(), "workload": "smollm2-1block-shape",
+                          "tokens": ids.numel(), "rows": rows, "ratios": ratios(rows)}
+                write_json(args.out, result)
+        finally:
+            result["worker_peak_gib"] = worker.stop()
+            write_json(args.out, result)
+    for name, value in result["ratios"].items():
+        print(f"  {name}: {value:.3f}")
+    print(f"wrote {args.out}")
+
+
+def _alternate(model_id: str, ids: torch.Tensor, url: str, hint_cache: str | None, rounds: int) -> list[dict]:
+    keys = fixed_mask_keys("p128", Path(hint_cache)) if hint_cache else None
+    pm = build_private_model(model_id, "remote", workers=(url,), keys=keys)
+    if hint_cache:
+        pm.backend.prefetch_hints(ids.numel())
+    rows = []
+    pm.backend.stats.timeline = []
+    for r in range(rounds):
+        for overlap in (True, False) if r % 2 == 0 else (False, True):  # round 1's first step (overlapped) pays first-use costs
+            pm.backend.overlap = overlap
+            before = pm.backend.stats.snapshot()
+            step_s, t0 = one_step(pm, ids)
+            after = pm.backend.stats.snapshot()
+            st = {k: v[len(before[k]):] if isinstance(v, list) else v - before[k] for k, v in after.items()}
+            rows.append({"masks": "fixed" if hint_cache else "per request", "overlap": overlap, "round": r + 1,
+                         "step_s": step_s, "products_s": st["round_trip_s"], "encrypt_s": st["encrypt_s"],
+                         "decrypt_s": st["decrypt_s"], "bytes_sent": st["bytes_sent"], "bytes_received": st["bytes_received"],
+                         "client_clear_s": step_s - st["round_trip_s"], "timeline": relative_timeline(st["timeline"], t0)})
+            print(f"  {rows[-1]['masks']:<12} overlap={overlap!s:<5} round {r + 1}: step {step_s:.2f} s, "
+                  f"products {st['round_trip_s']:.2f} s, crypto {st['encrypt_s'] + st['decrypt_s']:.2f} s", flush=True)
+    pm.close()
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Per mask layout: the summed step and product wall times with overlap over those without (same rounds)."""
+    out = {}
+    for masks in ("per request", "fixed"):
+        for what in ("step_s", "products_s"):
+            plain = sum(r[what] for r in rows if r["masks"] == masks and not r["overlap"])
+            piped = sum(r[what] for r in rows if r["masks"] == masks and r["overlap"])
+            if plain:
+                out[f"{masks} masks: {what} overlapped / not"] = piped / plain
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="micro-llama only")
     parser.add_argument("--smollm2", action="store_true", help="micro-llama and SmolLM2-135M, not the 1B shape")
+    parser.add_argument("--overlap", action="store_true",
+                        help="only remote with and without overlap on a one-block SmolLM2 shape, 512 tokens")
+    parser.add_argument("--rounds", type=int, default=2, help="--overlap: rounds of one step with and one without overlap")
+    parser.add_argument("--masks", type=lambda v: v.split(","), default=["per-request", "fixed"],
+                        help="--overlap: mask layouts, comma-separated (per-request, fixed)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of the 1B-shape step")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_time.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/step_time.json (--overlap: step_time_overlap.json)")
     args = parser.parse_args()
+    args.out = args.out or Path(__file__).parent / "results" / ("step_time_overlap.json" if args.overlap else "step_time.json")
+    if args.overlap:
+        overlap_comparison(args)
+        return
     spv = glwe_seconds_per_value()
     print(f"Concrete ML GLWE: {spv * 1e3:.2f} ms per output value at n_in = 2048", flush=True)
     done: list[dict] = []
@@ -209,18 +329,18 @@ def main() -> None:
         root = Path(tmp)
         micro = make_bundle("micro-llama", root)
         done.append(workload("micro-llama", torch.tensor([[72, 101, 108]]), micro,
-                             ["quantized", "plain", "encrypted", "encrypted-hint", "remote", "remote-hint", "encrypted-glwe"],
-                             spv, save))
+                             ["quantized", "plain", "encrypted", "encrypted-hint", "remote", "remote-hint", "remote-hint-overlap",
+                              "encrypted-glwe"], spv, save))
         if args.smollm2:
             smol = make_bundle("smollm2-135m", root)
             ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
             done.append(workload("smollm2-135m", ids, smol, ["quantized", "plain", "encrypted", "encrypted-hint", "remote",
-                                                             "remote-hint"], spv, save))
+                                                             "remote-hint", "remote-hint-overlap"], spv, save))
         elif not args.quick:
             one_b = make_bundle("llama-3.2-1b-shape", root)
             ids = torch.randint(0, 128256, (1, args.tokens), generator=torch.Generator().manual_seed(0))
             done.append(workload("llama-3.2-1b-shape", ids, one_b, ["encrypted", "encrypted-hint", "remote", "remote-hint",
-                                                                   "quantized"], spv, save))
+                                                                   "remote-hint-overlap", "quantized"], spv, save))
     print(f"wrote {args.out}")
 
 

@@ -12,8 +12,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def sha256_file(path: Path | str) -> str:
@@ -26,18 +28,26 @@ def sha256_file(path: Path | str) -> str:
 
 def write_atomic(path: Path | str, data: bytes | str, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` (parents created) with permissions ``mode``."""
+    with open_atomic(path, mode) as (fh, _):
+        fh.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextmanager
+def open_atomic(path: Path | str, mode: int = 0o644) -> Iterator[tuple[BinaryIO, Path]]:
+    """A temp file beside ``path`` (parents created) and its path, to write in pieces (a streamed download);
+    renamed to ``path`` with permissions ``mode`` when the block ends, removed if it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
+            yield fh, Path(tmp)
             os.fchmod(fh.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def write_dir_atomic(path: Path | str, write: Callable[[Path], object]) -> Path:

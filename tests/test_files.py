@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hetune.files import save_figure, write_atomic, write_json
+from hetune.files import open_atomic, save_figure, write_atomic, write_json
 
 
 def test_write_json_replaces_whole_and_is_readable(tmp_path):
@@ -35,3 +35,17 @@ def test_secret_mode_and_figure(tmp_path):
     ax.plot([0, 1], [1, 0])
     png = save_figure(fig, tmp_path / "f.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(os.listdir(tmp_path)) == ["f.png", "k"]
+
+
+def test_a_file_written_in_pieces_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "sub" / "hint"
+    with open_atomic(target, mode=0o600) as (fh, tmp):
+        fh.write(b"one")
+        assert not target.exists() and tmp.parent == target.parent
+        fh.write(b"two")
+    assert target.read_bytes() == b"onetwo" and (target.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(ValueError):
+        with open_atomic(target) as (fh, _):
+            fh.write(b"half")
+            raise ValueError("download cut")
+    assert target.read_bytes() == b"onetwo" and os.listdir(target.parent) == ["hint"]

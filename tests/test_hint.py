@@ -28,11 +28,15 @@ class LocalWorker:
     def __init__(self, weights):
         self.weights, self.queries, self.damage = weights, 0, None
 
-    def __call__(self, op, direction, query, rows, cols):
+    def __call__(self, op, direction, query, rows, cols, sink):
         SCHEME.check_request(SCHEME.params("p128"), query, rows, cols)
         self.queries += 1
-        hint = SCHEME.multiply(SCHEME.params("p128"), None, query, self.weights[(op, direction)])
-        return self.damage(hint) if self.damage else hint
+        sink.begin()
+        chunks = SCHEME.multiply_stream(SCHEME.params("p128"), None, query, self.weights[(op, direction)])
+        if self.damage:
+            chunks = [self.damage(b"".join(chunks))]
+        for chunk in chunks:
+            sink.write(chunk)
 
 
 @pytest.fixture
@@ -241,3 +245,155 @@ def test_train_cli_with_a_hint_cache_equals_quantized_at_half_the_download(run_c
     code, _, err = run_cli("train", *common, "--out", tmp_path / "bad", "--backend", "remote", "--worker", worker.url,
                            "--hint-cache", tmp_path / "hints", "--save-key", tmp_path / "k")
     assert code == 2 and "no session key to save or load" in err
+
+
+# ---- the hint streamed: bounded memory on both sides, a broken or corrupted stream never cached ----
+
+WIDE = "wide"  # 8192 outputs of 8 inputs: an 84 MB hint at 5 B per value, a cheap product
+
+
+@pytest.fixture
+def wide_worker(micro_bundle):
+    """A loopback worker serving the micro bundle plus one wide op; yields (url, its Worker, the op's weight)."""
+    from hetune.compile.bundle import load_bundle
+    from hetune.protocols.hybrid_lora.worker.runner import Worker
+    from hetune.protocols.hybrid_lora.worker.server import ServeConfig, create_app
+    from hetune.serving.http_api import LoopbackServer
+
+    bundle = load_bundle(micro_bundle)
+    worker = Worker(bundle, "cpu")
+    weight = torch.randint(-127, 128, (8192, 8), generator=torch.Generator().manual_seed(5))
+    worker.weights[WIDE] = weight
+    server = LoopbackServer(create_app(bundle, ServeConfig(), worker), "worker", "hetune-worker")
+    yield server.url, worker, weight
+    server.stop()
+
+
+def streamed_keys(url, root, retries=2):
+    """Fixed-mask keys whose hints come over HTTP from ``url``, streamed into the cache."""
+    from hetune.protocols.hybrid_lora.owner.remote import RetryPolicy, WorkerClient
+
+    client = WorkerClient(url, retry=RetryPolicy(retries=retries, backoff_s=0.01))
+    keys = fixed_mask_keys("p128", root)
+    client.open(keys.params, b"")
+    keys.attach("9" * 64, lambda op, d, query, rows, cols, sink: client.run(op, d, query, rows, cols, 2**30, sink))
+    return keys, client
+
+
+def remote_product(keys, client, w, x):
+    call = keys.new_call(WIDE, "forward")
+    body, _ = client.run(WIDE, "forward", call.encrypt(x), *x.shape, max_bytes=2**30)
+    return call.decrypt(body, x.shape[0], w.shape[0], x.shape[1])
+
+
+def test_the_hint_streams_in_bounded_chunks_on_both_sides(wide_worker, tmp_path):
+    """The worker yields the hint a chunk of output rows at a time and the owner writes it to disk as it arrives:
+    Python's traced peak (both sides share this process) stays far below the hint's size; products stay exact."""
+    import tracemalloc
+
+    from hetune.crypto.rlwe import STREAM_ROWS
+
+    url, _, w = wide_worker
+    query = wire.Header(wire.HINT_QUERY, "rlwe", "p128", N, 8, 8, bytes(16)).pack()
+    sizes = [len(c) for c in SCHEME.multiply_stream(SCHEME.params("p128"), None, query, w)]
+    vb = wire.Header.parse(SCHEME.multiply(SCHEME.params("p128"), None, query, w), wire.HINT, "rlwe", "p128").value_bytes
+    assert sizes == [wire.HEADER_BYTES] + [STREAM_ROWS * N * vb] * (8192 // STREAM_ROWS) + [wire.DIGEST_BYTES]
+    keys, client = streamed_keys(url, tmp_path)
+    tracemalloc.start()
+    try:
+        keys.cache.values(WIDE, "forward", 0, 8, 8192)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    hint_bytes = 8192 * N * vb
+    assert hint_bytes > 80e6 and peak < hint_bytes / 5, (peak, hint_bytes)  # about 12 MB: a few chunks in flight
+    x = torch.randint(0, 256, (300, 8), generator=torch.Generator().manual_seed(6))
+    assert np.array_equal(remote_product(keys, client, w, x), exact(x, w))
+    client.close()
+
+
+def test_a_stream_cut_off_midway_is_fetched_again_and_never_cached(wide_worker, tmp_path, monkeypatch):
+    """The worker's stream breaks after two chunks: the owner fetches it again, the cache holds only the whole hint;
+    a worker whose stream always breaks gives a clear error and leaves no file behind. (The worker's access-log
+    middleware, Starlette's BaseHTTPMiddleware, ends a broken stream as if it were whole: the owner's size check,
+    not the transport, is what catches it.)"""
+    url, worker, w = wide_worker
+    streams, original = [], worker.run_stream
+
+    def cut(*args, always=False):
+        streams.append(1)
+        for i, chunk in enumerate(original(*args)):
+            if i == 2 and (always or len(streams) == 1):
+                raise ConnectionError("worker died mid-stream")
+            yield chunk
+
+    monkeypatch.setattr(worker, "run_stream", cut)
+    keys, client = streamed_keys(url, tmp_path / "a")
+    x = torch.randint(0, 256, (5, 8), generator=torch.Generator().manual_seed(7))
+    assert np.array_equal(remote_product(keys, client, w, x), exact(x, w))
+    assert len(streams) == 2 and [p.name for p in keys.cache.dir.iterdir() if p.name != "mask_seed"] == ["wide.forward.0.hint"]
+    client.close()
+
+    monkeypatch.setattr(worker, "run_stream", lambda *args: cut(*args, always=True))
+    keys, client = streamed_keys(url, tmp_path / "b", retries=1)
+    with pytest.raises(PayloadError, match=r"truncated\?\), twice"):
+        keys.cache.values(WIDE, "forward", 0, 8, 8192)
+    assert [p.name for p in keys.cache.dir.iterdir()] == ["mask_seed"]  # no hint, no temp file
+    client.close()
+
+
+def test_a_corrupted_stream_is_fetched_again_then_refused(wide_worker, tmp_path, monkeypatch):
+    url, worker, w = wide_worker
+    streams, original = [], worker.run_stream
+
+    def flip(*args, always=False):
+        streams.append(1)
+        for i, chunk in enumerate(original(*args)):
+            yield bytes([chunk[0] ^ 1]) + chunk[1:] if i == 3 and (always or len(streams) == 1) else chunk
+
+    monkeypatch.setattr(worker, "run_stream", flip)
+    keys, client = streamed_keys(url, tmp_path / "a")
+    x = torch.randint(0, 256, (5, 8), generator=torch.Generator().manual_seed(8))
+    assert np.array_equal(remote_product(keys, client, w, x), exact(x, w))
+    assert len(streams) == 2  # the bad stream was checked in its temp file, dropped and fetched again
+    client.close()
+
+    monkeypatch.setattr(worker, "run_stream", lambda *args: flip(*args, always=True))
+    keys, client = streamed_keys(url, tmp_path / "b")
+    with pytest.raises(PayloadError, match="corrupted.*twice"):
+        keys.cache.values(WIDE, "forward", 0, 8, 8192)
+    assert [p.name for p in keys.cache.dir.iterdir()] == ["mask_seed"]
+    client.close()
+
+
+# ---- overlap: pipelined products ----
+
+@pytest.mark.parametrize("masks", ["fresh", "fixed"])
+def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro_bundle, loopback_worker, noise_audit,
+                                                                 tmp_path, monkeypatch, masks):  # noqa: F811
+    """Products pipelined in chunks of 8 features up and 8 outputs down (micro-llama's ops have 32 to 128): remote and
+    in process equal quantized bit for bit; each product's spans are recorded, and the bytes are the wire format's."""
+    from hetune.crypto import rlwe, rlwe_keys
+
+    monkeypatch.setattr(rlwe_keys, "ENCRYPT_FEATURES", 8)
+    monkeypatch.setattr(rlwe, "STREAM_ROWS", 8)
+    monkeypatch.setattr(rlwe_keys, "_STREAM_BATCH", 8)
+    _, quantized = reference
+    worker = loopback_worker()
+    for backend, where in (("remote", {"workers": (worker.url,)}), ("encrypted", {"bundle": micro_bundle})):
+        keys = fixed_mask_keys("p128", tmp_path) if masks == "fixed" else None
+        pm = build_private_model("micro-llama", backend, keys=keys, overlap=True, **where)
+        pm.backend.stats.timeline = []  # off by default: a long run would keep one entry per product
+        assert_equal_grads(lora_grads(pm), quantized)
+        st = pm.backend.stats
+        assert st.round_trips == len(st.timeline) == 15 and max(noise_audit) == 0
+        for span in st.timeline:
+            assert span["encrypt"][0] <= span["send"][0] <= span["send"][1] == span["wait"][0] <= span["wait"][1]
+            assert span["wait"][1] == span["receive"][0] <= span["receive"][1] <= span["end"]
+            assert span["receive"][0] <= span["decrypt"][0] <= span["decrypt"][1] <= span["end"]
+            assert 0 < span["encrypt_s"] and 0 < span["decrypt_s"] <= span["receive"][1] - span["receive"][0] + 1e-3
+            assert span["send_chunks"] == 1 + -(-span["cols"] // 8)  # the header, then 8 features at a time
+            assert span["sent"] == wire.HEADER_BYTES + span["cols"] * N * 6  # 6 B per input value
+            assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * (5 if masks == "fixed" else 10)
+        assert st.bytes_sent == sum(s["sent"] for s in st.timeline) and st.bytes_received == sum(s["received"] for s in st.timeline)
+        pm.close()

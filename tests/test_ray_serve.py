@@ -264,6 +264,26 @@ def test_two_replicas_give_the_quantized_step_bit_for_bit(two_replicas, quantize
     assert len(set(replicas_seen)) == 2, collections.Counter(replicas_seen)  # both served
 
 
+def test_hints_fetched_through_one_replica_serve_products_on_the_other(two_replicas, quantized, replicas_seen, tmp_path):
+    """Fixed masks on two replicas: the hints (streamed through Serve's proxy) come from whichever replica Serve
+    picks, the products go to either, and the step equals quantized bit for bit."""
+    from hetune.crypto.keys import fixed_mask_keys
+
+    pm = build_private_model("micro-llama", "remote", workers=(two_replicas,), keys=fixed_mask_keys("p128", tmp_path))
+    hints_from = len(replicas_seen)
+    pm.backend.prefetch_hints(3)
+    hint_replicas = set(replicas_seen[hints_from:])
+    products_from = len(replicas_seen)
+    grads = lora_grads(pm)
+    product_replicas = set(replicas_seen[products_from:])
+    assert pm.backend.stats.hint_bytes > 0
+    assert len(list(pm.backend.keys.cache.dir.glob("*.hint"))) == 2 * len(pm.backend.codecs)  # each op and direction
+    pm.close()
+    assert_equal_grads(grads, quantized)
+    # Serve routes at random: with products on both replicas, all 15 landing on their own hint's replica has odds 2^-15.
+    assert len(product_replicas) == 2 and hint_replicas, (hint_replicas, product_replicas)
+
+
 def test_forged_expired_and_closed_tokens_are_refused_by_every_replica(two_replicas, cluster, ciphertext):
     import httpx
 

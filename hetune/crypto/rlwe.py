@@ -13,7 +13,10 @@ product bit for bit. See ../shared/specs/batched_rlwe.md and docs/design.md.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -24,6 +27,7 @@ from hetune.crypto.scheme import ParamSet, PayloadError, Scheme
 
 NAME = "rlwe"
 _COL_CHUNK = 1024  # coefficient columns per GEMM batch on the worker (bounds memory)
+STREAM_ROWS = 256  # output polynomials per streamed result chunk: 4 MiB of int64 at N = 2048
 
 
 def blocks(rows: int, n: int) -> int:
@@ -82,10 +86,18 @@ class RlweScheme(Scheme):
             raise PayloadError(f"a {rows}x{cols} {NAME}/{params.name} request is {expected} bytes, got {len(body)} (truncated?)", 422)
 
     def multiply(self, params: ParamSet, session: object, body: bytes, weight: torch.Tensor, device: str = "cpu") -> bytes:
-        """W (n_out, n_in) times every ciphertext mod 2^64, each result rounded to the widths the op's norm allows.
+        return b"".join(self.multiply_stream(params, session, body, weight, device))
 
-        REQUEST (fresh masks): A_out = W A and B_out = W B. HINTED_REQUEST (fixed masks): B_out
-        only, half the work and the bytes. HINT_QUERY: the hint H_k = W A_k of one block.
+    def multiply_stream(self, params: ParamSet, session: object, body: bytes, weight: torch.Tensor,
+                        device: str = "cpu") -> Iterator[bytes]:
+        """W (n_out, n_in) times every ciphertext mod 2^64, each result rounded to the widths the op's norm allows,
+        yielded as the header and then chunks of :data:`STREAM_ROWS` output polynomials (plus a hint's digest).
+
+        REQUEST (fresh masks): A_out = W A, then B_out = W B. HINTED_REQUEST (fixed masks): B_out
+        only, half the work and the bytes. HINT_QUERY: the hint H_k = W A_k of one block, then its
+        SHA-256. Each chunk is computed when the previous one has been taken, so the result is never
+        held whole: memory is the input plus one chunk, and a reader can decrypt (or write to disk)
+        chunk i while chunk i + 1 is computed.
         """
         rp = PARAM_SETS[params.name]
         header = wire.Header.parse(body, (wire.REQUEST, wire.HINTED_REQUEST, wire.HINT_QUERY), NAME, params.name)
@@ -95,28 +107,38 @@ class RlweScheme(Scheme):
         norm = float(w.to(torch.float64).norm(dim=1).max()) if w.numel() else 0.0
         wf = w.to(device=device, dtype=torch.float64)  # converted once per product, not per model
 
-        def product(x: torch.Tensor) -> torch.Tensor:  # (n_in, C) -> W x mod 2^64, (n_out, C), in column chunks
-            return torch.cat([gemm_mod_2_64(wf, x[:, i : i + _COL_CHUNK].to(device), max_abs_weight=wmax).cpu()
-                              for i in range(0, x.shape[1], _COL_CHUNK)], dim=1)
+        def product(x: torch.Tensor, nbytes: int) -> Iterator[bytes]:  # W x mod 2^64 packed, a chunk of output rows at a time
+            x = x.to(device)
+            for o in range(0, n_out, STREAM_ROWS):
+                rows = torch.cat([gemm_mod_2_64(wf[o : o + STREAM_ROWS], x[:, i : i + _COL_CHUNK], max_abs_weight=wmax).cpu()
+                                  for i in range(0, x.shape[1], _COL_CHUNK)], dim=1)
+                yield wire.pack_top(rows, nbytes)
 
         if header.kind == wire.HINT_QUERY:
             block = header.rows // rp.n - 1
             a = randomness.aes_ctr_words(header.seed, n_in * rp.n, start=block * n_in * rp.n).view(n_in, rp.n)
             mask_bytes, _ = rp.hinted_bytes(norm)
-            hint = wire.Header(wire.HINT, NAME, params.name, header.rows, n_out, mask_bytes, header.seed).pack()
-            hint += wire.pack_top(product(a), mask_bytes)
-            return hint + wire.digest(hint)
+            digest = hashlib.sha256()
+            for chunk in itertools.chain([wire.Header(wire.HINT, NAME, params.name, header.rows, n_out, mask_bytes,
+                                                      header.seed).pack()], product(a, mask_bytes)):
+                digest.update(chunk)
+                yield chunk
+            yield digest.digest()
+            return
         cols_coef = blocks(header.rows, rp.n) * rp.n
         count = n_in * cols_coef
         b = wire.unpack_top(memoryview(body)[wire.HEADER_BYTES :], count, header.value_bytes).view(n_in, cols_coef)
         if header.kind == wire.HINTED_REQUEST:
             _, body_bytes = rp.hinted_bytes(norm)
-            result = wire.Header(wire.HINTED_RESULT, NAME, params.name, header.rows, n_out, body_bytes, bytes(16))
-            return result.pack() + wire.pack_top(product(b), body_bytes)
+            yield wire.Header(wire.HINTED_RESULT, NAME, params.name, header.rows, n_out, body_bytes, bytes(16)).pack()
+            yield from product(b, body_bytes)
+            return
         a = randomness.aes_ctr_words(header.seed, count).view(n_in, cols_coef)
         out_bytes = rp.output_bytes(norm)
-        result = wire.Header(wire.RESULT, NAME, params.name, header.rows, n_out, out_bytes, bytes(16))
-        return result.pack() + wire.pack_top(product(a), out_bytes) + wire.pack_top(product(b), out_bytes)
+        yield wire.Header(wire.RESULT, NAME, params.name, header.rows, n_out, out_bytes, bytes(16)).pack()
+        yield from product(a, out_bytes)
+        del a
+        yield from product(b, out_bytes)
 
 
 SCHEME = RlweScheme()

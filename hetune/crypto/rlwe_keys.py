@@ -6,7 +6,7 @@ The worker never imports this module (tests/test_layout.py).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,11 @@ from hetune.crypto.rlwe import NAME, SCHEME, blocks
 from hetune.crypto.rlwe_params import PARAM_SETS, RlweParamSet
 from hetune.crypto.scheme import ClientKeys, PayloadError
 from hetune.errors import ConfigError, HetuneError
-from hetune.files import write_atomic
+from hetune.files import open_atomic, write_atomic
 
 _POLY_CHUNK = 1024  # polynomials per FFT batch (bounds memory)
+_STREAM_BATCH = 256  # outputs decrypted at once from a streamed result (the worker's chunk), unless fewer are left
+ENCRYPT_FEATURES = 128  # features per encrypted chunk of a request (a pipelined upload's unit)
 _KEY_MAGIC = b"HTRLWEsk"
 
 
@@ -32,6 +34,74 @@ def _chunked(fn, a: torch.Tensor) -> torch.Tensor:
 def top_bits(x: torch.Tensor, k: int) -> torch.Tensor:
     """Values mod 2^64 rounded to their top k bits, as signed integers |x'| <= 2^(k-1): x ~ x' 2^(64-k)."""
     return (x + (1 << (63 - k))) >> (64 - k) if k < 64 else x  # wrapping add, arithmetic shift: round mod 2^k
+
+
+def _encrypt_rows(mult: BinaryPolyMultiplier, a: torch.Tensor, x: torch.Tensor, rp: RlweParamSet) -> bytes:
+    """b = a s + e + Delta m for the masks ``a`` (f c, N) of features x (T, f), packed to the upload width."""
+    f, c, n = x.shape[1], a.shape[0] // x.shape[1], rp.n
+    b = _chunked(mult.mul, a)  # exact a * s: 2 limbs
+    b += randomness.t_uniform(a.numel(), rp.noise_bound_log2).view(a.shape)
+    b.view(f, c * n)[:, : x.shape[0]] += x.T << rp.log2_delta  # feature j's polynomial holds its T tokens (block-major)
+    return wire.pack_top(b, rp.input_bytes)
+
+
+class ResultReader:
+    """A result body decrypted as it arrives (a streamed download), or whole.
+
+    Values are feature-major, each output's c blocks of N one after the other (``parts``
+    such runs: 2 for A_out then B_out). Whole outputs are handed to ``take(header, first,
+    values (k, c N))`` once :data:`_STREAM_BATCH` of them (or the rest of a part) have come,
+    at most :data:`_POLY_CHUNK` at a time and never straddling a part; it returns the decoded
+    rounds of the last part or None.
+    A body that is short, long or of another shape raises PayloadError.
+    """
+
+    def __init__(self, rp: RlweParamSet, kind: int, rows: int, cols: int, parts: int, take):
+        self.rp, self.kind, self.rows, self.cols, self.parts, self.take = rp, kind, rows, cols, parts, take
+        self.begin()
+
+    def begin(self) -> None:
+        self.header: wire.Header | None = None
+        self.buf, self.done = bytearray(), 0  # bytes not yet used; outputs (of all parts) taken
+        self.out = np.empty((self.cols, self.rows), dtype=np.int64)
+
+    def write(self, chunk: bytes) -> None:
+        self.buf += chunk
+        if self.header is None:
+            if len(self.buf) < wire.HEADER_BYTES:
+                return
+            self.header = wire.Header.parse(bytes(self.buf[: wire.HEADER_BYTES]), self.kind, NAME, self.rp.name, self.rows, self.cols)
+            del self.buf[: wire.HEADER_BYTES]
+        c = blocks(self.rows, self.rp.n)
+        poly = c * self.rp.n * self.header.value_bytes  # one output's bytes
+        total = self.parts * self.cols
+        used = 0
+        while self.done < total:
+            left = self.cols - self.done % self.cols  # outputs left in this part
+            k = min((len(self.buf) - used) // poly, _POLY_CHUNK, left)
+            if k < min(_STREAM_BATCH, left):  # tiny batches would pay the FFT's per-call overhead many times over
+                break
+            v = wire.unpack_top(memoryview(self.buf)[used : used + k * poly], k * c * self.rp.n, self.header.value_bytes)
+            m = self.take(self.header, self.done, v.view(k, -1))
+            if m is not None:
+                o = self.done % self.cols
+                self.out[o : o + k] = m[:, : self.rows].numpy()
+            used += k * poly
+            self.done += k
+        del self.buf[:used]  # once per piece: a whole body is not moved again for every batch
+        if self.done == total and self.buf:
+            raise PayloadError(f"result of {self.rows}x{self.cols} is longer than its {total} outputs")
+
+    def result(self) -> np.ndarray:
+        total = self.parts * self.cols
+        if self.header is None or self.done != total:
+            raise PayloadError(f"result of {self.rows}x{self.cols} ended after {self.done} of {total} outputs (truncated?)")
+        return np.ascontiguousarray(self.out.T)
+
+    def whole(self, body: bytes) -> np.ndarray:
+        self.begin()
+        self.write(body)
+        return self.result()
 
 
 class RlweKeys(ClientKeys):
@@ -46,32 +116,38 @@ class RlweKeys(ClientKeys):
         return b""  # the worker needs no evaluation key
 
     def encrypt(self, q) -> bytes:
+        return b"".join(self.encrypt_chunks(q))
+
+    def encrypt_chunks(self, q, features: int | None = None) -> Iterator[bytes]:
+        """The request body as its header and then ``features`` features' ciphertexts at a time (a pipelined upload
+        sends one while the next is encrypted); under a fresh mask seed per request."""
         x = torch.as_tensor(np.asarray(q), dtype=torch.int64)  # (T, k) small integers
         rows, cols = x.shape
-        n = self.rp.n
-        c = blocks(rows, n)
-        seed = randomness.new_seed()
-        a = randomness.aes_ctr_words(seed, cols * c * n).view(cols * c, n)
-        b = _chunked(self._mult.mul, a)  # exact a * s: 2 limbs
-        b += randomness.t_uniform(cols * c * n, self.rp.noise_bound_log2).view(cols * c, n)
-        b.view(cols, c * n)[:, :rows] += x.T << self.rp.log2_delta  # feature j's polynomial holds its T tokens (block-major)
-        header = wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed)
-        return header.pack() + wire.pack_top(b, self.rp.input_bytes)
+        n, c = self.rp.n, blocks(rows, self.rp.n)
+        seed, features = randomness.new_seed(), features or ENCRYPT_FEATURES
+        yield wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed).pack()
+        for j in range(0, cols, features):
+            f = min(features, cols - j)
+            a = randomness.aes_ctr_words(seed, f * c * n, start=j * c * n).view(f * c, n)  # row (j, k): feature j, block k
+            yield _encrypt_rows(self._mult, a, x[:, j : j + f], self.rp)
 
     def decrypt(self, result: bytes, rows: int, cols: int) -> np.ndarray:
-        header = wire.Header.parse(result, wire.RESULT, NAME, self.rp.name, rows, cols)
-        n, c = self.rp.n, blocks(rows, self.rp.n)
-        count = cols * c * n
-        body = memoryview(result)[wire.HEADER_BYTES :]
-        if len(body) != 2 * count * header.value_bytes:
-            raise PayloadError(f"result of {rows}x{cols} must carry {2 * count * header.value_bytes} bytes, got {len(body)}")
-        a = wire.unpack_top(body[: count * header.value_bytes], count, header.value_bytes).view(cols * c, n)
-        b = wire.unpack_top(body[count * header.value_bytes :], count, header.value_bytes).view(cols * c, n)
-        k = min(8 * header.value_bytes, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
-        phase = b - (_chunked(self._mult.mul_small, top_bits(a, k)) << (64 - k))  # Delta m + noise, mod 2^64
-        d = self.rp.log2_delta
-        m = (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
-        return m.view(cols, c * n)[:, :rows].T.contiguous().numpy()
+        return self.decryptor(rows, cols).whole(result)
+
+    def decryptor(self, rows: int, cols: int) -> "ResultReader":
+        """Decrypts a fresh-mask result (A_out, then B_out) fed in pieces: a * s as A_out arrives, the rest with B_out."""
+        n, c, d = self.rp.n, blocks(rows, self.rp.n), self.rp.log2_delta
+        a_s = torch.empty(cols, c * n, dtype=torch.int64)
+
+        def take(header: wire.Header, o: int, v: torch.Tensor) -> torch.Tensor | None:
+            if o < cols:
+                k = min(8 * header.value_bytes, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
+                a_s[o : o + len(v)] = (self._mult.mul_small(top_bits(v.view(-1, n), k)) << (64 - k)).view(len(v), c * n)
+                return None
+            phase = v - a_s[o - cols : o - cols + len(v)]  # Delta m + noise, mod 2^64
+            return (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
+
+        return ResultReader(self.rp, wire.RESULT, rows, cols, 2, take)
 
     def save(self, path: Path) -> None:
         """Layout: magic, set name (8 bytes), packed secret bits. Written 0600 via a temp file."""
@@ -101,7 +177,25 @@ class SecretReuseError(HetuneError):
     """A per-call secret was asked to encrypt a second message: (mask, secret) pairs are used once."""
 
 
-HintFetch = Callable[[str, str, bytes, int, int], bytes]  # (op, direction, query body, rows, cols) -> hint body
+HintFetch = Callable[[str, str, bytes, int, int, "HintFile"], None]  # (op, direction, query, rows, cols, sink): streams the hint
+
+
+class HintFile:
+    """Where a hint download goes as it arrives: a temp file, rewound for each try."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def begin(self) -> None:
+        self.fh.seek(0)
+        self.fh.truncate()
+
+    def write(self, chunk: bytes) -> None:
+        self.fh.write(chunk)
+
+
+class _BadHint(Exception):
+    pass
 
 
 class HintCache:
@@ -110,10 +204,15 @@ class HintCache:
     Layout: ``root/<set>-<bundle sha256>/mask_seed`` (16 bytes, made once: the masks are
     public, the seed is kept so a resumed run reuses the cached hints) and one file per
     (op, direction, block): the worker's hint (header, values, SHA-256 of both) followed by
-    SHA-256(bundle hash, header, values). Every file is checked once per process (sizes,
-    header, seed, both digests); a bad one is deleted and fetched again, and a second bad
-    fetch raises PayloadError. Values are read through a memory map, one chunk at a time.
+    SHA-256(bundle hash, header, values). A hint is streamed from the worker into a temp file,
+    checked there (sizes, header, seed, digest) and only then bound and renamed into place, so
+    a truncated or corrupted download never becomes a cached hint; memory stays at one piece
+    of the stream, never the hint. A cached file is checked once per process (both digests);
+    a bad one is deleted and fetched again, and a second bad fetch raises PayloadError. Values
+    are read through a memory map, one chunk at a time.
     """
+
+    _READ = 1 << 20  # bytes per read while checking a file
 
     def __init__(self, root: Path, bundle_sha256: str, rp: RlweParamSet, fetch: HintFetch):
         self.rp, self.bundle_sha256, self.fetch = rp, bundle_sha256, fetch
@@ -136,15 +235,17 @@ class HintCache:
         if key not in self._maps:
             path = self.dir / f"{op}.{direction}.{block}.hint"
             for attempt in range(2):
-                if not path.exists():
-                    query = wire.Header(wire.HINT_QUERY, NAME, self.rp.name, (block + 1) * self.rp.n, n_in, 8,
-                                        self.op_seed(op, direction)).pack()
-                    data = self.fetch(op, direction, query, (block + 1) * self.rp.n, n_in)
-                    write_atomic(path, bytes(data) + self._binding(data), mode=0o600)
-                problem = self._check(path, op, direction, block, n_out)
-                if problem is None:
-                    break
-                path.unlink()
+                if path.exists():
+                    problem = self._scan(path, op, direction, block, n_out, bound=True)[0]
+                    if problem is None:
+                        break
+                    path.unlink()
+                else:
+                    try:
+                        self._download(path, op, direction, block, n_in, n_out)
+                        break
+                    except _BadHint as bad:
+                        problem = str(bad)
                 if attempt:
                     raise PayloadError(f"the hint of {op} {direction} block {block} is {problem}, twice; "
                                        "check the worker serves the bundle this cache was made for")
@@ -154,25 +255,48 @@ class HintCache:
                                          shape=(n_out * self.rp.n * vb,)), vb)
         return self._maps[key]
 
-    def _binding(self, data) -> bytes:
-        return wire.digest(self.bundle_sha256.encode() + bytes(data[: len(data) - wire.DIGEST_BYTES]))
-
-    def _check(self, path: Path, op: str, direction: str, block: int, n_out: int) -> str | None:
-        data = path.read_bytes()
+    def _download(self, path: Path, op: str, direction: str, block: int, n_in: int, n_out: int) -> None:
+        """Stream the hint into a temp file, check it, bind it, rename it into place; _BadHint (and no file) if bad."""
+        rows = (block + 1) * self.rp.n
+        query = wire.Header(wire.HINT_QUERY, NAME, self.rp.name, rows, n_in, 8, self.op_seed(op, direction)).pack()
         try:
-            header = wire.Header.parse(data, wire.HINT, NAME, self.rp.name, (block + 1) * self.rp.n, n_out)
-        except PayloadError as err:
-            return f"not a hint of this shape ({err.message})"
-        values_end = wire.HEADER_BYTES + n_out * self.rp.n * header.value_bytes
-        if len(data) != values_end + 2 * wire.DIGEST_BYTES:
-            return f"{len(data)} bytes, expected {values_end + 2 * wire.DIGEST_BYTES} (truncated?)"
-        if header.seed != self.op_seed(op, direction):
-            return "for other masks (another mask seed)"
-        if wire.digest(data[:values_end]) != data[values_end : values_end + wire.DIGEST_BYTES]:
-            return "corrupted (checksum mismatch)"
-        if self._binding(data[: values_end + wire.DIGEST_BYTES]) != data[values_end + wire.DIGEST_BYTES :]:
-            return "bound to another bundle"
-        return None
+            with open_atomic(path, mode=0o600) as (fh, tmp):
+                self.fetch(op, direction, query, rows, n_in, HintFile(fh))
+                fh.flush()
+                problem, binding = self._scan(tmp, op, direction, block, n_out, bound=False)
+                if problem is not None:
+                    raise _BadHint(problem)  # the temp file is removed: nothing bad is cached
+                fh.write(binding)
+        except OSError as err:
+            raise ConfigError(f"cannot write the hint cache {self.dir}: {err.strerror or err}",
+                              "pass a writable --hint-cache directory with room for the hints") from err
+
+    def _scan(self, path: Path, op: str, direction: str, block: int, n_out: int, bound: bool) -> tuple[str | None, bytes]:
+        """(What is wrong with the hint file, or None; its binding digest), reading it a piece at a time.
+        ``bound``: the file ends with its binding (cached), else only the worker's digest (just downloaded)."""
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(wire.HEADER_BYTES)
+            try:
+                header = wire.Header.parse(head, wire.HINT, NAME, self.rp.name, (block + 1) * self.rp.n, n_out)
+            except PayloadError as err:
+                return f"not a hint of this shape ({err.message})", b""
+            values_end = wire.HEADER_BYTES + n_out * self.rp.n * header.value_bytes
+            expected = values_end + (2 if bound else 1) * wire.DIGEST_BYTES
+            if size != expected:
+                return f"{size} bytes, expected {expected} (truncated?)", b""
+            if header.seed != self.op_seed(op, direction):
+                return "for other masks (another mask seed)", b""
+            checksum, binding = hashlib.sha256(head), hashlib.sha256(self.bundle_sha256.encode() + head)
+            for left in range(values_end - wire.HEADER_BYTES, 0, -self._READ):
+                piece = fh.read(min(self._READ, left))
+                checksum.update(piece)
+                binding.update(piece)
+            if checksum.digest() != fh.read(wire.DIGEST_BYTES):
+                return "corrupted (checksum mismatch)", b""
+            if bound and binding.digest() != fh.read(wire.DIGEST_BYTES):
+                return "bound to another bundle", b""
+        return None, binding.digest()
 
 
 class CallKey:
@@ -192,40 +316,44 @@ class CallKey:
         raise TypeError("a per-call RLWE key is never saved or copied: a resumed run makes fresh ones")
 
     def encrypt(self, q) -> bytes:
+        return b"".join(self.encrypt_chunks(q))
+
+    def encrypt_chunks(self, q, features: int | None = None) -> Iterator[bytes]:
+        """The request body as its header and then ``features`` features' ciphertexts at a time; this call's one message."""
         if self._used:
             raise SecretReuseError(f"this call's secret already encrypted a message ({self.op} {self.direction}); "
                                    "a retry or another micro-batch takes a new call key")
         self._used = True
-        x = torch.as_tensor(np.asarray(q), dtype=torch.int64)  # (T, k) small integers
+        return self._chunks(torch.as_tensor(np.asarray(q), dtype=torch.int64), features)
+
+    def _chunks(self, x: torch.Tensor, features: int) -> Iterator[bytes]:
         rows, cols = x.shape
         n, c = self.rp.n, blocks(rows, self.rp.n)
         seed = self.cache.op_seed(self.op, self.direction)
-        a = torch.cat([randomness.aes_ctr_words(seed, cols * n, start=k * cols * n).view(cols, n) for k in range(c)], dim=1)
-        b = _chunked(self._mult.mul, a.view(cols * c, n))  # exact a * s: 2 limbs; row j c + k: feature j, block k
-        b += randomness.t_uniform(cols * c * n, self.rp.noise_bound_log2).view(cols * c, n)
-        b.view(cols, c * n)[:, :rows] += x.T << self.rp.log2_delta
-        header = wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed)
-        return header.pack() + wire.pack_top(b, self.rp.input_bytes)
+        yield wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed).pack()
+        features = features or ENCRYPT_FEATURES
+        for j in range(0, cols, features):
+            f = min(features, cols - j)  # block k's masks of features j.. are at words k cols N + j N of the op's stream
+            a = torch.stack([randomness.aes_ctr_words(seed, f * n, start=(k * cols + j) * n).view(f, n) for k in range(c)], dim=1)
+            yield _encrypt_rows(self._mult, a.view(f * c, n), x[:, j : j + f], self.rp)
 
     def decrypt(self, result: bytes, rows: int, cols: int, n_in: int) -> np.ndarray:
-        """B_out minus the cached hint times this call's secret, block by block, rounded to Delta."""
-        header = wire.Header.parse(result, wire.HINTED_RESULT, NAME, self.rp.name, rows, cols)
-        n, c = self.rp.n, blocks(rows, self.rp.n)
-        vb = header.value_bytes
-        body = memoryview(result)[wire.HEADER_BYTES :]
-        if len(body) != cols * c * n * vb:
-            raise PayloadError(f"result of {rows}x{cols} must carry {cols * c * n * vb} bytes, got {len(body)}")
-        phase = wire.unpack_top(body, cols * c * n, vb).view(cols, c, n)
-        for k in range(c):
-            hint, hb = self.cache.values(self.op, self.direction, k, n_in, cols)
-            bits = min(8 * hb, self.rp.fft_bits)
-            for i in range(0, cols, _POLY_CHUNK):  # bounded memory: a chunk of output polynomials at a time
-                rows_i = min(_POLY_CHUNK, cols - i)
-                h = wire.unpack_top(hint[i * n * hb : (i + rows_i) * n * hb], rows_i * n, hb).view(rows_i, n)
-                phase[i : i + rows_i, k] -= self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
-        d = self.rp.log2_delta
-        m = (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
-        return m.view(cols, c * n)[:, :rows].T.contiguous().numpy()
+        return self.decryptor(rows, cols, n_in).whole(result)
+
+    def decryptor(self, rows: int, cols: int, n_in: int) -> "ResultReader":
+        """Decrypts B_out fed in pieces: minus the cached hint times this call's secret, block by block, rounded to Delta."""
+        n, c, d = self.rp.n, blocks(rows, self.rp.n), self.rp.log2_delta
+
+        def take(header: wire.Header, o: int, v: torch.Tensor) -> torch.Tensor:
+            phase = v.view(len(v), c, n)
+            for k in range(c):
+                hint, hb = self.cache.values(self.op, self.direction, k, n_in, cols)
+                bits = min(8 * hb, self.rp.fft_bits)
+                h = wire.unpack_top(hint[o * n * hb : (o + len(v)) * n * hb], len(v) * n, hb).view(len(v), n)
+                phase[:, k] -= self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
+            return (v + (1 << (d - 1))) >> d  # round(phase / Delta), signed
+
+        return ResultReader(self.rp, wire.HINTED_RESULT, rows, cols, 1, take)
 
 
 class FixedMaskKeys(ClientKeys):

@@ -12,6 +12,7 @@ registry that names schemes is :mod:`hetune.crypto.registry`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,6 +104,11 @@ class Scheme(ABC):
     @abstractmethod
     def multiply(self, params: ParamSet, session: object, body: bytes, weight: torch.Tensor, device: str = "cpu") -> bytes:
         """Worker side: Enc(X) (T, n_in) times the clear integer weight (n_out, n_in)^T -> result body, computed on ``device``."""
+
+    def multiply_stream(self, params: ParamSet, session: object, body: bytes, weight: torch.Tensor,
+                        device: str = "cpu") -> Iterator[bytes]:
+        """:meth:`multiply`'s result in pieces, each computed when the last was taken (bounded memory); here in one piece."""
+        yield self.multiply(params, session, body, weight, device)
 
     def wire_bytes(self, params: ParamSet, forward_l2: float, backward_l2: float) -> dict:
         """Bytes per value each direction of an op puts on the wire, from its weight norms; {} when not norm-driven."""

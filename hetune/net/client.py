@@ -20,6 +20,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from hetune.errors import ConfigError, WorkerError
@@ -90,6 +91,15 @@ def _certificate_failure(err: BaseException) -> bool:
     return False
 
 
+class Sink(Protocol):
+    """Where a streamed result goes as it arrives: a file (a hint), a decryptor (a product)."""
+
+    def begin(self) -> None:
+        """Start afresh (called before each try's first byte)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+
 class _TooLarge(Exception):
     def __init__(self, size: int):
         self.size = size
@@ -113,34 +123,41 @@ class HttpClient:
                                  timeout=httpx.Timeout(self.retry.timeout_s, connect=CONNECT_TIMEOUT_S))
         self._reached = False  # until the server first answers, a failure is a set-up mistake: reported, not retried
 
-    def _receive(self, method: str, path: str, max_bytes: int, **kwargs):
-        """The response with its body read whole, or _TooLarge once it passes ``max_bytes`` (decoded)."""
+    def _receive(self, method: str, path: str, max_bytes: int, sink: Sink | None = None, **kwargs):
+        """The response with its body read whole, or _TooLarge once it passes ``max_bytes`` (decoded).
+        With ``sink``, a 200's body goes to the sink as it arrives (never held whole; the returned body is empty)."""
         import httpx
 
         with self.http.stream(method, path, **kwargs) as response:
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise _TooLarge(int(declared))
+            streamed = sink is not None and response.status_code == 200
+            if streamed:
+                sink.begin()  # each try starts the sink afresh: a retry never appends to a broken download
             chunks, total = [], 0
             for chunk in response.iter_bytes():  # after content decoding: a gzip bomb is counted as it inflates
                 total += len(chunk)
                 if total > max_bytes:
                     raise _TooLarge(total)
-                chunks.append(chunk)
+                if streamed:
+                    sink.write(chunk)
+                else:
+                    chunks.append(chunk)
         plain = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
         return httpx.Response(response.status_code, headers=plain, content=b"".join(chunks), request=response.request)
 
     def _request(self, method: str, path: str, max_bytes: int = MAX_INFO_BYTES, content: bytes | None = None,
-                 remake=None, **kwargs):
+                 remake=None, sink: Sink | None = None, **kwargs):
         """The response (status < 500, or the last try's); ``remake``: a callable that makes a fresh body
-        for each retry (a product is re-encrypted, never resent)."""
+        for each retry (a product is re-encrypted, never resent); ``sink``: see :meth:`_receive`."""
         import httpx
 
         for attempt in range(self.retry.retries + 1):
             wait = self.retry.backoff_s * 2**attempt
             try:
                 body = remake() if remake is not None and attempt else content
-                response = self._receive(method, path, max_bytes, content=body, **kwargs)
+                response = self._receive(method, path, max_bytes, sink=sink, content=body, **kwargs)
             except _TooLarge as err:  # never held whole: retried like a lost connection
                 problem = f"worker {self.url} sent a response of over {max_bytes} bytes ({err.size} so far) to {method} {path}"
             except httpx.TransportError as err:

@@ -8,6 +8,9 @@ worker) is checked when it is built, so a missing piece fails before the first s
 from __future__ import annotations
 
 import time
+import queue
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +33,28 @@ class TransferStats:
     encrypt_s: float = 0.0  # client: quantized integers -> request bodies
     decrypt_s: float = 0.0  # client: result bodies -> integers
     transport_s: float = 0.0  # from request sent to result received (worker + transfer)
-    worker_s: float = 0.0  # the worker's product alone, as it reports it
+    worker_s: float = 0.0  # the worker's product alone, as it reports it (0 when streamed: it cannot say up front)
+    round_trip_s: float = 0.0  # wall time of the products, encryption to decryption (overlapped or not)
+    timeline: list | None = None  # set to [] to record each product's spans (EncryptedBackend._round_trip); off: a long run
+                                  # would keep one entry per product
 
     def snapshot(self) -> dict:
-        return dict(self.__dict__)
+        return {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
+
+
+class _Counting:
+    """A sink that counts the bytes of the last try (a retry starts it afresh) and passes them on."""
+
+    def __init__(self, sink):
+        self.sink, self.bytes = sink, 0
+
+    def begin(self) -> None:
+        self.sink.begin()
+        self.bytes = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.sink.write(chunk)
+        self.bytes += len(chunk)
 
 
 class FrozenBackend:
@@ -105,12 +126,18 @@ class EncryptedBackend(FrozenBackend):
 
     encrypted = True
 
-    def __init__(self, codecs: dict[str, OpCodec], transport, keys: ClientKeys):
+    def __init__(self, codecs: dict[str, OpCodec], transport, keys: ClientKeys, overlap: bool = False):
+        """``overlap`` (batched RLWE): each product pipelined: encrypted a chunk of features at a time in a thread
+        while the previous chunk is uploaded, and its result streamed and decrypted a chunk of outputs at a time
+        while the worker computes the next."""
         super().__init__()
         self.codecs = codecs
         self.transport = transport
         self.keys = keys
         self.name = transport.name
+        if overlap and not hasattr(keys, "decryptor") and not getattr(keys, "fixed_masks", False):
+            raise ConfigError(f"overlap needs the batched RLWE scheme, not {keys.params.scheme}", "drop overlap or use rlwe")
+        self.overlap = overlap
         transport.open(keys.params, keys.session_key())
         self.fixed_masks = getattr(keys, "fixed_masks", False)  # fixed masks, a fresh secret per call (the hint)
         if self.fixed_masks:
@@ -126,10 +153,11 @@ class EncryptedBackend(FrozenBackend):
                 for block in range(-(-tokens // n)):
                     self.keys.cache.values(op, direction, block, cols, out)
 
-    def _fetch_hint(self, op: str, direction: str, query: bytes, rows: int, cols: int) -> bytes:
-        hint, _ = self.transport.run(op, direction, query, rows=rows, cols=cols)
-        self.stats.hint_bytes += len(hint)
-        return hint
+    def _fetch_hint(self, op: str, direction: str, query: bytes, rows: int, cols: int, sink) -> None:
+        """The hint streamed into ``sink`` (the cache's temp file) as the worker computes it: never held whole."""
+        counted = _Counting(sink)
+        self.transport.run(op, direction, query, rows=rows, cols=cols, sink=counted)
+        self.stats.hint_bytes += counted.bytes
 
     def _decrypt(self, result: bytes, rows: int, out_cols: int, cols: int, call=None):
         """The result's integers (under ``call``'s fresh secret with fixed masks), or PayloadError for a body that
@@ -147,39 +175,72 @@ class EncryptedBackend(FrozenBackend):
             raise PayloadError(f"result cannot be decrypted ({type(err).__name__})") from None
 
     def _round_trip(self, op: str, direction: str, tq: TokenQuant, out_cols: int) -> torch.Tensor:
+        """One product. Its timeline entry: [start, end] seconds on perf_counter of ``encrypt``, ``decrypt`` and
+        either ``transport`` (whole bodies: send, the worker's product, receive) or, with overlap, ``send`` (the
+        body handed to the transport as it is encrypted), ``wait`` (for the worker's first chunk) and ``receive``
+        (the result arriving, decrypted as it comes while the worker computes the next chunk); plus the busy
+        seconds ``encrypt_s`` and ``decrypt_s``."""
         rows, cols = tq.q.shape
         st, q = self.stats, tq.q.to(torch.int64)
-        calls, sent, enc_s = [], [], []
+        calls, span = [], {"op": op, "direction": direction, "rows": rows, "cols": cols, "out_cols": out_cols,
+                           "encrypt_s": 0.0, "decrypt_s": 0.0, "sent": 0, "received": 0}
 
-        def payload() -> bytes:  # each try (a retry, a reopened session) encrypts afresh, never resends
-            t = time.perf_counter()
+        def new_call():
             if self.fixed_masks:
                 calls.append(self.keys.new_call(op, direction))  # a fresh secret per call
-                sent.append(calls[-1].encrypt(q))
-            else:
-                sent.append(self.keys.encrypt(q))
-            enc_s.append(time.perf_counter() - t)
-            return sent[-1]
+            return calls[-1] if self.fixed_masks else self.keys
+
+        pipelines = []
+
+        def payload():  # each try (a retry, a reopened session) encrypts afresh, never resends
+            key = new_call()
+            if self.overlap:
+                pipelines.append(_Pipelined(key.encrypt_chunks(q), span))
+                return pipelines[-1]
+            t = time.perf_counter()
+            body = key.encrypt(q)
+            span.update(encrypt=[t, time.perf_counter()], sent=len(body))
+            span["encrypt_s"] += span["encrypt"][1] - t  # every try's
+            return body
+
+        def decryptor():
+            return calls[-1].decryptor(rows, out_cols, cols) if self.fixed_masks else self.keys.decryptor(rows, out_cols)
 
         t1 = time.perf_counter()
         for attempt in (1, 2):  # a malformed result is asked for once more (re-encrypted), then the run stops
-            result, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols)
-            t2 = time.perf_counter()
             try:
-                raw = self._decrypt(result, rows, out_cols, cols, calls[-1] if self.fixed_masks else None)
+                if self.overlap:
+                    sink = _Decrypting(decryptor, span)
+                    _, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols, sink=sink)
+                    raw = sink.result()
+                    span["wait"] = [span["send"][1], span["receive"][0]]  # upload done -> the worker's first chunk
+                else:
+                    result, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols)
+                    t2 = time.perf_counter()
+                    span.update(transport=[span.get("encrypt", (t1, t1))[1], t2], received=len(result))  # send, worker, receive
+                    raw = self._decrypt(result, rows, out_cols, cols, calls[-1] if self.fixed_masks else None)
+                    span.update(decrypt=[t2, time.perf_counter()], decrypt_s=time.perf_counter() - t2)
                 break
             except PayloadError as err:
                 if attempt == 2:
                     raise WorkerError(f"the worker's result for {op} {direction} ({rows}x{out_cols}) is malformed, twice: {err.message}",
                                       "the worker may be faulty or not a hetune worker of this version; "
                                       "the last checkpoint is intact: rerun with --resume once it is fixed") from None
-        st.encrypt_s, st.decrypt_s = st.encrypt_s + sum(enc_s), st.decrypt_s + time.perf_counter() - t2
-        st.transport_s += t2 - t1 - sum(enc_s)
+            finally:
+                for pipeline in pipelines:  # an upload that failed before reading its body leaves no encrypting thread
+                    pipeline.stop.set()
+        wall = time.perf_counter() - t1
+        st.encrypt_s += span["encrypt_s"]
+        st.decrypt_s += span["decrypt_s"]
+        st.transport_s += wall - span["encrypt_s"] - span["decrypt_s"]  # with overlap: what crypto did not hide
+        st.round_trip_s += wall
         st.worker_s += worker_s
         st.round_trips += 1
         st.values_out += rows * out_cols
-        st.bytes_sent += len(sent[-1])
-        st.bytes_received += len(result)
+        st.bytes_sent += span["sent"]
+        st.bytes_received += span["received"]
+        if st.timeline is not None:
+            st.timeline.append({**span, "worker_s": worker_s, "start": t1, "end": t1 + wall})
         return torch.from_numpy(raw).to(torch.float64)
 
     def forward(self, op, x):
@@ -194,6 +255,79 @@ class EncryptedBackend(FrozenBackend):
 
     def close(self):
         self.transport.close()
+
+
+class _Pipelined:
+    """A request body encrypted in a thread a chunk ahead of the upload that reads it (a bounded queue of ``depth``).
+
+    Iterating it yields the chunks in order; the producer stops if the reader goes away (a failed
+    upload) and its error, if any, is raised in the reader. Records the encrypt and send spans."""
+
+    def __init__(self, chunks: Iterator[bytes], span: dict, depth: int = 2):
+        self.chunks, self.span, self.queue = chunks, span, queue.Queue(depth)
+        self.stop = threading.Event()
+        span.update(encrypt=[time.perf_counter(), None], sent=0)
+        threading.Thread(target=self._produce, name="hetune-encrypt", daemon=True).start()
+
+    def _produce(self) -> None:
+        try:
+            while not self.stop.is_set():
+                t = time.perf_counter()
+                chunk = next(self.chunks, None)
+                self.span["encrypt_s"] += time.perf_counter() - t
+                if chunk is None:
+                    self.span["encrypt"][1] = time.perf_counter()
+                self._put(chunk)
+                if chunk is None:
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the reader
+            self._put(err)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.span.update(send=[time.perf_counter(), None], send_chunks=0)
+        try:
+            while (item := self.queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                self.span["sent"] += len(item)
+                self.span["send_chunks"] += 1
+                yield item
+            self.span["send"][1] = time.perf_counter()
+        finally:
+            self.stop.set()
+
+
+class _Decrypting:
+    """A transport sink that decrypts a streamed result as it arrives (a fresh decryptor per try, for the try's key)."""
+
+    def __init__(self, make, span: dict):
+        self.make, self.span, self.reader = make, span, None
+
+    def begin(self) -> None:
+        self.reader = self.make()
+        self.span.update(receive=[time.perf_counter(), None], decrypt=[None, None], decrypt_s=0.0, received=0)
+
+    def write(self, chunk: bytes) -> None:
+        t = time.perf_counter()
+        self.reader.write(chunk)
+        now = time.perf_counter()
+        self.span["decrypt"] = [self.span["decrypt"][0] or t, now]
+        self.span["decrypt_s"] += now - t
+        self.span["received"] += len(chunk)
+        self.span["receive"][1] = now
+
+    def result(self):
+        if self.reader is None:
+            raise PayloadError("no result arrived")
+        return self.reader.result()
 
 
 def check_backend_name(name: str) -> str:

@@ -111,6 +111,7 @@ def make_private(
     access: WorkerAccess | None = None,
     model_id: str | None = None,
     hint_cache: Path | None = None,
+    overlap: bool = False,
 ) -> PrivateModel:
     """Make a peft LoRA model private, in place: its frozen linears run on ``backend``.
 
@@ -121,7 +122,7 @@ def make_private(
     worker's) must be compiled from the same base weights: checked before anything runs
     (:mod:`hetune.compile.fingerprint`); ``model_id`` (hub id, directory, .gguf file) is needed for
     that only if ``model`` lacks its outsourced weights (``load_client_model``). ``keys``,
-    ``scheme``, ``param_set``, ``access``, ``hint_cache``: as in :func:`build_private_model`.
+    ``scheme``, ``param_set``, ``access``, ``hint_cache``, ``overlap``: as in :func:`build_private_model`.
     """
     from hetune.compile.fingerprint import check_bundle_model
 
@@ -142,7 +143,8 @@ def make_private(
             transport.close()
             raise
         transport.verified(manifest.model.outsourced_sha256)
-        engine = EncryptedBackend(transport.codecs(), transport, keys=keys or _new_keys(transport, scheme, param_set, hint_cache))
+        engine = EncryptedBackend(transport.codecs(), transport, keys=keys or _new_keys(transport, scheme, param_set, hint_cache),
+                                 overlap=overlap)
     else:
         from hetune.compile.bundle import load_bundle
 
@@ -157,7 +159,8 @@ def make_private(
             from hetune.protocols.hybrid_lora.owner.local import LocalTransport
 
             transport = LocalTransport(b)
-            engine = EncryptedBackend({k: v.codec for k, v in ops.items()}, transport, keys=keys or _new_keys(transport, scheme, param_set, hint_cache))
+            engine = EncryptedBackend({k: v.codec for k, v in ops.items()}, transport, keys=keys or _new_keys(transport, scheme, param_set, hint_cache),
+                                 overlap=overlap)
     return PrivateModel(model, tokenizer, engine, attach_backend(model, specs, engine), manifest)
 
 
@@ -174,6 +177,7 @@ def build_private_model(
     param_set: str | None = None,
     access: WorkerAccess | None = None,
     hint_cache: Path | None = None,
+    overlap: bool = False,
 ) -> PrivateModel:
     """Load ``model_id`` (without its outsourced weights, except on ``plain``), add LoRA, make it private.
 
@@ -182,7 +186,8 @@ def build_private_model(
     :class:`~hetune.protocols.hybrid_lora.owner.remote.WorkerAccess` (CA to trust, API key); None: the
     system's trust store, no key. ``hint_cache`` (batched RLWE): fixed masks with a fresh secret per
     product, the worker's hints (W times the masks, fetched once) kept in that folder; None: fresh masks
-    per request."""
+    per request. ``overlap`` (batched RLWE, encrypted/remote): pipeline each product (encrypt while uploading,
+    decrypt while the worker computes the rest: :class:`~hetune.protocols.hybrid_lora.owner.backends.EncryptedBackend`)."""
     from hetune.models.client_weights import load_client_model
     from hetune.models.loading import load_model
 
@@ -191,4 +196,4 @@ def build_private_model(
     model = wrap_lora(loaded.model, lora, seed)
     return make_private(model, backend, bundle=bundle, workers=workers, keys=keys, scheme=scheme,
                         param_set=param_set, tokenizer=loaded.tokenizer, access=access, model_id=model_id,
-                        hint_cache=hint_cache)
+                        hint_cache=hint_cache, overlap=overlap)

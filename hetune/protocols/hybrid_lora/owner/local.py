@@ -40,13 +40,27 @@ class LocalTransport:
     def weights_sha256(self) -> str:
         return self.worker.bundle.manifest.model.weights_sha256
 
-    def run(self, op: str, direction: str, payload, rows: int, cols: int) -> tuple[bytes, float]:
-        """The result body and the worker's seconds; ``payload``: bytes, or a callable that makes them."""
+    def run(self, op: str, direction: str, payload, rows: int, cols: int, sink=None) -> tuple[bytes, float]:
+        """The result body and the worker's seconds; ``payload``: bytes, or a callable that makes them.
+        With ``sink`` (see remote.Sink) the result goes there chunk by chunk as it is computed (body b"")."""
         payload = payload() if callable(payload) else payload
+        if not isinstance(payload, bytes):  # a pipelined body: the worker's product needs all of it
+            payload = b"".join(payload)
         get_scheme(self._params.scheme).check_request(self._params, payload, rows, cols)
         t0 = time.perf_counter()
-        result = self.worker.run(op, direction, self._params, self._session, payload)
-        return result, time.perf_counter() - t0
+        if sink is None:
+            result = self.worker.run(op, direction, self._params, self._session, payload)
+            return result, time.perf_counter() - t0
+        sink.begin()
+        worker_s = 0.0
+        chunks = self.worker.run_stream(op, direction, self._params, self._session, payload)
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(chunks, None)
+            worker_s += time.perf_counter() - t0
+            if chunk is None:
+                return b"", worker_s
+            sink.write(chunk)
 
     def close(self) -> None:
         self._params = self._session = None

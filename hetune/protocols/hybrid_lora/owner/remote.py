@@ -13,7 +13,7 @@ import torch
 from hetune.compile.manifest import Manifest
 from hetune.crypto.registry import get_scheme
 from hetune.errors import HetuneError, WorkerError
-from hetune.net.client import API_KEY_ENV, API_KEY_HINT, MAX_INFO_BYTES, HttpClient, RetryPolicy, WorkerAccess  # noqa: F401  (re-exported)
+from hetune.net.client import API_KEY_ENV, API_KEY_HINT, MAX_INFO_BYTES, HttpClient, RetryPolicy, Sink, WorkerAccess  # noqa: F401  (re-exported)
 from hetune.protocols.hybrid_lora import wire
 from hetune.quant.integer import OpCodec
 
@@ -64,15 +64,21 @@ class WorkerClient(HttpClient):
                               "serve the bundle compiled from your model on that worker, then rerun (with --resume if a run had started)")
         self.session_id, self._token = data["session_id"], data["token"]
 
-    def run(self, op: str, direction: str, payload, rows: int, cols: int, max_bytes: int = MAX_INFO_BYTES) -> tuple[bytes, float]:
+    def run(self, op: str, direction: str, payload, rows: int, cols: int, max_bytes: int = MAX_INFO_BYTES,
+            sink: Sink | None = None) -> tuple[bytes, float]:
         """The result body (at most ``max_bytes``) and the worker's seconds (its ``x-worker-seconds`` header);
-        ``payload``: bytes, or a callable that makes a fresh request body for each try."""
+        ``payload``: bytes, or a callable that makes a fresh request body for each try. With ``sink`` the worker
+        streams the result into it as it is computed (body b"", seconds 0: the worker cannot know them up front)."""
         path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
+        query = {"rows": rows, "cols": cols, **({"stream": "true"} if sink is not None else {})}
         for reopened in (False, True):
+            body = payload() if callable(payload) else payload
+            headers = {"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"}
+            if not isinstance(body, bytes):  # made as it is sent (pipelined): its exact size up front, not chunked
+                headers["content-length"] = str(get_scheme(self._params.scheme).request_bytes(self._params, rows, cols))
             response = self._request(
-                "POST", path, max_bytes=max_bytes, content=payload() if callable(payload) else payload,
-                remake=payload if callable(payload) else None, params={"rows": rows, "cols": cols},
-                headers={"authorization": f"Bearer {self._token}", "content-type": "application/octet-stream"},
+                "POST", path, max_bytes=max_bytes, content=body,
+                remake=payload if callable(payload) else None, sink=sink, params=query, headers=headers,
             )
             if response.status_code == 404 and "session" in response.text and not reopened:
                 self.open(self._params, self._key)  # the worker restarted or the session expired
@@ -138,13 +144,13 @@ class HttpTransport:
     def weights_sha256(self) -> str:
         return self.manifest.model.weights_sha256
 
-    def run(self, op: str, direction: str, payload, rows: int, cols: int) -> tuple[bytes, float]:
+    def run(self, op: str, direction: str, payload, rows: int, cols: int, sink: Sink | None = None) -> tuple[bytes, float]:
         client = self._by_op[op]
         spec = self.manifest.op(op)
         out_cols = spec.out_features if direction == "forward" else spec.in_features
         params = client._params
         cap = RESULT_BYTES_FACTOR * get_scheme(params.scheme).request_bytes(params, rows, out_cols) + 2**16
-        return client.run(op, direction, payload, rows, cols, cap)
+        return client.run(op, direction, payload, rows, cols, cap, sink)
 
     def close(self) -> None:
         for client in self.clients:

@@ -7,7 +7,7 @@ product. Imports neither transformers nor peft: the worker needs only the bundle
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +44,8 @@ class OpRunner(Protocol):
 
     def run(self, op: str, direction: str, params: ParamSet, session: object, body: bytes) -> bytes: ...
 
+    def run_stream(self, op: str, direction: str, params: ParamSet, session: object, body: bytes) -> Iterator[bytes]: ...
+
 
 class Worker:
     """Holds integer weights only; sees ciphertexts, shapes and timing, nothing else."""
@@ -76,3 +78,9 @@ class Worker:
         w = self.weights[op]
         weight = w if direction == "forward" else w.T  # (n_out, n_in) of this product
         return get_scheme(params.scheme).multiply(params, session, body, weight, self.device)
+
+    def run_stream(self, op: str, direction: str, params: ParamSet, session: object, body: bytes) -> Iterator[bytes]:
+        """:meth:`run`'s result in chunks, each computed when the last was taken: a hint (or a streamed result)
+        is never held whole."""
+        w = self.weights[op]
+        return get_scheme(params.scheme).multiply_stream(params, session, body, w if direction == "forward" else w.T, self.device)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from hetune.compile.bundle import Bundle
@@ -237,8 +238,10 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
     cfg, worker, budget = parts.cfg, parts.worker, parts.budget
 
     @app.post(f"{prefix}/sessions/{{sid}}/ops/{{op}}/{{direction}}")
-    async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0,
+    async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0, stream: bool = False,
                      got: Session = Depends(parts.session_of)):
+        """``stream``: answer in chunks as they are computed (a hint; a product the owner decrypts as it arrives),
+        without the x-worker-seconds header; else whole, with it."""
         if op not in worker.ops:
             return error(404, f"unknown op {op!r}")
         if direction not in wire.DIRECTIONS:
@@ -251,7 +254,8 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
         params = got.params
         scheme = get_scheme(params.scheme)
         size = scheme.request_bytes(params, rows, cols)
-        with budget.hold(got.owner or sid, size):  # held until the answer is ready: the body lives that long
+        with ExitStack() as held:  # the body's budget is held until the answer is ready (or streamed): the body lives that long
+            held.enter_context(budget.hold(got.owner or sid, size))
             body = await read_body(request, size, cfg.body_timeout_s)
             if isinstance(body, JSONResponse):
                 return body
@@ -259,6 +263,9 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
                 scheme.check_request(params, body, rows, cols)  # header and exact size, before any heavy work
             except PayloadError as err:
                 return error(err.status, err.message)
+            if stream:
+                chunks = worker.run_stream(op, direction, params, got.state, body)
+                return StreamingResponse(_one_at_a_time(chunks, got.lock, held.pop_all()), media_type="application/octet-stream")
 
             def compute() -> tuple[bytes, float]:
                 with got.lock:  # one product at a time per session
@@ -270,6 +277,18 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
             except PayloadError as err:  # e.g. a GLWE ciphertext the extension cannot read
                 return error(err.status, err.message)
         return Response(result, media_type="application/octet-stream", headers={"x-worker-seconds": f"{seconds:.6f}"})
+
+
+def _one_at_a_time(chunks: Iterator[bytes], lock: threading.Lock, held: ExitStack) -> Iterator[bytes]:
+    """A streamed answer's chunks, each computed under the session's lock (Starlette pulls them in its thread pool,
+    one after the other); ``held`` (the body's budget) is released when the stream ends or is dropped."""
+    with held:
+        while True:
+            with lock:
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
 
 
 class LoopbackWorker(LoopbackServer):
