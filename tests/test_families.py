@@ -137,7 +137,7 @@ def test_gemma_training_blocks_start_with_bos():
     """Gemma reads a sequence without its <bos> badly; every training block of a Gemma model starts with it."""
     from hetune.data.text import pack
 
-    tok = load_model("micro-llama").tokenizer
+    tok = byte_tokenizer()
     texts = ["def f(x):\n    return x\n", "class A:\n    pass\n"] * 4
     plain, with_bos = pack(texts, tok, 8), pack(texts, tok, 8, bos=tok.bos_token_id)
     assert with_bos.shape[1] == 8 and bool((with_bos[:, 0] == tok.bos_token_id).all())

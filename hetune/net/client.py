@@ -105,6 +105,36 @@ class _TooLarge(Exception):
         self.size = size
 
 
+class _Undecodable(Exception):
+    """A response body in a content encoding we cannot read within bounds (or a corrupt one)."""
+
+
+_INFLATE_STEP = 1 << 20  # decoded bytes per zlib call: a compressed bomb never inflates by more than this at once
+_ZLIB_WBITS = {"gzip": 16 + 15, "deflate": 15}
+
+
+def _decoded(raw_chunks, encoding: str):
+    """The body's decoded pieces, each at most _INFLATE_STEP bytes. We ask for identity (no server of ours
+    compresses), but a proxy may gzip anyway; httpx's own decoder inflates a whole network read at once
+    (about 1,000x for gzip), which would let a 64 KB read become 64 MB before any cap is checked."""
+    import zlib
+
+    if encoding in ("", "identity"):
+        yield from raw_chunks
+        return
+    if encoding not in _ZLIB_WBITS:
+        raise _Undecodable(f"content-encoding {encoding!r}, which hetune does not read (it asks for identity)")
+    inflater = zlib.decompressobj(_ZLIB_WBITS[encoding])
+    try:
+        for data in raw_chunks:
+            while data:
+                yield inflater.decompress(data, _INFLATE_STEP)
+                data = inflater.unconsumed_tail
+        yield inflater.flush()
+    except zlib.error as err:
+        raise _Undecodable(f"a corrupt {encoding} body ({err})") from None
+
+
 class HttpClient:
     """One server under ``url/api_version``: requests with retries and capped responses, errors as WorkerError.
 
@@ -120,7 +150,8 @@ class HttpClient:
         self._access.check_url(self.url)
         self._down_hint = down_hint
         self.http = httpx.Client(base_url=f"{self.url}/{api_version}", verify=self._access.ssl_context(),
-                                 timeout=httpx.Timeout(self.retry.timeout_s, connect=CONNECT_TIMEOUT_S))
+                                 timeout=httpx.Timeout(self.retry.timeout_s, connect=CONNECT_TIMEOUT_S),
+                                 headers={"accept-encoding": "identity"})
         self._reached = False  # until the server first answers, a failure is a set-up mistake: reported, not retried
 
     def _receive(self, method: str, path: str, max_bytes: int, sink: Sink | None = None, **kwargs):
@@ -136,7 +167,8 @@ class HttpClient:
             if streamed:
                 sink.begin()  # each try starts the sink afresh: a retry never appends to a broken download
             chunks, total = [], 0
-            for chunk in response.iter_bytes():  # after content decoding: a gzip bomb is counted as it inflates
+            encoding = response.headers.get("content-encoding", "").strip().lower()
+            for chunk in _decoded(response.iter_raw(), encoding):  # a compressed bomb is counted as it inflates
                 total += len(chunk)
                 if total > max_bytes:
                     raise _TooLarge(total)
@@ -160,6 +192,8 @@ class HttpClient:
                 response = self._receive(method, path, max_bytes, sink=sink, content=body, **kwargs)
             except _TooLarge as err:  # never held whole: retried like a lost connection
                 problem = f"worker {self.url} sent a response of over {max_bytes} bytes ({err.size} so far) to {method} {path}"
+            except _Undecodable as err:
+                problem = f"worker {self.url} sent {err} to {method} {path}"
             except httpx.TransportError as err:
                 if not self._reached or _certificate_failure(err):  # retrying cannot help; the server may be an impostor
                     raise connection_error(self.url, self._access.ca_cert, err) from err
