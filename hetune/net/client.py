@@ -133,6 +133,8 @@ def _decoded(raw_chunks, encoding: str):
         yield inflater.flush()
     except zlib.error as err:
         raise _Undecodable(f"a corrupt {encoding} body ({err})") from None
+    if not inflater.eof:
+        raise _Undecodable(f"a truncated {encoding} body")
 
 
 class HttpClient:
