@@ -72,6 +72,21 @@ def test_fixed_mask_products_are_exact_and_bytes_per_value_are_the_wire_formats(
     assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 5  # 10 B per output value
 
 
+def test_the_unmasking_term_computed_ahead_decrypts_exactly(tmp_path, op):
+    """prepare() computes H s in a thread before the answer: the same exact result as computing it as outputs come."""
+    w, x = op
+    keys = fixed_mask_keys("p128", tmp_path)
+    keys.attach("e" * 64, LocalWorker({("op", "forward"): w}))
+    for rows in (5, 2100):  # one block, two blocks
+        call = keys.new_call("op", "forward")
+        call.prepare(rows, w.shape[0], x.shape[1])
+        result = SCHEME.multiply(keys.params, None, call.encrypt(x[:rows]), w)
+        assert call._unmask.result().shape == (w.shape[0], rows // N + 1, N)
+        assert np.array_equal(call.decrypt(result, rows, w.shape[0], x.shape[1]), exact(x[:rows], w))
+        call._unmask = None  # the same answer, H s computed while decrypting
+        assert np.array_equal(call.decrypt(result, rows, w.shape[0], x.shape[1]), exact(x[:rows], w))
+
+
 def test_a_call_key_encrypts_once_and_is_never_saved(tmp_path, op):
     w, x = op
     keys = fixed_mask_keys("p128", tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from hetune.files import open_atomic, write_atomic
 _POLY_CHUNK = 1024  # polynomials per FFT batch (bounds memory)
 _STREAM_BATCH = 256  # outputs decrypted at once from a streamed result (the worker's chunk), unless fewer are left
 ENCRYPT_FEATURES = 128  # features per encrypted chunk of a request (a pipelined upload's unit)
+_UNMASK = ThreadPoolExecutor(1, thread_name_prefix="hetune-unmask")  # one call's H s at a time, off the critical path
 _KEY_MAGIC = b"HTRLWEsk"
 
 
@@ -311,6 +313,7 @@ class CallKey:
         self.rp, self.cache, self.op, self.direction = rp, cache, op, direction
         self._mult = BinaryPolyMultiplier(randomness.binary_secret(rp.n))
         self._used = False
+        self._unmask: Future | None = None
 
     def __reduce__(self):
         raise TypeError("a per-call RLWE key is never saved or copied: a resumed run makes fresh ones")
@@ -340,17 +343,47 @@ class CallKey:
     def decrypt(self, result: bytes, rows: int, cols: int, n_in: int) -> np.ndarray:
         return self.decryptor(rows, cols, n_in).whole(result)
 
+    def _hint_times_secret(self, o: int, k: int, block: int, n_in: int, cols: int) -> torch.Tensor:
+        """Outputs o..o+k's hint of ``block`` times this call's secret, to the top bits that matter (one FFT each)."""
+        n = self.rp.n
+        hint, hb = self.cache.values(self.op, self.direction, block, n_in, cols)
+        bits = min(8 * hb, self.rp.fft_bits)
+        h = wire.unpack_top(hint[o * n * hb : (o + k) * n * hb], k * n, hb).view(k, n)
+        return self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
+
+    def prepare(self, rows: int, cols: int, n_in: int) -> None:
+        """Start computing the whole unmasking term H s of this call in a thread.
+
+        It depends on the cached hint and this call's secret only, not on the data or the
+        worker's answer, so it runs while the request is encrypted and sent and the worker
+        computes; decryption is then a subtraction. Holds cols x rows int64 (the size of the
+        decrypted result) until the call is decrypted."""
+        c = blocks(rows, self.rp.n)
+        for k in range(c):  # hints fetched (or checked) here, never from the thread
+            self.cache.values(self.op, self.direction, k, n_in, cols)
+
+        def compute() -> torch.Tensor:
+            out = torch.empty(cols, c, self.rp.n, dtype=torch.int64)
+            for o in range(0, cols, _POLY_CHUNK):
+                k = min(_POLY_CHUNK, cols - o)
+                for b in range(c):
+                    out[o : o + k, b] = self._hint_times_secret(o, k, b, n_in, cols)
+            return out
+
+        self._unmask = _UNMASK.submit(compute)
+
     def decryptor(self, rows: int, cols: int, n_in: int) -> "ResultReader":
-        """Decrypts B_out fed in pieces: minus the cached hint times this call's secret, block by block, rounded to Delta."""
+        """Decrypts B_out fed in pieces: minus the hint times this call's secret (from :meth:`prepare` if it ran,
+        else block by block as the outputs come), rounded to Delta."""
         n, c, d = self.rp.n, blocks(rows, self.rp.n), self.rp.log2_delta
 
         def take(header: wire.Header, o: int, v: torch.Tensor) -> torch.Tensor:
             phase = v.view(len(v), c, n)
-            for k in range(c):
-                hint, hb = self.cache.values(self.op, self.direction, k, n_in, cols)
-                bits = min(8 * hb, self.rp.fft_bits)
-                h = wire.unpack_top(hint[o * n * hb : (o + len(v)) * n * hb], len(v) * n, hb).view(len(v), n)
-                phase[:, k] -= self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
+            if self._unmask is not None:
+                phase -= self._unmask.result()[o : o + len(v)]
+            else:
+                for k in range(c):
+                    phase[:, k] -= self._hint_times_secret(o, len(v), k, n_in, cols)
             return (v + (1 << (d - 1))) >> d  # round(phase / Delta), signed
 
         return ResultReader(self.rp, wire.HINTED_RESULT, rows, cols, 1, take)

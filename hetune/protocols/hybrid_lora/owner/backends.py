@@ -188,6 +188,7 @@ class EncryptedBackend(FrozenBackend):
         def new_call():
             if self.fixed_masks:
                 calls.append(self.keys.new_call(op, direction))  # a fresh secret per call
+                calls[-1].prepare(rows, out_cols, cols)  # its H s in a thread meanwhile: data-independent
             return calls[-1] if self.fixed_masks else self.keys
 
         pipelines = []
