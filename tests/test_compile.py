@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from integer_op import integer_op
 
 from hetune.compile.bundle import MANIFEST_FILE, WEIGHTS_FILE, load_bundle, write_bundle
 from hetune.compile.compiler import CompileConfig, compile_bundle, compile_model
@@ -13,7 +14,6 @@ from hetune.models.layers import decoder_layers, member_linear
 from hetune.crypto.registry import get_scheme, resolve_params
 from hetune.quant.budget import accumulator_bound
 from hetune.quant.config import QuantConfig
-from hetune.quant.integer import IntegerLinear
 from hetune.quant.rotation import input_rotation
 from hetune.quant.weights import quantize_weight
 
@@ -69,7 +69,7 @@ def test_fused_op_equals_its_unfused_parts_bit_for_bit(tiny, compiled):
 
     def op(c, name):
         s = c.manifest.op(name)
-        return IntegerLinear.from_scale(c.tensors[s.weight_key], c.tensors[s.scale_key], *widths)
+        return integer_op(c.tensors[s.weight_key], c.tensors[s.scale_key], *widths)
 
     fused = op(compiled, "layers.1.qkv").forward(x)
     parts = torch.cat([op(unfused, f"layers.1.{n}").forward(x) for n in ("q", "k", "v")], dim=1)

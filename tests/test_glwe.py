@@ -6,6 +6,7 @@
 import numpy as np
 import pytest
 import torch
+from integer_op import integer_op
 
 from hetune.crypto.glwe import RESULT_NOISE_BOUND, SCHEME
 from hetune.crypto.keys import generate_keys, load_keys
@@ -31,9 +32,7 @@ def test_budget_is_27_bits():
 def test_forward_and_backward_match_integer_reference(keys, compiled):
     spec = compiled.manifest.op("layers.0.o")
     op = compiled.tensors[spec.weight_key]
-    from hetune.quant.integer import IntegerLinear
-
-    lin = IntegerLinear.from_scale(op, compiled.tensors[spec.scale_key], 8, 8)
+    lin = integer_op(op, compiled.tensors[spec.scale_key], 8, 8)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, lin.in_features, generator=gen)
     g = torch.randn(2, lin.out_features, generator=gen)

@@ -11,15 +11,18 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy.optimize import nnls
 
 from hetune.protocols.privtuner.cell import random_cell
 from hetune.protocols.privtuner.costs import load_costs
 from hetune.protocols.privtuner.discrete import branch_and_bound, brute_force, cost_table
-from hetune.protocols.privtuner.oracle import kkt_residual, oracle_solve
+from hetune.protocols.privtuner.oracle import oracle_solve
 from hetune.protocols.privtuner.planner import BASELINES, InfeasibleCellError, Planner, best_alternating, check_feasible, plan_cell
-from hetune.protocols.privtuner.system import build_instance, min_times, objective, owner_energy, violation
+from hetune.protocols.privtuner.system import (Allocation, Instance, build_instance, min_times, objective, owner_energy, rate,
+                                              uplink_power, violation)
 
 warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+LN2 = math.log(2)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +107,60 @@ def test_branch_and_bound_on_a_real_cost_table(inst, glwe_costs):
     cost, _, _ = cost_table(inst, res.alloc, 2e-3)
     choice, value, _ = branch_and_bound(cost, inst.mem_gib, 0.0)
     assert np.array_equal(choice, np.argmin(cost, axis=1)) and value == pytest.approx(cost.min(axis=1).sum())
+
+
+def kkt_residual(inst: Instance, choice: np.ndarray, alloc: Allocation, active_tol: float = 1e-4) -> dict:
+    """KKT of the convex (b, t, f, f_s) form at ``alloc``: multipliers by non-negative least squares.
+
+    Returns the relative stationarity residual (0 = exact KKT point), the largest relative
+    constraint violation, and the multipliers. Complementary slackness holds by
+    construction: only constraints active within ``active_tol`` get a multiplier.
+    """
+    n, c, idx = inst.n, inst.cell, np.arange(inst.n)
+    C, S, G, Tdl = inst.C[idx, choice], inst.S[idx, choice], inst.G[idx, choice], inst.Tdl[idx, choice]
+    b, f, fs, g = alloc.b, alloc.f, alloc.fs, inst.g
+    t = S / rate(b, alloc.p, g)
+    x = S * LN2 / (b * t)  # a / m
+    dF_dm = (np.expm1(x) - x * np.exp(x)) / g
+    # variable order: b (n), t (n), f (n), fs (n)
+    grad = np.concatenate([t * dF_dm, b * dF_dm, 2 * inst.kc * C * f, 2 * inst.ks * G * fs])
+    rows, names, slack = [], [], []
+
+    def add(name, gvec, value, scale):
+        rows.append(gvec)
+        names.append(name)
+        slack.append(value / scale)
+
+    for i in range(n):
+        gv = np.zeros(4 * n)
+        gv[n + i], gv[2 * n + i], gv[3 * n + i] = 1.0, -C[i] / f[i] ** 2, -G[i] / fs[i] ** 2
+        add(f"deadline[{i}]", gv, C[i] / f[i] + t[i] + G[i] / fs[i] + Tdl[i] - c.deadline_s, c.deadline_s)
+        gv = np.zeros(4 * n)
+        gv[2 * n + i] = 1.0
+        add(f"fmax[{i}]", gv, f[i] - inst.fmax[i], inst.fmax[i])
+        gv = np.zeros(4 * n)
+        ex = np.exp(x[i])
+        gv[i] = (np.expm1(x[i]) - x[i] * ex) / g[i]
+        gv[n + i] = -(S[i] * LN2 / (g[i] * t[i] ** 2)) * ex
+        add(f"pmax[{i}]", gv, uplink_power(b[i], t[i], S[i], g[i]) - inst.pmax[i], inst.pmax[i])
+    gv = np.zeros(4 * n)
+    gv[:n] = 1.0
+    add("bandwidth", gv, b.sum() - c.bandwidth_mhz, c.bandwidth_mhz)
+    gv = np.zeros(4 * n)
+    gv[3 * n :] = 1.0
+    add("server", gv, fs.sum() - c.server_ghz, c.server_ghz)
+    slack = np.array(slack)
+    active = np.abs(slack) <= active_tol
+    scale = np.concatenate([b, t, f, fs])  # x_i * d/dx_i: dimensionless, comparable rows
+    A = (np.array(rows)[active] * scale).T
+    lam, _ = nnls(A, -grad * scale) if active.any() else (np.zeros(0), None)
+    resid = grad * scale + A @ lam
+    denom = np.abs(grad * scale) + np.abs(A) @ lam + 1e-300
+    return {
+        "stationarity": float(np.max(np.abs(resid)) / np.max(denom)),
+        "primal_violation": float(max(0.0, slack.max())),
+        "multipliers": {name: float(v) for name, v in zip(np.array(names)[active], lam)},
+    }
 
 
 @pytest.mark.parametrize("choice", [[0, 0, 0, 0], [1, 0, 2, 1]])

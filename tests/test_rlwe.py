@@ -12,7 +12,7 @@ import torch
 
 from hetune.crypto import randomness, rlwe, rlwe_wire
 from hetune.crypto.keys import generate_keys, load_keys
-from hetune.crypto.ring import (BinaryPolyMultiplier, gemm_mod_2_64, limb_plan, negacyclic_mul_reference, small_product_bits,
+from hetune.crypto.ring import (BinaryPolyMultiplier, gemm_mod_2_64, limb_plan, small_product_bits,
                                 small_product_error, split_signed)
 from hetune.crypto.rlwe_params import PARAM_SETS, WORST_WEIGHT_L2
 from hetune.crypto.scheme import PayloadError
@@ -27,6 +27,21 @@ def random_words(*shape) -> torch.Tensor:
 
 def as_u64(t: torch.Tensor) -> list[int]:
     return [int(v) % 2**64 for v in t.flatten()]
+
+
+def negacyclic_mul_reference(a: list[int], s: list[int]) -> list[int]:
+    """Schoolbook negacyclic product a * s mod (X^N + 1, 2^64) in Python integers: the oracle."""
+    n = len(a)
+    out = [0] * n
+    for i, ai in enumerate(a):
+        for j, sj in enumerate(s):
+            if sj:
+                k = i + j
+                if k < n:
+                    out[k] += ai * sj
+                else:
+                    out[k - n] -= ai * sj
+    return [v % 2**64 for v in out]
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +260,20 @@ def test_registry_names_both_schemes_and_refuses_unknown_ones():
         get_scheme("ckks")
     with pytest.raises(ConfigError, match="not allow-listed for scheme 'rlwe'"):
         SCHEME.params("p80")
+
+
+def test_register_keys_routes_a_scheme_to_its_key_module(monkeypatch, tmp_path):
+    from hetune.crypto import keys as key_modules
+    from hetune.errors import ConfigError
+
+    monkeypatch.setitem(key_modules._KEYS, "rlwe", key_modules._KEYS["rlwe"])  # restored after the test
+    made, loaded = [], []
+    key_modules.register_keys("rlwe", made.append, loaded.append)
+    key_modules.generate_keys("rlwe")
+    key_modules.load_keys(tmp_path / "k", "rlwe")
+    assert made == [SCHEME.default_param_set] and loaded == [tmp_path / "k"]
+    with pytest.raises(ConfigError, match="unknown"):  # keys belong to a registered scheme
+        key_modules.register_keys("ckks", made.append, loaded.append)
 
 
 def test_noise_comes_from_the_os_csprng_not_torch():

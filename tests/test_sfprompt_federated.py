@@ -82,3 +82,24 @@ def test_sfprompt_beats_local_only_on_the_llama_text_task():
     fed = run(SfpromptConfig(method="sfprompt", **kwargs))
     local = run(SfpromptConfig(method="local-only", **kwargs))
     assert fed["final_accuracy"] > local["final_accuracy"] + 0.05, (fed["final_accuracy"], local["final_accuracy"])
+
+
+def test_the_strategy_refuses_replies_it_cannot_average():
+    import torch
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from hetune.protocols.sfprompt.federation import reply_problem
+
+    expected = {"prompt": ((2, 3), "float32")}
+
+    def reply(arrays=None, n=4):
+        arrays = {"prompt": torch.zeros(2, 3)} if arrays is None else arrays
+        return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": n})})
+
+    assert reply_problem(reply(), expected) is None
+    assert "lacks its arrays" in reply_problem(RecordDict({"metrics": MetricRecord({"num-examples": 4})}), expected)
+    assert "not a positive integer" in reply_problem(reply(n=0), expected)
+    assert "do not match the model" in reply_problem(reply({"other": torch.zeros(2, 3)}), expected)
+    assert "expected float32[2, 3]" in reply_problem(reply({"prompt": torch.zeros(3, 2)}), expected)
+    assert "expected float32" in reply_problem(reply({"prompt": torch.zeros(2, 3, dtype=torch.float64)}), expected)
+    assert "NaN or infinity" in reply_problem(reply({"prompt": torch.full((2, 3), float("inf"))}), expected)

@@ -145,18 +145,3 @@ def small_product_error(n: int, k: int) -> float:
     the float error plus the 1/2 of rounding bounds the integer error.
     """
     return fft_product_error(n, 2.0 ** (k - 1) * math.sqrt(n), math.sqrt(n)) + 0.5
-
-
-def negacyclic_mul_reference(a: list[int], s: list[int]) -> list[int]:
-    """Schoolbook product in Python integers: the test oracle."""
-    n = len(a)
-    out = [0] * n
-    for i, ai in enumerate(a):
-        for j, sj in enumerate(s):
-            if sj:
-                k = i + j
-                if k < n:
-                    out[k] += ai * sj
-                else:
-                    out[k - n] -= ai * sj
-    return [v % 2**64 for v in out]

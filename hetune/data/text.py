@@ -20,6 +20,7 @@ LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json"}
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
                type(None): "null"}
 _JSON_HINT = "each line must be one JSON object (JSON Lines), or the whole file one JSON array of objects"
+IGNORE = -100  # the label of a position no loss reads (cross-entropy's ignore_index)
 
 
 def load_texts(sources: list[str] | tuple[str, ...], text_field: str = "text") -> list[str]:
@@ -128,6 +129,25 @@ def pack(texts, tokenizer, seq_len: int, bos: int | None = None) -> torch.Tensor
         raise ConfigError(f"the data holds {len(ids)} tokens, fewer than one block of {seq_len}", "add data or raise --seq-len")
     blocks = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
     return blocks if bos is None else torch.cat([torch.full((n, 1), bos, dtype=torch.long), blocks], dim=1)
+
+
+def pad_documents(texts, tokenizer, seq_len: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per document: (ids, labels), both (N, L), L the longest document cut at ``seq_len`` tokens.
+
+    For tasks scored per document (the federated relatives), where :func:`pack` would run
+    documents together. Each row is right-padded with ``pad``: under causal attention the
+    padding sits after the document and changes no logit that is scored. ``labels`` are the
+    ids, unshifted as in transformers' ``labels``, with ``IGNORE`` at the padding.
+    """
+    if not texts:
+        raise ConfigError("no documents to tokenize", "pass at least one document")
+    ids = [row[:seq_len] for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    width = max(len(row) for row in ids)
+    x = torch.full((len(ids), width), pad, dtype=torch.long)
+    labels = torch.full((len(ids), width), IGNORE, dtype=torch.long)
+    for i, row in enumerate(ids):
+        x[i, : len(row)] = labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return x, labels
 
 
 class BlockSampler:

@@ -32,10 +32,6 @@ class AccumulatorBound:
     forward_l2: float  # max_o ||W[o, :]||_2: the forward product's noise growth
     backward_l2: float  # max_j ||W[:, j]||_2: the backward product's
 
-    @property
-    def worst_bits(self) -> int:
-        return max(self.forward_bits, self.backward_bits)
-
 
 def _forward_bits(row_l1: int, bits_a: int) -> int:
     return signed_bits((2**bits_a - 1) * row_l1)  # unsigned activations in [0, 2^a - 1]

@@ -77,11 +77,6 @@ class IntegerLinear:
     q: torch.Tensor  # (out, in) int8/int16, signed, zero point 0 (with a rotation: quantizes W R)
     codec: OpCodec
 
-    @classmethod
-    def from_scale(cls, q: torch.Tensor, scale: torch.Tensor, bits_a: int, bits_g: int, **codec) -> "IntegerLinear":
-        """An op from its weight and scale (the codec's row sums computed from ``q``); ``codec``: OpCodec's options."""
-        return cls(q, OpCodec(scale, q.to(torch.float64).sum(dim=1), bits_a, bits_g, **codec))
-
     @property
     def out_features(self) -> int:
         return self.q.shape[0]

@@ -18,7 +18,6 @@ from hetune.protocols.sfprompt import wire
 
 # A round cannot wait long for one client: one quick retry, then the client is dropped.
 SPLIT_RETRY = RetryPolicy(retries=1, backoff_s=0.2, timeout_s=120.0)
-BYTE_KINDS = ("activations_up", "activations_down", "gradients_up", "gradients_down")
 RESPONSE_SLACK = 4096  # bytes a safetensors header of the same shape may differ by, at most
 _HINT = "check that the body server is running and reachable; this client is dropped from the round"
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hetune.data.text import IGNORE, pad_documents
+
 TOPICS = {
     "animals": ("cat", "dog", "horse", "tiger", "mouse", "eagle", "shark", "wolf", "camel", "otter"),
     "food": ("bread", "apple", "cheese", "pasta", "melon", "rice", "soup", "honey", "plum", "bean"),
@@ -25,7 +27,6 @@ FILLER = ("the", "a", "big", "old", "my", "red", "new", "one", "some", "that", "
 TEXT_LEN = 40  # bytes after left padding; the longest generated text is shorter
 
 
-IGNORE = -100  # target of a position without a next token (cross-entropy's ignore_index)
 EVAL_DOCS = 16  # held-out documents scored for the eval loss (text: a fixed sample, for time)
 
 
@@ -55,15 +56,11 @@ class Task:
 
 
 def encode(tokenizer, texts: list[str], seq_len: int) -> Dataset:
-    """Documents as right-padded token ids (at most ``seq_len``) and their next-token targets."""
+    """Documents as right-padded token ids (at most ``seq_len``, the tokenizer's pad id) and their next-token targets."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len] for t in texts]
-    length = max(len(i) for i in ids)
-    x = torch.full((len(ids), length), pad, dtype=torch.long)
-    y = torch.full((len(ids), length), IGNORE, dtype=torch.long)
-    for row, tokens in enumerate(ids):
-        x[row, : len(tokens)] = torch.tensor(tokens)
-        y[row, : len(tokens) - 1] = torch.tensor(tokens[1:])
+    x, labels = pad_documents(texts, tokenizer, seq_len, pad)
+    y = torch.full_like(labels, IGNORE)
+    y[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
     return Dataset(x, y)
 
 

@@ -130,6 +130,43 @@ def _round_metrics(contents: list, sent: dict[int, int]) -> dict:
     }
 
 
+def reply_problem(content, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """Why a client's reply cannot be averaged (``expected``: name -> (shape, dtype) of the shared state), or None."""
+    if "arrays" not in content.array_records or not content.metric_records:
+        return "reply lacks its arrays or metrics"
+    metrics = next(iter(content.metric_records.values()))
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or n < 1:
+        return f"num-examples is {n!r}, not a positive integer"
+    arrays = content["arrays"]
+    if set(arrays) != set(expected):
+        return f"arrays named {sorted(set(arrays) ^ set(expected))[:3]} do not match the model"
+    for name, array in arrays.items():
+        shape, dtype = expected[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            return f"{name} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+        if not torch.isfinite(torch.from_numpy(array.numpy())).all():
+            return f"{name} holds NaN or infinity"
+    return None
+
+
+def _sort_replies(server_round: int, replies, expected) -> tuple[list, list[dict]]:
+    """(replies to average, dropped: node and reason for each error or refused reply, logged)."""
+    good, dropped = [], []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        reason = msg.error.reason if msg.has_error() else reply_problem(msg.content, expected)
+        if reason and not msg.has_error() and msg.content.metric_records:
+            pid = next(iter(msg.content.metric_records.values())).get("partition-id")
+            reason = f"partition {pid}: {reason}" if pid is not None else reason
+        if reason:
+            log.warning("round %d: dropped client node %d: %s", server_round, node, reason)
+            dropped.append({"node": node, "reason": reason})
+        else:
+            good.append(msg)
+    return good, dropped
+
+
 def make_strategy(cfg: SfpromptConfig, expected: dict[str, torch.Tensor]):
     """A FedAvg that checks every reply first and records one metrics row per round."""
     from flwr.serverapp.strategy import FedAvg
@@ -149,40 +186,10 @@ def make_strategy(cfg: SfpromptConfig, expected: dict[str, torch.Tensor]):
             self.sent = {m.metadata.dst_node_id: record_bytes(m.content["arrays"]) for m in messages}
             return messages
 
-        def check_reply(self, content) -> str | None:
-            """Why a reply cannot be averaged, or None."""
-            if "arrays" not in content.array_records or not content.metric_records:
-                return "reply lacks its arrays or metrics"
-            metrics = next(iter(content.metric_records.values()))
-            n = metrics.get("num-examples")
-            if not isinstance(n, int) or n < 1:
-                return f"num-examples is {n!r}, not a positive integer"
-            arrays = content["arrays"]
-            if set(arrays) != set(self.expected):
-                return f"arrays named {sorted(set(arrays) ^ set(self.expected))[:3]} do not match the model"
-            for name, array in arrays.items():
-                shape, dtype = self.expected[name]
-                if tuple(array.shape) != shape or array.dtype != dtype:
-                    return f"{name} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-                if not torch.isfinite(torch.from_numpy(array.numpy())).all():
-                    return f"{name} holds NaN or infinity"
-            return None
-
         def aggregate_train(self, server_round, replies):
             from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-            good, dropped = [], []
-            for msg in replies:
-                node = msg.metadata.src_node_id
-                reason = msg.error.reason if msg.has_error() else self.check_reply(msg.content)
-                if reason and not msg.has_error() and msg.content.metric_records:
-                    pid = next(iter(msg.content.metric_records.values())).get("partition-id")
-                    reason = f"partition {pid}: {reason}" if pid is not None else reason
-                if reason:
-                    log.warning("round %d: dropped client node %d: %s", server_round, node, reason)
-                    dropped.append({"node": node, "reason": reason})
-                else:
-                    good.append(msg)
+            good, dropped = _sort_replies(server_round, replies, self.expected)
             # a fixed summation order (by partition) makes the average independent of arrival order
             contents = sorted((m.content for m in good), key=lambda c: next(iter(c.metric_records.values()))["partition-id"])
             self._row = {"round": server_round, "clients_ok": len(good), "dropped": dropped,

@@ -10,10 +10,10 @@ public TenSEAL context (public and Galois keys); clients decrypt and re-factor t
 aggregate to their own rank by truncated SVD.
 
 Modules: ``config`` (settings), ``keys`` (CKKS context setup: secret file for clients,
-public file for the server), ``columns`` (sensitivity, negotiation, swap), ``cipher``
+public file for the server), ``columns`` (sensitivity, negotiation, the column swap), ``cipher``
 (CKKS packing and the server's encrypted products), ``wire`` (safe payload format),
 ``reparam`` (SVD to the client's rank), ``task`` (knowledge/text on a causal LM, the digits toy; LoRA,
 training), ``strategy`` (``SheLoraStrategy``: negotiation and column-aware
 aggregation), ``apps`` (Flower ServerApp / ClientApp), ``run`` (the federated run,
-metrics, plot, centralized and local-only references), ``attack`` (span-based inversion; DAGER's token check on a real LM).
+metrics, plot, centralized and local-only references), ``attack`` (DAGER's token check on a real LM).
 """

@@ -59,8 +59,3 @@ def swap_permutation(selected: Sequence[int], n: int) -> np.ndarray:
     for j, h in zip(movers, holes):
         p[j], p[h] = h, j
     return p
-
-
-def swap(a: np.ndarray, selected: Sequence[int]) -> np.ndarray:
-    """Columns of ``a`` (r, n) with ``selected`` moved to the right end; swap(swap(a, s), s) == a."""
-    return np.asarray(a)[:, swap_permutation(selected, a.shape[1])]

@@ -336,17 +336,12 @@ def _texts(task: str, clients: int, seed: int, max_docs: int):
 def token_blocks(tokenizer, docs: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Documents -> (ids, targets), both (len(docs), L) with L the longest (at most ``seq_len``) document.
 
-    Each document is cut at ``seq_len`` tokens and padded at the end; padding sits after
-    the document under causal attention, so it changes no logit that is scored, and its
-    targets are -100.
+    Padded with 0 at the end; targets are the ids, unshifted (``lm_loss`` shifts), -100 at
+    the padding (hetune.data.text.pad_documents).
     """
     if not docs:
         raise ConfigError("a client holds no training document", "use fewer clients or max_docs=0")
-    enc = [tokenizer(d, add_special_tokens=False)["input_ids"][:seq_len] for d in docs]
-    width = max(len(e) for e in enc)
-    x = np.zeros((len(enc), width), dtype=np.int64)
-    y = np.full((len(enc), width), -100, dtype=np.int64)
-    for i, e in enumerate(enc):
-        x[i, : len(e)] = e
-        y[i, : len(e)] = e
-    return x, y
+    from hetune.data.text import pad_documents
+
+    x, y = pad_documents(docs, tokenizer, seq_len, pad=0)
+    return x.numpy(), y.numpy()
