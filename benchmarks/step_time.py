@@ -219,6 +219,8 @@ def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str]
     return result
 
 
+ONE_B_BACKENDS = ["encrypted", "encrypted-hint", "remote", "remote-hint", "remote-hint-overlap", "quantized"]
+
 OVERLAP_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
                      num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
                      rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)  # SmolLM2-135M's, one block
@@ -311,6 +313,9 @@ def main() -> None:
     parser.add_argument("--masks", type=lambda v: v.split(","), default=["per-request", "fixed"],
                         help="--overlap: mask layouts, comma-separated (per-request, fixed)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of the 1B-shape step")
+    parser.add_argument("--backends", type=lambda v: v.split(","), default=ONE_B_BACKENDS,
+                        help=f"the 1B-shape step's rows, comma-separated (default {','.join(ONE_B_BACKENDS)})")
+    parser.add_argument("--skip-micro", action="store_true", help="not the micro-llama rows")
     parser.add_argument("--out", type=Path, default=None, help="default: results/step_time.json (--overlap: step_time_overlap.json)")
     args = parser.parse_args()
     args.out = args.out or Path(__file__).parent / "results" / ("step_time_overlap.json" if args.overlap else "step_time.json")
@@ -327,10 +332,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        micro = make_bundle("micro-llama", root)
-        done.append(workload("micro-llama", torch.tensor([[72, 101, 108]]), micro,
-                             ["quantized", "plain", "encrypted", "encrypted-hint", "remote", "remote-hint", "remote-hint-overlap",
-                              "encrypted-glwe"], spv, save))
+        if not args.skip_micro:
+            micro = make_bundle("micro-llama", root)
+            done.append(workload("micro-llama", torch.tensor([[72, 101, 108]]), micro,
+                                 ["quantized", "plain", "encrypted", "encrypted-hint", "remote", "remote-hint", "remote-hint-overlap",
+                                  "encrypted-glwe"], spv, save))
         if args.smollm2:
             smol = make_bundle("smollm2-135m", root)
             ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
@@ -339,8 +345,7 @@ def main() -> None:
         elif not args.quick:
             one_b = make_bundle("llama-3.2-1b-shape", root)
             ids = torch.randint(0, 128256, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-            done.append(workload("llama-3.2-1b-shape", ids, one_b, ["encrypted", "encrypted-hint", "remote", "remote-hint",
-                                                                   "remote-hint-overlap", "quantized"], spv, save))
+            done.append(workload("llama-3.2-1b-shape", ids, one_b, args.backends, spv, save))
     print(f"wrote {args.out}")
 
 
