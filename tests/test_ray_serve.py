@@ -518,3 +518,85 @@ def test_header_fuzz_through_the_ray_ingress(cluster, micro_bundle, rlwe_keys, t
         assert r.status_code == 200
     finally:
         serve.delete("fuzzed")
+
+
+def test_two_replicas_share_one_body_budget(cluster, micro_bundle):
+    """Issue 20 on a real two-replica deployment: a held upload on one replica takes the deployment's body budget,
+    so the other replica refuses a second one before reading it (each replica's own budget would have taken both),
+    and takes it once the first is done."""
+    import threading
+
+    import httpx
+
+    url, key_file = cluster
+    cfg = ServeConfig(body_budget_mib=1, owner_body_budget_mib=1)
+    rc = ray_serve.RayServeConfig(num_cpus=0.25, session_key_file=key_file, replicas=2)  # one request at a time each
+    serve.run(ray_serve.build_app(micro_bundle, cfg, rc), name="budget", route_prefix="/budget")
+    api, rows = f"{url}/budget/v2", 4096
+    body = generate_keys("rlwe").encrypt(np.zeros((rows, 32), dtype=np.int64))
+    assert 2**20 / 2 < len(body) <= 2**20  # one fits the deployment's 1 MiB, two do not
+    held_s, other = (httpx.post(f"{api}/sessions").json() for _ in range(2))
+
+    def post(s, content, **headers):
+        return httpx.post(f"{api}/sessions/{s['session_id']}/ops/{OP}/forward", params={"rows": rows, "cols": 32},
+                          content=content, headers={"authorization": f"Bearer {s['token']}", **headers}, timeout=120)
+
+    gate, held = threading.Event(), []
+
+    def trickle():
+        yield body[:1000]
+        gate.wait(60)
+        yield body[1000:]
+
+    thread = threading.Thread(target=lambda: held.append(post(held_s, trickle(), **{"content-length": str(len(body))})))
+    thread.start()
+    try:
+        refusals = []
+        for _ in range(40):  # until the held upload has its reservation
+            r = post(other, body)
+            if r.status_code == 503:
+                refusals.append(r)
+                break
+            assert r.status_code == 200
+            time.sleep(0.25)
+        assert refusals and "budget for request bodies in flight" in refusals[0].json()["error"]
+    finally:
+        gate.set()
+        thread.join(120)
+    try:
+        assert held[0].status_code == 200
+        assert held[0].headers[ray_serve.REPLICA_HEADER] != refusals[0].headers[ray_serve.REPLICA_HEADER]  # two replicas
+        assert post(other, body).status_code == 200  # released: the budget takes it again
+    finally:
+        serve.delete("budget")
+
+
+@pytest.mark.slow
+def test_a_restarted_ledger_voids_earlier_sessions_and_the_client_reopens(cluster, micro_bundle, ciphertext):
+    """The ledger actor killed and restarted by Ray: a token of the earlier ledger gets a 404 that says why, and the
+    owner's client opens a new session and goes on (through the restarted ledger's first lease of 503s)."""
+    import httpx
+    import ray
+
+    url, key_file = cluster
+    rc = ray_serve.RayServeConfig(num_cpus=0.25, session_key_file=key_file)
+    serve.run(ray_serve.build_app(micro_bundle, ServeConfig(), rc), name="relaunch", route_prefix="/relaunch")
+    api = f"{url}/relaunch/v2"
+    other = httpx.post(f"{api}/sessions").json()
+    worker = WorkerClient(f"{url}/relaunch")
+    worker.open(resolve_params("rlwe", None), b"")
+    before = worker.session_id
+    try:
+        ray.kill(ray.get_actor("relaunch-ledger", namespace="hetune"), no_restart=False)
+        for _ in range(40):  # until the call lands on the restarted ledger
+            r = httpx.post(f"{api}/sessions/{other['session_id']}/ops/{OP}/forward", params={"rows": 1, "cols": 32},
+                           content=ciphertext, headers={"authorization": f"Bearer {other['token']}"})
+            if r.status_code == 404:
+                break
+            time.sleep(0.25)
+        assert r.status_code == 404 and "ledger restarted" in r.json()["error"]
+        assert worker.run(OP, "forward", ciphertext, 1, 32)[0] and worker.session_id != before  # reopened
+        worker.close()
+    finally:
+        serve.delete("relaunch")
+        ray.kill(ray.get_actor("relaunch-ledger", namespace="hetune"))

@@ -152,7 +152,10 @@ def _renew_forever(budget: BodyBudget) -> None:
     """A replica's heartbeat: its body holds re-reported every HEARTBEAT_S (the ledger drops a replica that stops)."""
     while True:
         time.sleep(HEARTBEAT_S)
-        budget.renew()
+        try:
+            budget.renew()
+        except RayError:  # the ledger is restarting: the next report reaches the new one
+            pass
 
 
 _TLS_HINT = ("start Serve with the certificate (`serve shutdown`, then deploy again; or http_options.ssl_certfile and "
