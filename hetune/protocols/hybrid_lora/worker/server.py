@@ -209,7 +209,7 @@ def _add_session_routes(app: FastAPI, prefix: str, parts: _Parts) -> None:
                 held.enter_context(sessions.reserve())
                 if admission is not None:  # in the thread pool: on Ray it counts in the shared ledger
                     await run_in_threadpool(held.enter_context, admission.opening(owner))
-                await run_in_threadpool(held.enter_context, budget.hold(owner or "open", chosen.session_key_bytes))
+                held.enter_context(budget.hold(owner or "open", chosen.session_key_bytes))  # 0 bytes on Ray: no ledger call
                 body = await read_body(request, chosen.session_key_bytes, cfg.body_timeout_s)
                 if isinstance(body, JSONResponse):
                     return body
