@@ -527,6 +527,7 @@ def test_two_replicas_share_one_body_budget(cluster, micro_bundle):
     import threading
 
     import httpx
+    import ray
 
     url, key_file = cluster
     cfg = ServeConfig(body_budget_mib=1, owner_body_budget_mib=1)
@@ -548,24 +549,25 @@ def test_two_replicas_share_one_body_budget(cluster, micro_bundle):
         gate.wait(60)
         yield body[1000:]
 
+    def ledger_full():
+        """Whether the ledger has no room for another body (asked with a lease that ends at once)."""
+        return ray.get(ray.get_actor("budget-ledger", namespace="hetune").reserve.remote(
+            "probe", "probe", len(body), 2**20, 2**20, 0.0)) == "total"
+
     thread = threading.Thread(target=lambda: held.append(post(held_s, trickle(), **{"content-length": str(len(body))})))
     thread.start()
     try:
-        refusals = []
-        for _ in range(40):  # until the held upload has its reservation
-            r = post(other, body)
-            if r.status_code == 503:
-                refusals.append(r)
-                break
-            assert r.status_code == 200
-            time.sleep(0.25)
-        assert refusals and "budget for request bodies in flight" in refusals[0].json()["error"]
+        deadline = time.monotonic() + 60
+        while not ledger_full() and time.monotonic() < deadline:  # until the held upload has its reservation
+            time.sleep(0.2)
+        refused = post(other, body)  # on the other replica: the held one serves one request at a time
+        assert refused.status_code == 503 and "budget for request bodies in flight" in refused.json()["error"]
     finally:
         gate.set()
         thread.join(120)
     try:
         assert held[0].status_code == 200
-        assert held[0].headers[ray_serve.REPLICA_HEADER] != refusals[0].headers[ray_serve.REPLICA_HEADER]  # two replicas
+        assert held[0].headers[ray_serve.REPLICA_HEADER] != refused.headers[ray_serve.REPLICA_HEADER]  # two replicas
         assert post(other, body).status_code == 200  # released: the budget takes it again
     finally:
         serve.delete("budget")
