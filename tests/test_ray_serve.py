@@ -160,13 +160,118 @@ def test_admission_limits_hold_across_replicas_sharing_a_ledger(micro_bundle, tm
 def test_ledger_tables_are_bounded():
     ledger = LocalLedger()
     until = time.time() + 60
-    assert [ledger.open(f"s{i}", None, until, 3, None) for i in range(5)] == [None, None, None, "worker", "worker"]
-    assert ledger.open("x", "bank", until, 9, 1) is None and ledger.open("y", "bank", until, 9, 1) == "owner"
+    assert [ledger.open(f"s{i}", None, until, 3, None)[0] for i in range(5)] == [None, None, None, "worker", "worker"]
+    assert ledger.open("x", "bank", until, 9, 1)[0] is None and ledger.open("y", "bank", until, 9, 1)[0] == "owner"
     ledger.revoke("s0", until)
-    assert ledger.live() == 3 and ledger.live("bank") == 1 and ledger.is_revoked("s0")
+    assert ledger.live() == 3 and ledger.live("bank") == 1 and ledger.check("s0", ledger.epoch) == "closed"
     ledger.open("old", None, time.time() - 1, 9, None)  # already expired: pruned at once
     ledger.revoke("gone", time.time() - 1)
-    assert ledger.live() == 3 and not ledger.is_revoked("gone")
+    assert ledger.live() == 3 and ledger.check("gone", ledger.epoch) is None
+
+
+# ---- the body budget and the epoch in the shared ledger (issue 20), in this process ----
+
+def shared_budgets(ledger, lease_s=60.0, total=100, per_holder=60):
+    """Two replicas' budgets over one ledger, each of which alone would take a full budget."""
+    from hetune.serving.http_api import BodyBudget
+    from hetune.serving.signed_sessions import LedgerBodies
+
+    return [BodyBudget(total, per_holder, shared=LedgerBodies(ledger, name, lease_s)) for name in ("a", "b")]
+
+
+def refused(budget, holder, size):
+    from hetune.serving.http_api import Refusal
+
+    try:
+        with budget.hold(holder, size):
+            return None
+    except Refusal as refusal:
+        return refusal.status
+
+
+def test_body_budget_is_shared_by_replicas_of_one_ledger():
+    """Bytes held on one replica count on the other: per holder (429) and in all (503), before a byte is read;
+    a release frees them for every replica. Without the ledger each replica would take its own full budget."""
+    a, b = shared_budgets(LocalLedger())
+    with a.hold("clinic", 60):
+        assert refused(b, "clinic", 10) == 429  # the owner's 60 are held on a
+        assert refused(b, "bank", 50) == 503  # 60 + 50 > 100 in all
+        assert refused(b, "bank", 40) is None and b.used == 0  # fits, and is given back on leaving
+        assert refused(shared_budgets(LocalLedger())[1], "clinic", 60) is None  # another app's ledger: its own budget
+    assert refused(b, "clinic", 60) is None and refused(b, "bank", 100) == 413  # released through a; over any budget
+    with a.hold("clinic", 30), b.hold("clinic", 30):  # one owner's holds on two replicas add up
+        assert refused(a, "clinic", 1) == 429 and refused(b, "clinic", 1) == 429
+
+
+def test_a_dead_replicas_holds_expire_and_a_live_ones_do_not(monkeypatch):
+    """A replica that dies mid-request stops re-reporting: its bytes are free again one lease later.
+    One that keeps reporting keeps its holds however long the product takes."""
+    ledger = LocalLedger()
+    a, b = shared_budgets(ledger, lease_s=0.3)
+    dying = a.hold("clinic", 60)
+    dying.__enter__()  # a held body whose replica dies: never released
+    assert refused(b, "clinic", 60) == 429
+    time.sleep(0.4)
+    assert refused(b, "clinic", 60) is None  # a's lease ran out
+    with b.hold("clinic", 60):
+        for _ in range(4):  # 0.6 s, two leases, with b reporting
+            time.sleep(0.15)
+            b.renew()
+        assert refused(a, "bank", 50) == 503  # b's 60 still count
+    b.renew()  # reports nothing held
+    assert refused(b, "bank", 60) is None and refused(b, "clinic", 60) is None
+
+
+def test_a_restarted_ledger_waits_one_lease_for_the_replicas_reports(monkeypatch):
+    """A new ledger after a restart knows no holds: it grants none (503) until the replicas have re-reported theirs,
+    then counts them."""
+    from hetune.serving import signed_sessions
+
+    monkeypatch.setattr(signed_sessions, "LEASE_S", 0.3)
+    ledger = LocalLedger(restarted=True)
+    a, b = shared_budgets(ledger)
+    assert refused(a, "clinic", 10) == 503
+    ledger.renew("b", {"bank": 80}, 60.0)  # b still holds a body from before the restart
+    time.sleep(0.35)
+    assert refused(a, "clinic", 30) == 503 and refused(a, "clinic", 20) is None
+
+
+def test_a_ledger_restart_voids_earlier_sessions_and_keeps_the_caps(micro_bundle, ciphertext):
+    """A restart forgets the closed sessions and the counts: every token of the earlier ledger is refused with a 404
+    that says why (so a closed session never comes back and the caps count every usable session), and a
+    restarted ledger's buckets start empty."""
+    store = signed_store(max_sessions=1)
+    client = TestClient(create_app(load_bundle(micro_bundle), sessions=store))
+    old = client.post("/v2/sessions").json()
+    auth = {"authorization": f"Bearer {old['token']}"}
+    assert client.delete(f"/v2/sessions/{old['session_id']}", headers=auth).status_code == 204
+    live = client.post("/v2/sessions").json()  # the one session the cap allows
+    store._ledger = LocalLedger(restarted=True)  # the actor restarted: it knows neither
+    for s in (old, live):
+        r = client.post(f"/v2/sessions/{s['session_id']}/ops/{OP}/forward", params={"rows": 1, "cols": 32},
+                        content=ciphertext, headers={"authorization": f"Bearer {s['token']}"})
+        assert r.status_code == 404 and "ledger restarted" in r.json()["error"] and "open a new session" in r.json()["error"]
+    new = client.post("/v2/sessions").json()  # the cap counts this one only: the old ones are void
+    assert client.post("/v2/sessions").status_code == 429
+    assert SessionTokens(KEY).verify(new["token"]).epoch == store._ledger.epoch != SessionTokens(KEY).verify(live["token"]).epoch
+    assert store._ledger.take("clinic", 60) > 0  # a restarted ledger's bucket is empty at first ...
+    assert LocalLedger().take("clinic", 60) == 0  # ... a first start's is full
+
+
+def test_the_owner_client_reopens_after_a_ledger_restart(micro_bundle, ciphertext):
+    """The data owner's client takes the 404 for a void session like a restarted worker's: it opens a new session
+    and the product goes through."""
+    from hetune.serving.http_api import LoopbackServer
+
+    store = signed_store()
+    with LoopbackServer(create_app(load_bundle(micro_bundle), sessions=store), "worker", "ledger-restart") as server:
+        worker = WorkerClient(server.url)
+        worker.open(resolve_params("rlwe", None), b"")
+        before = worker.session_id
+        assert worker.run(OP, "forward", ciphertext, 1, 32)[0]
+        store._ledger = LocalLedger(restarted=True)
+        assert worker.run(OP, "forward", ciphertext, 1, 32)[0] and worker.session_id != before
+        worker.close()
 
 
 def test_tls_that_cannot_be_applied_is_a_hard_error(tmp_path):
@@ -413,3 +518,87 @@ def test_header_fuzz_through_the_ray_ingress(cluster, micro_bundle, rlwe_keys, t
         assert r.status_code == 200
     finally:
         serve.delete("fuzzed")
+
+
+def test_two_replicas_share_one_body_budget(cluster, micro_bundle):
+    """Issue 20 on a real two-replica deployment: a held upload on one replica takes the deployment's body budget,
+    so the other replica refuses a second one before reading it (each replica's own budget would have taken both),
+    and takes it once the first is done."""
+    import threading
+
+    import httpx
+    import ray
+
+    url, key_file = cluster
+    cfg = ServeConfig(body_budget_mib=1, owner_body_budget_mib=1)
+    rc = ray_serve.RayServeConfig(num_cpus=0.25, session_key_file=key_file, replicas=2)  # one request at a time each
+    serve.run(ray_serve.build_app(micro_bundle, cfg, rc), name="budget", route_prefix="/budget")
+    api, rows = f"{url}/budget/v2", 4096
+    body = generate_keys("rlwe").encrypt(np.zeros((rows, 32), dtype=np.int64))
+    assert 2**20 / 2 < len(body) <= 2**20  # one fits the deployment's 1 MiB, two do not
+    held_s, other = (httpx.post(f"{api}/sessions").json() for _ in range(2))
+
+    def post(s, content, **headers):
+        return httpx.post(f"{api}/sessions/{s['session_id']}/ops/{OP}/forward", params={"rows": rows, "cols": 32},
+                          content=content, headers={"authorization": f"Bearer {s['token']}", **headers}, timeout=120)
+
+    gate, held = threading.Event(), []
+
+    def trickle():
+        yield body[:1000]
+        gate.wait(60)
+        yield body[1000:]
+
+    def ledger_full():
+        """Whether the ledger has no room for another body (asked with a lease that ends at once)."""
+        return ray.get(ray.get_actor("budget-ledger", namespace="hetune").reserve.remote(
+            "probe", "probe", len(body), 2**20, 2**20, 0.0)) == "total"
+
+    thread = threading.Thread(target=lambda: held.append(post(held_s, trickle(), **{"content-length": str(len(body))})))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ledger_full() and time.monotonic() < deadline:  # until the held upload has its reservation
+            time.sleep(0.2)
+        refused = post(other, body)  # on the other replica: the held one serves one request at a time
+        assert refused.status_code == 503 and "budget for request bodies in flight" in refused.json()["error"]
+    finally:
+        gate.set()
+        thread.join(120)
+    try:
+        assert held[0].status_code == 200
+        assert held[0].headers[ray_serve.REPLICA_HEADER] != refused.headers[ray_serve.REPLICA_HEADER]  # two replicas
+        assert post(other, body).status_code == 200  # released: the budget takes it again
+    finally:
+        serve.delete("budget")
+
+
+@pytest.mark.slow
+def test_a_restarted_ledger_voids_earlier_sessions_and_the_client_reopens(cluster, micro_bundle, ciphertext):
+    """The ledger actor killed and restarted by Ray: a token of the earlier ledger gets a 404 that says why, and the
+    owner's client opens a new session and goes on (through the restarted ledger's first lease of 503s)."""
+    import httpx
+    import ray
+
+    url, key_file = cluster
+    rc = ray_serve.RayServeConfig(num_cpus=0.25, session_key_file=key_file)
+    serve.run(ray_serve.build_app(micro_bundle, ServeConfig(), rc), name="relaunch", route_prefix="/relaunch")
+    api = f"{url}/relaunch/v2"
+    other = httpx.post(f"{api}/sessions").json()
+    worker = WorkerClient(f"{url}/relaunch")
+    worker.open(resolve_params("rlwe", None), b"")
+    before = worker.session_id
+    try:
+        ray.kill(ray.get_actor("relaunch-ledger", namespace="hetune"), no_restart=False)
+        for _ in range(40):  # until the call lands on the restarted ledger
+            r = httpx.post(f"{api}/sessions/{other['session_id']}/ops/{OP}/forward", params={"rows": 1, "cols": 32},
+                           content=ciphertext, headers={"authorization": f"Bearer {other['token']}"})
+            if r.status_code == 404:
+                break
+            time.sleep(0.25)
+        assert r.status_code == 404 and "ledger restarted" in r.json()["error"]
+        assert worker.run(OP, "forward", ciphertext, 1, 32)[0] and worker.session_id != before  # reopened
+        worker.close()
+    finally:
+        serve.delete("relaunch")
+        ray.kill(ray.get_actor("relaunch-ledger", namespace="hetune"))

@@ -6,7 +6,7 @@ limit (408), sessions looked up as 404 unknown / 401 wrong token, and an access 
 method, path, status and timing with session ids masked: never a token or a payload.
 Route dependencies refuse a request by raising :class:`Refusal`, so the check runs on
 the routed path and the handler never starts. :class:`BodyBudget` bounds the bytes of
-request bodies in flight. Plus the loopback runner both use in tests and demos.
+request bodies in flight (in this process, or across replicas sharing a ledger). Plus the loopback runner both use in tests and demos.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -79,6 +80,16 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     return b"".join(chunks)
 
 
+class SharedBodies(Protocol):
+    """Where the replicas of one app agree on their bodies' bytes (on Ray Serve, the app's ledger actor)."""
+
+    def reserve(self, holder: str, size: int, total: int, per_holder: int) -> str | None: ...
+
+    def release(self, holder: str, size: int) -> None: ...
+
+    def renew(self, held: Mapping[str, int]) -> None: ...
+
+
 class BodyBudget:
     """Bytes of request bodies in flight, in all and per holder (an owner, or a session when admission is open).
 
@@ -86,26 +97,38 @@ class BodyBudget:
     uploads cost N bodies of memory. A request holds its body's size from before the read
     until its answer is ready; one that does not fit now gets a 429 (its holder's share is
     taken) or a 503 (the worker's is), both with ``Retry-After``, before a byte is read.
+    With ``shared`` (replicas behind one endpoint) a hold must also fit the budget all
+    replicas share; :meth:`renew` then re-reports this replica's holds, which keeps them alive.
     """
 
     RETRY_S = 1
 
-    def __init__(self, total: int, per_holder: int, options: str = "--owner-body-budget-mib / --body-budget-mib"):
+    def __init__(self, total: int, per_holder: int, options: str = "--owner-body-budget-mib / --body-budget-mib",
+                 shared: SharedBodies | None = None):
         """``options``: the server's settings that raise the budgets, named in a 413."""
-        self.total, self.per_holder, self._options = total, per_holder, options
+        self.total, self.per_holder, self._options, self._shared = total, per_holder, options, shared
         self._used, self._by_holder = 0, Counter()
         self._lock = threading.Lock()
 
+    def _refusal(self, full: str) -> Refusal:
+        if full == "holder":
+            return Refusal(429, "too many request bytes in flight for this owner; wait for earlier requests", self.RETRY_S)
+        return Refusal(503, "worker busy: its budget for request bodies in flight is taken; retry shortly", self.RETRY_S)
+
     @contextmanager
     def hold(self, holder: str, size: int) -> Iterator[None]:
+        """Sync: with ``shared`` it waits for the ledger, so async callers enter it in a thread."""
         if size > min(self.total, self.per_holder):
             raise Refusal(413, f"a {size}-byte body exceeds the server's body budget ({self.per_holder} bytes per holder, "
                                f"{self.total} in all); send fewer rows per request, or ask the operator to raise {self._options}")
-        with self._lock:
+        with self._lock:  # also orders this replica's calls to the shared ledger
             if self._by_holder[holder] + size > self.per_holder:
-                raise Refusal(429, "too many request bytes in flight for this owner; wait for earlier requests", self.RETRY_S)
+                raise self._refusal("holder")
             if self._used + size > self.total:
-                raise Refusal(503, "worker busy: its budget for request bodies in flight is taken; retry shortly", self.RETRY_S)
+                raise self._refusal("total")
+            full = self._shared.reserve(holder, size, self.total, self.per_holder) if self._shared and size else None
+            if full:
+                raise self._refusal(full)
             self._used += size
             self._by_holder[holder] += size
         try:
@@ -116,6 +139,13 @@ class BodyBudget:
                 self._by_holder[holder] -= size
                 if not self._by_holder[holder]:
                     del self._by_holder[holder]
+                if self._shared and size:
+                    self._shared.release(holder, size)
+
+    def renew(self) -> None:
+        """Tell the shared ledger what this replica holds now (it forgets a replica that stops saying)."""
+        with self._lock:
+            self._shared.renew(dict(self._by_holder))
 
     @property
     def used(self) -> int:

@@ -2,8 +2,9 @@
 
 Why replicas can be stateless: with batched RLWE a session holds no key, so it lives in a
 signed token (:mod:`hetune.serving.signed_sessions`) that any replica checks; what replicas
-must agree on (live sessions for the caps, closed ones, each owner's request rate) sits in
-one small ledger actor per app, so admission limits hold across replicas. Every replica runs the same FastAPI app
+must agree on (live sessions for the caps, closed ones, each owner's request rate, the bytes
+of request bodies in flight) sits in one small ledger actor per app, so admission limits and
+the body budget hold across replicas. Every replica runs the same FastAPI app
 (:func:`~hetune.protocols.hybrid_lora.worker.server.create_app`) behind Serve's HTTP proxy; Serve
 restarts a replica that dies and the client's retries carry the step through. A model too
 large for one replica is split by layer range: each :class:`OpSlice` deployment loads only
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Collection, Iterator
+import threading
+import time
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import torch
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve import Application
+from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from hetune.compile.bundle import Bundle, load_bundle, read_manifest
@@ -31,11 +35,12 @@ from hetune.crypto.scheme import ParamSet
 from hetune.crypto.registry import resolve_params
 from hetune.errors import ConfigError
 from hetune.net import is_loopback
-from hetune.protocols.hybrid_lora.worker.server import ServeConfig, Session, create_app
+from hetune.protocols.hybrid_lora.worker.server import MIB, ServeConfig, Session, create_app
 from hetune.protocols.hybrid_lora.worker.runner import OpShape, Worker
 from hetune.serving.admission import Admission, OwnerLimits, read_keys_file
-from hetune.serving.signed_sessions import (KEY_ENV, KEY_HINT, Claims, LocalLedger, SessionTokens, SignedSessions,
-                                            load_session_key)
+from hetune.serving.http_api import BodyBudget
+from hetune.serving.signed_sessions import (HEARTBEAT_S, KEY_ENV, KEY_HINT, Claims, LedgerBodies, LocalLedger, SessionTokens,
+                                            SignedSessions, load_session_key)
 
 APP_NAME = "hetune-worker"
 REPLICA_HEADER = "x-worker-replica"  # which replica answered: for tests and load-balancing checks
@@ -92,30 +97,65 @@ class RayServeConfig:
                               f"make the last range end at {blocks}")
 
 
-LedgerActor = ray.remote(num_cpus=0, max_restarts=-1)(LocalLedger)  # one per app; a restart forgets its tables
+class _ActorLedger(LocalLedger):
+    """The ledger as Ray (re)starts it: after a restart it knows it replaces a lost one."""
+
+    def __init__(self) -> None:
+        super().__init__(restarted=ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+# One per app. Ray restarts it if it dies; what the restart forgets is made harmless (signed_sessions), and a call
+# caught by the restart is retried on the new one (at worst charging a request or holding bytes twice: stricter).
+LedgerActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_ActorLedger)
+LEDGER_TIMEOUT_S = 30.0  # a body reservation waits this long for a restarting ledger, then gets a 503
 
 
 class ActorLedger:
-    """:class:`~hetune.serving.signed_sessions.SessionLedger` over the app's ledger actor, shared by its replicas."""
+    """:class:`~hetune.serving.signed_sessions.SessionLedger` over the app's ledger actor, shared by its replicas.
+    Releases and reports are sent without waiting: the actor runs one caller's calls in the order they were sent."""
 
     def __init__(self, app_name: str):
         self._actor = LedgerActor.options(name=f"{app_name}-ledger", namespace="hetune", get_if_exists=True,
                                           lifetime="detached").remote()
 
-    def open(self, session_id: str, owner: str | None, until: float, max_sessions: int, owner_sessions: int | None) -> str | None:
+    def open(self, session_id: str, owner: str | None, until: float, max_sessions: int,
+             owner_sessions: int | None) -> tuple[str | None, str]:
         return ray.get(self._actor.open.remote(session_id, owner, until, max_sessions, owner_sessions))
 
     def revoke(self, session_id: str, until: float) -> None:
         ray.get(self._actor.revoke.remote(session_id, until))
 
-    def is_revoked(self, session_id: str) -> bool:
-        return ray.get(self._actor.is_revoked.remote(session_id))
+    def check(self, session_id: str, epoch: str | None) -> str | None:
+        return ray.get(self._actor.check.remote(session_id, epoch))
 
     def live(self, owner: str | None = None) -> int:
         return ray.get(self._actor.live.remote(owner))
 
     def take(self, owner: str, per_minute: int) -> float:
         return ray.get(self._actor.take.remote(owner, per_minute))
+
+    def reserve(self, replica: str, holder: str, size: int, total: int, per_holder: int, lease_s: float) -> str | None:
+        try:
+            return ray.get(self._actor.reserve.remote(replica, holder, size, total, per_holder, lease_s),
+                           timeout=LEDGER_TIMEOUT_S)
+        except RayError:  # the ledger is down or restarting: no reservation, so no body (a 503)
+            return "restarting"
+
+    def release(self, replica: str, holder: str, size: int) -> None:
+        self._actor.release.remote(replica, holder, size)
+
+    def renew(self, replica: str, held: Mapping[str, int], lease_s: float) -> None:
+        self._actor.renew.remote(replica, held, lease_s)
+
+
+def _renew_forever(budget: BodyBudget) -> None:
+    """A replica's heartbeat: its body holds re-reported every HEARTBEAT_S (the ledger drops a replica that stops)."""
+    while True:
+        time.sleep(HEARTBEAT_S)
+        try:
+            budget.renew()
+        except RayError:  # the ledger is restarting: the next report reaches the new one
+            pass
 
 
 _TLS_HINT = ("start Serve with the certificate (`serve shutdown`, then deploy again; or http_options.ssl_certfile and "
@@ -204,7 +244,8 @@ class WorkerIngress:
         key = load_session_key(Path(session_key_file) if session_key_file else None)
         if key is None:
             raise ConfigError("the replicas have no session key to sign and check tokens with", KEY_HINT)
-        ledger = ActorLedger(serve.get_replica_context().app_name)
+        context = serve.get_replica_context()
+        ledger = ActorLedger(context.app_name)
         owner_sessions = cfg.owner_limits.sessions if cfg.api_keys else None
         self.sessions = SignedSessions(SessionTokens(key), cfg.session_ttl_s, ledger, _record, cfg.max_sessions, owner_sessions)
         self.admission = None
@@ -212,6 +253,10 @@ class WorkerIngress:
             per_minute = cfg.owner_limits.requests_per_minute
             self.admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits, self.sessions.owned_by,
                                        lambda owner: ledger.take(owner, per_minute))
+        # Bodies in flight against one budget for all replicas (plus this replica's own, which it never exceeds).
+        self.budget = BodyBudget(cfg.body_budget_mib * MIB, cfg.owner_body_budget_mib * MIB,
+                                 shared=LedgerBodies(ledger, context.replica_id.unique_id))
+        threading.Thread(target=_renew_forever, args=(self.budget,), name="hetune-ledger-heartbeat", daemon=True).start()
         self.path, self.cfg, self.slices = Path(bundle), cfg, slices
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
@@ -219,9 +264,10 @@ class WorkerIngress:
             described = [(handle, await handle.describe.remote()) for handle in self.slices]
             manifest = read_manifest(self.path)
             app = create_app(Bundle(self.path, manifest, {}), self.cfg, SliceRouter(manifest, described), self.sessions,
-                             self.admission)
+                             self.admission, self.budget)
         else:
-            app = create_app(load_bundle(self.path), self.cfg, sessions=self.sessions, admission=self.admission)
+            app = create_app(load_bundle(self.path), self.cfg, sessions=self.sessions, admission=self.admission,
+                             budget=self.budget)
         replica = serve.get_replica_context().replica_id.unique_id
 
         @app.middleware("http")

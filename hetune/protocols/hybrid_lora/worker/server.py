@@ -129,17 +129,18 @@ class _Parts:
 
 
 def create_app(bundle: Bundle, cfg: ServeConfig = ServeConfig(), worker: OpRunner | None = None,
-               sessions: SignedSessions[Session] | None = None, admission: Admission | None = None) -> FastAPI:
+               sessions: SignedSessions[Session] | None = None, admission: Admission | None = None,
+               budget: BodyBudget | None = None) -> FastAPI:
     """``worker`` computes the products (default: this process, on ``bundle``'s weights); ``sessions``
     in signed tokens let replicas share them (``hetune serve --ray``), else they live in this process;
-    ``admission`` with state shared by replicas, else one from ``cfg.api_keys`` in this process."""
+    ``admission`` and ``budget`` with state shared by replicas, else ones from ``cfg`` in this process."""
     worker = worker or Worker(bundle)
     if sessions is None:  # not `or`: an empty store is falsy
         sessions = SessionStore(cfg.max_sessions, cfg.session_ttl_s, log)
     if admission is None and cfg.api_keys is not None:
         admission = Admission(read_keys_file(cfg.api_keys), cfg.owner_limits, sessions.owned_by)
     parts = _Parts(bundle.manifest, cfg, worker, sessions, admission,
-                   BodyBudget(cfg.body_budget_mib * MIB, cfg.owner_body_budget_mib * MIB))
+                   budget or BodyBudget(cfg.body_budget_mib * MIB, cfg.owner_body_budget_mib * MIB))
     app = FastAPI(title="hetune worker", version=parts.manifest.hetune_version, redirect_slashes=False)  # no Location from a Host header
     app.state.admission, app.state.budget = admission, parts.budget
     add_refusals(app)
@@ -208,7 +209,7 @@ def _add_session_routes(app: FastAPI, prefix: str, parts: _Parts) -> None:
                 held.enter_context(sessions.reserve())
                 if admission is not None:  # in the thread pool: on Ray it counts in the shared ledger
                     await run_in_threadpool(held.enter_context, admission.opening(owner))
-                held.enter_context(budget.hold(owner or "open", chosen.session_key_bytes))
+                held.enter_context(budget.hold(owner or "open", chosen.session_key_bytes))  # 0 bytes on Ray: no ledger call
                 body = await read_body(request, chosen.session_key_bytes, cfg.body_timeout_s)
                 if isinstance(body, JSONResponse):
                     return body
@@ -255,7 +256,7 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
         scheme = get_scheme(params.scheme)
         size = scheme.request_bytes(params, rows, cols)
         with ExitStack() as held:  # the body's budget is held until the answer is ready (or streamed): the body lives that long
-            held.enter_context(budget.hold(got.owner or sid, size))
+            await run_in_threadpool(held.enter_context, budget.hold(got.owner or sid, size))  # on Ray: the shared ledger
             body = await read_body(request, size, cfg.body_timeout_s)
             if isinstance(body, JSONResponse):
                 return body
