@@ -36,6 +36,12 @@ Overlap (``-overlap`` rows): each product pipelined (encryption ahead of the upl
 streamed and decrypted as it comes); the worker then reports no seconds, so ``products_s`` (the
 products' wall time) and each row's ``timeline`` (per product: encrypt, send, wait and receive
 or transport, decrypt spans in seconds from the step's start) say what overlapped.
+
+Checkpointed (``-ckpt`` rows, after any ``-overlap``): the owner's decoder layers under activation
+checkpointing with the worker's answers replayed (``build_private_model(checkpoint=True)``): its
+peak memory against a recomputation of its clear ops in backward, the same products.
+
+    .venv/bin/python benchmarks/step_time.py --skip-micro --backends remote,remote-hint-overlap-ckpt,quantized
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
     hint_cache = kwargs.pop("hint_cache", None)
     if hint_cache:  # fixed masks, a fresh secret per product
         kwargs["keys"] = fixed_mask_keys("p128", Path(hint_cache))
-    overlap = kwargs.get("overlap", False)
+    overlap, ckpt = kwargs.get("overlap", False), kwargs.get("checkpoint", False)
     pm = build_private_model(model_id, backend, **kwargs)
     if not pm.backend.encrypted and ids.numel() < 100:
         one_step(pm, ids)  # warm-up where a step is cheap
@@ -120,8 +126,9 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
     after = pm.backend.stats.snapshot()
     st = {k: v[len(before[k]):] if isinstance(v, list) else v - before[k] for k, v in after.items()}
     pm.close()
-    row = {"backend": backend + (" (fixed masks)" if hint_cache else "") + (" overlapped" if overlap else ""),
-           "masks": "fixed" if hint_cache else "per request", "overlap": overlap,
+    row = {"backend": backend + (" (fixed masks)" if hint_cache else "") + (" overlapped" if overlap else "")
+           + (" checkpointed" if ckpt else ""),
+           "masks": "fixed" if hint_cache else "per request", "overlap": overlap, "checkpoint": ckpt,
            **once, "tokens": ids.numel(), "step_s": step_s, "values_out": st["values_out"],
            "round_trips": st["round_trips"], "client_peak_gib": gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
     if pm.backend.encrypted:
@@ -187,20 +194,22 @@ def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str]
     rows = []
     result = {"workload": model_id, "tokens": ids.numel(), "rows": rows}
     for backend in backends:
-        overlap = {"overlap": True} if backend.endswith("-overlap") else {}
+        ckpt = {"checkpoint": True} if backend.endswith("-ckpt") else {}
+        backend = backend.removesuffix("-ckpt")
+        opts = {"overlap": True, **ckpt} if backend.endswith("-overlap") else ckpt  # options of the step
         backend = backend.removesuffix("-overlap")
         hint = {"hint_cache": tempfile.mkdtemp(prefix="hetune-hints-")} if backend.endswith("-hint") else {}
         if backend.startswith("remote"):
             worker = ServedWorker(bundle)
             try:
-                row = measure(model_id, "remote", ids, workers=(worker.url,), **hint, **overlap)
+                row = measure(model_id, "remote", ids, workers=(worker.url,), **hint, **opts)
             finally:
                 peak = worker.stop()
             rows.append({**row, "worker_peak_gib": peak})
         elif backend == "encrypted-hint":
-            rows.append(measure(model_id, "encrypted", ids, bundle=bundle, **hint, **overlap))
-        elif backend == "encrypted" and overlap:
-            rows.append(measure(model_id, "encrypted", ids, bundle=bundle, **overlap))
+            rows.append(measure(model_id, "encrypted", ids, bundle=bundle, **hint, **opts))
+        elif backend in ("encrypted", "quantized") and opts:
+            rows.append(measure(model_id, backend, ids, bundle=bundle, **opts))
         elif backend == "encrypted-glwe":
             rows.append(measure(model_id, "encrypted", ids, bundle=bundle, scheme="glwe"))
         elif backend in ("plain",):

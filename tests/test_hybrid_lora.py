@@ -199,3 +199,44 @@ def test_rotation_on_and_off_both_stay_exact_in_process_and_remote(reference, mi
         pm.close()
     finally:
         worker.stop()
+
+
+def counting_products(pm) -> dict:
+    """Count the backend's products per direction from now on."""
+    calls = {"forward": 0, "backward": 0}
+    for direction in calls:
+        original = getattr(pm.backend, direction)
+
+        def counted(op, x, _original=original, _direction=direction):
+            calls[_direction] += 1
+            return _original(op, x)
+
+        setattr(pm.backend, direction, counted)
+    return calls
+
+
+def test_checkpointed_layers_give_the_same_gradients_without_asking_the_worker_again(reference, micro_bundle):
+    """Activation checkpointing recomputes the owner's clear ops in backward but replays the worker's answers: the
+    gradients equal the uncheckpointed quantized step's exactly, with the same products, and nothing is left kept."""
+    _, quantized = reference
+    plain_pm = build_private_model("micro-llama", "quantized", bundle=micro_bundle)
+    plain_pm.model.train()
+    without = counting_products(plain_pm)
+    lora_grads(plain_pm)
+    pm = build_private_model("micro-llama", "quantized", bundle=micro_bundle, checkpoint=True)
+    assert pm.model.training
+    calls = counting_products(pm)
+    taken = []
+    take = pm.replay.take
+    pm.replay.take = lambda op, x: taken.append(op.name) or take(op, x)
+    assert_equal_grads(lora_grads(pm), quantized)
+    assert calls == without and without["forward"] == len(pm.ops)  # no product asked twice
+    assert sorted(taken) == sorted(pm.ops)  # backward did recompute every layer's ops, from the kept answers
+    assert not pm.replay._kept
+
+
+def test_checkpointed_encrypted_step_equals_quantized(reference, micro_bundle):
+    _, quantized = reference
+    pm = build_private_model("micro-llama", "encrypted", bundle=micro_bundle, checkpoint=True)
+    assert_equal_grads(lora_grads(pm), quantized)
+    assert pm.backend.stats.round_trips == 2 * len(pm.ops) - 1  # the lowest op's input needs no gradient

@@ -19,7 +19,7 @@ from hetune.errors import ConfigError
 from hetune.models.families import family_of
 from hetune.models.layers import op_groups
 from hetune.protocols.hybrid_lora.owner.backends import EncryptedBackend, FrozenBackend, PlainBackend, QuantizedBackend, check_backend_name
-from hetune.protocols.hybrid_lora.owner.layer import OutsourcedOp, attach_backend
+from hetune.protocols.hybrid_lora.owner.layer import OutsourcedOp, Replay, attach_backend, checkpoint_layers
 
 if TYPE_CHECKING:
     from hetune.protocols.hybrid_lora.owner.remote import WorkerAccess
@@ -45,6 +45,7 @@ class PrivateModel:
     backend: FrozenBackend
     ops: dict[str, OutsourcedOp] = field(default_factory=dict)
     manifest: Manifest | None = None  # the bundle's (the worker's); None on plain
+    replay: Replay | None = None  # activation checkpointing (``checkpoint=True``)
 
     def close(self) -> None:
         self.backend.close()
@@ -112,6 +113,7 @@ def make_private(
     model_id: str | None = None,
     hint_cache: Path | None = None,
     overlap: bool = False,
+    checkpoint: bool = False,
 ) -> PrivateModel:
     """Make a peft LoRA model private, in place: its frozen linears run on ``backend``.
 
@@ -122,7 +124,8 @@ def make_private(
     worker's) must be compiled from the same base weights: checked before anything runs
     (:mod:`hetune.compile.fingerprint`); ``model_id`` (hub id, directory, .gguf file) is needed for
     that only if ``model`` lacks its outsourced weights (``load_client_model``). ``keys``,
-    ``scheme``, ``param_set``, ``access``, ``hint_cache``, ``overlap``: as in :func:`build_private_model`.
+    ``scheme``, ``param_set``, ``access``, ``hint_cache``, ``overlap``, ``checkpoint``: as in
+    :func:`build_private_model`.
     """
     from hetune.compile.fingerprint import check_bundle_model
 
@@ -161,7 +164,9 @@ def make_private(
             transport = LocalTransport(b)
             engine = EncryptedBackend({k: v.codec for k, v in ops.items()}, transport, keys=keys or _new_keys(transport, scheme, param_set, hint_cache),
                                  overlap=overlap)
-    return PrivateModel(model, tokenizer, engine, attach_backend(model, specs, engine), manifest)
+    handles = attach_backend(model, specs, engine)
+    replay = checkpoint_layers(model, handles) if checkpoint else None
+    return PrivateModel(model, tokenizer, engine, handles, manifest, replay)
 
 
 def build_private_model(
@@ -178,6 +183,7 @@ def build_private_model(
     access: WorkerAccess | None = None,
     hint_cache: Path | None = None,
     overlap: bool = False,
+    checkpoint: bool = False,
 ) -> PrivateModel:
     """Load ``model_id`` (without its outsourced weights, except on ``plain``), add LoRA, make it private.
 
@@ -187,7 +193,10 @@ def build_private_model(
     system's trust store, no key. ``hint_cache`` (batched RLWE): fixed masks with a fresh secret per
     product, the worker's hints (W times the masks, fetched once) kept in that folder; None: fresh masks
     per request. ``overlap`` (batched RLWE, encrypted/remote): pipeline each product (encrypt while uploading,
-    decrypt while the worker computes the rest: :class:`~hetune.protocols.hybrid_lora.owner.backends.EncryptedBackend`)."""
+    decrypt while the worker computes the rest: :class:`~hetune.protocols.hybrid_lora.owner.backends.EncryptedBackend`).
+    ``checkpoint``: activation checkpointing of the decoder layers (in training mode) that keeps the worker's answers
+    instead of asking again (:class:`~hetune.protocols.hybrid_lora.owner.layer.Replay`): the owner's activation memory
+    falls to each layer's input and answers, for a recomputation of its clear ops in backward."""
     from hetune.models.client_weights import load_client_model
     from hetune.models.loading import load_model
 
@@ -196,4 +205,4 @@ def build_private_model(
     model = wrap_lora(loaded.model, lora, seed)
     return make_private(model, backend, bundle=bundle, workers=workers, keys=keys, scheme=scheme,
                         param_set=param_set, tokenizer=loaded.tokenizer, access=access, model_id=model_id,
-                        hint_cache=hint_cache, overlap=overlap)
+                        hint_cache=hint_cache, overlap=overlap, checkpoint=checkpoint)

@@ -11,6 +11,8 @@ to the worker: the data owner keeps it and adds it to its slice of the product.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from hetune.errors import ConfigError
@@ -23,6 +25,9 @@ class _FrozenProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, op: "OutsourcedOp") -> torch.Tensor:
         ctx.op = op
+        if op.replayed is not None:  # recomputed for backward (checkpointing): the first pass's answer, no round trip
+            y, op.replayed = op.replayed, None
+            return y
         y = op.backend.forward(op.name, x.detach().reshape(-1, x.shape[-1]))  # (T, out) float64
         return y.to(x.dtype).reshape(*x.shape[:-1], op.out_features)
 
@@ -35,6 +40,63 @@ class _FrozenProduct(torch.autograd.Function):
         return dx.to(g.dtype).reshape(*g.shape[:-1], op.in_features), None
 
 
+class Replay:
+    """Activation checkpointing of the decoder layers that never repeats a worker's product.
+
+    With checkpointing the data owner keeps only each layer's input and its ops' answers;
+    the rest (norms, attention, LoRA, activations) is recomputed in backward. Recomputing an
+    outsourced op would cost a new encrypted round trip, so each forward answer is kept,
+    keyed by a fingerprint of its input, and handed back when backward recomputes the same
+    input (bit for bit: the clear ops are deterministic). An answer with no match (a
+    recomputation of an input never seen) costs a round trip, never a wrong result.
+    :meth:`contexts` is ``torch.utils.checkpoint``'s ``context_fn``.
+    """
+
+    def __init__(self) -> None:
+        self.first = self.again = False
+        self._kept: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def _key(op: "OutsourcedOp", x: torch.Tensor) -> tuple:
+        flat = x.detach().reshape(-1)
+        return (op.name, tuple(x.shape), float(torch.sum(flat, dtype=torch.float64)),
+                float(torch.sum(flat[::97], dtype=torch.float64)), float(flat[-1]))
+
+    def keep(self, op: "OutsourcedOp", x: torch.Tensor, y: torch.Tensor) -> None:
+        self._kept[self._key(op, x)] = y.detach()
+
+    def take(self, op: "OutsourcedOp", x: torch.Tensor) -> torch.Tensor | None:
+        return self._kept.pop(self._key(op, x), None)
+
+    def clear(self) -> None:
+        """Drop answers no backward will use (a forward with grad whose backward never ran)."""
+        self._kept.clear()
+
+    @contextmanager
+    def _flag(self, name: str):
+        setattr(self, name, True)
+        try:
+            yield
+        finally:
+            setattr(self, name, False)
+
+    def contexts(self):
+        return self._flag("first"), self._flag("again")
+
+
+def checkpoint_layers(model: torch.nn.Module, ops: dict[str, "OutsourcedOp"]) -> Replay:
+    """Turn on activation checkpointing of ``model``'s decoder layers (a transformers model, peft-wrapped or not),
+    answers replayed for the ``ops``. Puts the model in training mode: transformers checkpoints only there."""
+    replay = Replay()
+    model.train()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.use_cache = False
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": replay.contexts})
+    for op in ops.values():
+        op.replay = replay
+    return replay
+
+
 class OutsourcedOp:
     """One (possibly fused) op; computes the product once per input, serves each member's slice."""
 
@@ -42,13 +104,26 @@ class OutsourcedOp:
         self.name, self.in_features, self.out_features = name, in_features, out_features
         self.n_members = n_members
         self.backend = backend
+        self.replay: Replay | None = None  # activation checkpointing (checkpoint_layers)
+        self.replayed: torch.Tensor | None = None  # a kept answer for the product being recomputed
         self._input = None
         self._output = None
         self._served = 0
 
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        replay = self.replay
+        if replay is None:
+            return _FrozenProduct.apply(x, self)
+        if replay.again:
+            self.replayed = replay.take(self, x)  # None (no match): a round trip, never a wrong answer
+        y = _FrozenProduct.apply(x, self)
+        if replay.first and torch.is_grad_enabled():  # (autograd.Function.forward itself runs without grad)
+            replay.keep(self, x, y)
+        return y
+
     def output_for(self, x: torch.Tensor) -> torch.Tensor:
         if self._input is not x or self._served >= self.n_members:
-            self._input, self._output, self._served = x, _FrozenProduct.apply(x, self), 0
+            self._input, self._output, self._served = x, self._product(x), 0
         out = self._output
         self._served += 1
         if self._served == self.n_members:  # every member served: drop references to the graph
