@@ -64,12 +64,12 @@ def test_fixed_mask_products_are_exact_and_bytes_per_value_are_the_wire_formats(
     body = call.encrypt(x[:2048])
     result = SCHEME.multiply(keys.params, None, body, w)
     assert len(body) == wire.HEADER_BYTES + 24 * N * 6  # 6 B per input value at full blocks (b at 48 bits)
-    assert len(result) == wire.HEADER_BYTES + 40 * N * 5  # 5 B per output value per call: the body result alone
+    assert len(result) == wire.HEADER_BYTES + 40 * N * 5 + wire.TRAILER_BYTES  # 5 B per output value per call: the body result alone
     hint_file = keys.cache.dir / "op.forward.0.hint"
     assert hint_file.stat().st_size == wire.HEADER_BYTES + 40 * N * 5 + 2 * wire.DIGEST_BYTES  # once: 5 B per output coefficient
     fresh_body = generate_keys("rlwe").encrypt(x[:2048])  # today's layout: masks per request
     fresh = SCHEME.multiply(keys.params, None, fresh_body, w)
-    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 5  # 10 B per output value
+    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 5 + wire.TRAILER_BYTES  # 10 B per output value
 
 
 def test_a_call_key_encrypts_once_and_is_never_saved(tmp_path, op):
@@ -394,6 +394,6 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
             assert 0 < span["encrypt_s"] and 0 < span["decrypt_s"] <= span["receive"][1] - span["receive"][0] + 1e-3
             assert span["send_chunks"] == 1 + -(-span["cols"] // 8)  # the header, then 8 features at a time
             assert span["sent"] == wire.HEADER_BYTES + span["cols"] * N * 6  # 6 B per input value
-            assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * (5 if masks == "fixed" else 10)
+            assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * (5 if masks == "fixed" else 10) + wire.TRAILER_BYTES
         assert st.bytes_sent == sum(s["sent"] for s in st.timeline) and st.bytes_received == sum(s["received"] for s in st.timeline)
         pm.close()

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,9 +58,12 @@ def bearer(request: Request) -> str | None:
     return auth[7:] if auth.lower().startswith("bearer ") else None
 
 
-async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes | JSONResponse:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None,
+                    consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes | JSONResponse:
     """The body, or a 413 once the declared or streamed size passes ``limit`` (nothing more is buffered),
-    or a 408 if it has not all arrived within ``timeout_s`` (a held upload gives its memory back)."""
+    or a 408 if it has not all arrived within ``timeout_s`` (a held upload gives its memory back).
+    ``consume``: each piece goes to it as it arrives (its time counts in ``timeout_s``) and b"" is returned;
+    what it raises comes out of here."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         return error(413, f"request body too large (limit {limit} bytes)")
@@ -71,7 +74,10 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
                 total += len(chunk)
                 if total > limit:
                     return error(413, f"request body too large (limit {limit} bytes)")
-                chunks.append(chunk)
+                if consume is None:
+                    chunks.append(chunk)
+                else:
+                    await consume(chunk)
     except TimeoutError:
         return error(408, f"request body not received within {timeout_s:g} s; send it at once, or raise --body-timeout")
     except ClientDisconnect:  # the client left mid-body: nobody reads this answer, but no traceback either
