@@ -88,7 +88,7 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
 class BodyBudget:
     """Bytes of request bodies in flight, in all and per holder (an owner, or a session when admission is open).
 
-    Why: a body is buffered whole before its product runs, so without a budget N held
+    Why: a body is buffered whole (or an RLWE product keeps its sums) until its answer, so without a budget N held
     uploads cost N bodies of memory. A request holds its body's size from before the read
     until its answer is ready; one that does not fit now gets a 429 (its holder's share is
     taken) or a 503 (the worker's is), both with ``Retry-After``, before a byte is read.
