@@ -73,6 +73,9 @@ class RlweScheme(Scheme):
         rp = PARAM_SETS[params.name]
         return wire.HEADER_BYTES + cols * blocks(rows, rp.n) * rp.n * rp.input_bytes
 
+    def product_bytes(self, params: ParamSet, rows: int, out_cols: int) -> int:
+        return 2 * out_cols * blocks(rows, PARAM_SETS[params.name].n) * PARAM_SETS[params.name].n * 8  # A_out and B_out, int64
+
     def check_request(self, params: ParamSet, body: bytes, rows: int, cols: int) -> None:
         kinds = (wire.REQUEST, wire.HINTED_REQUEST, wire.HINT_QUERY)
         header = wire.Header.parse(body, kinds, NAME, params.name, rows, cols)
@@ -189,7 +192,9 @@ class ProductAccumulator:
         b = wire.unpack_top(data, f * self.coefs, self.header.value_bytes).view(f, self.coefs)
         parts = [b] if self.fixed else [randomness.aes_ctr_words(self.header.seed, f * self.coefs, start=j * self.coefs).view(f, self.coefs), b]
         for total, x in zip(self.sums, parts):
-            total += _gemm(wf, x.to(self.device), self.wmax)  # wraps: the sum mod 2^64
+            x = x.to(self.device)
+            for i in range(0, self.coefs, _COL_CHUNK):  # added in place, a column chunk at a time: no whole-width temporary
+                total[:, i : i + _COL_CHUNK] += gemm_mod_2_64(wf, x[:, i : i + _COL_CHUNK], max_abs_weight=self.wmax)  # wraps: mod 2^64
         self.done += f
         self.seconds += time.perf_counter() - t
 

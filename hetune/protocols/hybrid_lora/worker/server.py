@@ -259,8 +259,8 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
         params = got.params
         scheme = get_scheme(params.scheme)
         size = scheme.request_bytes(params, rows, cols)
-        with ExitStack() as held:  # the body's budget is held until the answer is ready (or streamed): the product lives that long
-            held.enter_context(budget.hold(got.owner or sid, size))
+        with ExitStack() as held:  # the budget is held until the answer is ready (or streamed): the body or the sums live that long
+            held.enter_context(budget.hold(got.owner or sid, max(size, scheme.product_bytes(params, rows, shape.out_cols))))
             accumulate = getattr(worker, "accumulator", None)  # a router over replicas (ray_serve) reads bodies whole
             arriving = _Arriving(accumulate and (lambda header: accumulate(op, direction, params, got.state, header, rows, cols)),
                                  scheme.header_bytes, got.lock)
