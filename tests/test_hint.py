@@ -402,9 +402,9 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
         pm.close()
 
 
-def _op_request(micro, worker, monkeypatch):
-    """(url, session headers, op, its weight, rows, the recorded feeds) for raw requests to a loopback worker
-    that sums one feature at a time."""
+def _op_request(micro, worker, monkeypatch, spec=None):
+    """(url of ``spec``'s forward product (default: the first op), session headers, its weight, the recorded feeds)
+    for raw requests to a loopback worker that sums one feature at a time."""
     import httpx
 
     from hetune.crypto import rlwe
@@ -413,7 +413,7 @@ def _op_request(micro, worker, monkeypatch):
     fed = []
     feed = rlwe.ProductAccumulator.feed
     monkeypatch.setattr(rlwe.ProductAccumulator, "feed", lambda self, data: (feed(self, data), fed.append(self.done)))
-    spec = micro.manifest.ops[0]
+    spec = spec or micro.manifest.ops[0]
     data = httpx.post(f"{worker.url}/v2/sessions").json()
     return f"{worker.url}/v2/sessions/{data['session_id']}/ops/{spec.name}/forward", \
         {"authorization": f"Bearer {data['token']}"}, micro.tensors[spec.weight_key], fed
@@ -500,3 +500,24 @@ def test_train_cli_with_overlap_equals_quantized(run_cli, micro_bundle, loopback
     assert fresh == hinted == quantized and len(quantized) == 2
     code, _, err = run_cli("train", *common, "--out", tmp_path / "bad", "--backend", "quantized", "--bundle", micro_bundle, "--overlap")
     assert code == 2 and "--overlap" in err
+
+
+
+def test_a_product_whose_sums_exceed_the_budget_is_read_whole_and_still_exact(micro, loopback_worker, monkeypatch):
+    """With a 1 MiB body budget, the widest op's sums (4 MiB) do not fit: the worker reads the body whole and multiplies
+    after (no piece summed on arrival), and answers exactly."""
+    import httpx
+
+    spec = max(micro.manifest.ops, key=lambda s: s.out_features)
+    url, headers, w, fed = _op_request(micro, loopback_worker(body_budget_mib=1, owner_body_budget_mib=1), monkeypatch, spec)
+    from hetune.protocols.hybrid_lora.worker.runner import Worker
+
+    on_arrival = []
+    accumulator = Worker.accumulator
+    monkeypatch.setattr(Worker, "accumulator", lambda self, *args: (on_arrival.append(args[0]), accumulator(self, *args))[1])
+    keys, rows = generate_keys("rlwe"), 5
+    assert SCHEME.product_bytes(keys.params, rows, w.shape[0]) > 2**20 > SCHEME.request_bytes(keys.params, rows, w.shape[1])
+    q = torch.randint(0, 256, (rows, w.shape[1]), generator=torch.Generator().manual_seed(5))
+    response = httpx.post(url, params={"rows": rows, "cols": w.shape[1]}, content=keys.encrypt(q), headers=headers, timeout=60)
+    assert response.status_code == 200 and not on_arrival and fed  # summed, but only once the body was in
+    assert np.array_equal(keys.decrypt(response.content, rows, w.shape[0]), exact(q, w))

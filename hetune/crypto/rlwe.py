@@ -177,11 +177,6 @@ class ProductAccumulator:
         self.feed_bytes = feature * max(1, FEED_BYTES // feature)  # whole features per piece
         self.done, self.seconds = 0, 0.0  # features summed; the worker's time on this product
 
-    @property
-    def body_bytes(self) -> int:
-        """The values' bytes after the header (the request's exact size less its header)."""
-        return self.n_in * self.coefs * self.header.value_bytes
-
     def feed(self, data) -> None:
         """Sum in the next whole features (fresh masks: A_out from the seed's words, then B_out)."""
         t = time.perf_counter()

@@ -113,8 +113,8 @@ class Scheme(ABC):
 
     def accumulator(self, params: ParamSet, session: object, header: bytes, rows: int | None, cols: int | None,
                     weight: torch.Tensor, device: str = "cpu"):
-        """A product fed its request body a piece at a time as it arrives (``feed_bytes``, ``body_bytes``, ``feed``,
-        ``results``, ``seconds``), given the body's first :attr:`header_bytes`; None: this scheme (or this request)
+        """A product fed its request body a piece at a time as it arrives (``feed_bytes``, ``feed``, ``results``,
+        ``seconds``), given the body's first :attr:`header_bytes`; None: this scheme (or this request)
         needs the whole body first (:meth:`multiply`)."""
         return None
 

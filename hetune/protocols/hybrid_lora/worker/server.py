@@ -260,8 +260,12 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
         scheme = get_scheme(params.scheme)
         size = scheme.request_bytes(params, rows, cols)
         with ExitStack() as held:  # the budget is held until the answer is ready (or streamed): the body or the sums live that long
-            held.enter_context(budget.hold(got.owner or sid, max(size, scheme.product_bytes(params, rows, shape.out_cols))))
-            accumulate = getattr(worker, "accumulator", None)  # a router over replicas (ray_serve) reads bodies whole
+            # Multiplied as it arrives where the worker can (a router over replicas, ray_serve, cannot) and the sums fit
+            # the budget; else read whole and multiplied after, as a hint query always is.
+            accumulate, sums = getattr(worker, "accumulator", None), scheme.product_bytes(params, rows, shape.out_cols)
+            if sums > min(budget.total, budget.per_holder):
+                accumulate = None
+            held.enter_context(budget.hold(got.owner or sid, max(size, sums) if accumulate else size))
             arriving = _Arriving(accumulate and (lambda header: accumulate(op, direction, params, got.state, header, rows, cols)),
                                  scheme.header_bytes, got.lock)
             try:
