@@ -133,8 +133,8 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
            "round_trips": st["round_trips"], "client_peak_gib": gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
     if pm.backend.encrypted:
         crypto = st["encrypt_s"] + st["decrypt_s"]
-        # With overlap the worker streams its result and reports no seconds (worker_s 0), and crypto runs during the
-        # wire and the worker: products_s (their wall time) and the timeline tell what overlapped.
+        # With overlap the worker's seconds come in its streamed result's trailer, and crypto runs during the wire and
+        # the worker (transfer_s is then what neither hid): products_s (their wall time) and the timeline tell what overlapped.
         row.update(scheme=pm.backend.keys.params.scheme, encrypt_s=st["encrypt_s"], decrypt_s=st["decrypt_s"],
                    worker_s=st["worker_s"], transfer_s=st["transport_s"] - st["worker_s"], products_s=st["round_trip_s"],
                    client_clear_s=step_s - st["round_trip_s"], client_crypto_s=crypto,
@@ -292,10 +292,11 @@ def _alternate(model_id: str, ids: torch.Tensor, url: str, hint_cache: str | Non
             st = {k: v[len(before[k]):] if isinstance(v, list) else v - before[k] for k, v in after.items()}
             rows.append({"masks": "fixed" if hint_cache else "per request", "overlap": overlap, "round": r + 1,
                          "step_s": step_s, "products_s": st["round_trip_s"], "encrypt_s": st["encrypt_s"],
-                         "decrypt_s": st["decrypt_s"], "bytes_sent": st["bytes_sent"], "bytes_received": st["bytes_received"],
+                         "decrypt_s": st["decrypt_s"], "worker_s": st["worker_s"], "bytes_sent": st["bytes_sent"], "bytes_received": st["bytes_received"],
                          "client_clear_s": step_s - st["round_trip_s"], "timeline": relative_timeline(st["timeline"], t0)})
             print(f"  {rows[-1]['masks']:<12} overlap={overlap!s:<5} round {r + 1}: step {step_s:.2f} s, "
-                  f"products {st['round_trip_s']:.2f} s, crypto {st['encrypt_s'] + st['decrypt_s']:.2f} s", flush=True)
+                  f"products {st['round_trip_s']:.2f} s, crypto {st['encrypt_s'] + st['decrypt_s']:.2f} s, "
+                  f"worker {st['worker_s']:.2f} s", flush=True)
     pm.close()
     return rows
 

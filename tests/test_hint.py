@@ -64,12 +64,12 @@ def test_fixed_mask_products_are_exact_and_bytes_per_value_are_the_wire_formats(
     body = call.encrypt(x[:2048])
     result = SCHEME.multiply(keys.params, None, body, w)
     assert len(body) == wire.HEADER_BYTES + 24 * N * 6  # 6 B per input value at full blocks (b at 48 bits)
-    assert len(result) == wire.HEADER_BYTES + 40 * N * 5  # 5 B per output value per call: the body result alone
+    assert len(result) == wire.HEADER_BYTES + 40 * N * 5 + wire.TRAILER_BYTES  # 5 B per output value per call: the body result alone
     hint_file = keys.cache.dir / "op.forward.0.hint"
     assert hint_file.stat().st_size == wire.HEADER_BYTES + 40 * N * 5 + 2 * wire.DIGEST_BYTES  # once: 5 B per output coefficient
     fresh_body = generate_keys("rlwe").encrypt(x[:2048])  # today's layout: masks per request
     fresh = SCHEME.multiply(keys.params, None, fresh_body, w)
-    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 5  # 10 B per output value
+    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 5 + wire.TRAILER_BYTES  # 10 B per output value
 
 
 def test_the_unmasking_term_computed_ahead_decrypts_exactly(tmp_path, op):
@@ -393,6 +393,7 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
     monkeypatch.setattr(rlwe_keys, "ENCRYPT_FEATURES", 8)
     monkeypatch.setattr(rlwe, "STREAM_ROWS", 8)
     monkeypatch.setattr(rlwe_keys, "_STREAM_BATCH", 8)
+    monkeypatch.setattr(rlwe, "FEED_BYTES", 1)  # the worker sums one feature at a time as the body arrives
     _, quantized = reference
     worker = loopback_worker()
     for backend, where in (("remote", {"workers": (worker.url,)}), ("encrypted", {"bundle": micro_bundle})):
@@ -409,6 +410,129 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
             assert 0 < span["encrypt_s"] and 0 < span["decrypt_s"] <= span["receive"][1] - span["receive"][0] + 1e-3
             assert span["send_chunks"] == 1 + -(-span["cols"] // 8)  # the header, then 8 features at a time
             assert span["sent"] == wire.HEADER_BYTES + span["cols"] * N * 6  # 6 B per input value
-            assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * (5 if masks == "fixed" else 10)
+            assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * (5 if masks == "fixed" else 10) + wire.TRAILER_BYTES
+            assert span["worker_s"] > 0  # from the streamed result's trailer
+        assert st.worker_s == pytest.approx(sum(s["worker_s"] for s in st.timeline)) and st.worker_s > 0
         assert st.bytes_sent == sum(s["sent"] for s in st.timeline) and st.bytes_received == sum(s["received"] for s in st.timeline)
         pm.close()
+
+
+def _op_request(micro, worker, monkeypatch, spec=None):
+    """(url of ``spec``'s forward product (default: the first op), session headers, its weight, the recorded feeds)
+    for raw requests to a loopback worker that sums one feature at a time."""
+    import httpx
+
+    from hetune.crypto import rlwe
+
+    monkeypatch.setattr(rlwe, "FEED_BYTES", 1)
+    fed = []
+    feed = rlwe.ProductAccumulator.feed
+    monkeypatch.setattr(rlwe.ProductAccumulator, "feed", lambda self, data: (feed(self, data), fed.append(self.done)))
+    spec = spec or micro.manifest.ops[0]
+    data = httpx.post(f"{worker.url}/v2/sessions").json()
+    return f"{worker.url}/v2/sessions/{data['session_id']}/ops/{spec.name}/forward", \
+        {"authorization": f"Bearer {data['token']}"}, micro.tensors[spec.weight_key], fed
+
+
+def test_the_worker_multiplies_a_request_before_its_last_byte_arrives(micro, loopback_worker, monkeypatch):
+    """A slowed upload: its last feature is held back until the worker has summed some already; the result is exact
+    and ends with the worker's seconds."""
+    import time
+
+    import httpx
+
+    url, headers, w, fed = _op_request(micro, loopback_worker(), monkeypatch)
+    keys, rows = generate_keys("rlwe"), 5
+    q = torch.randint(0, 256, (rows, w.shape[1]), generator=torch.Generator().manual_seed(3))
+    chunks = list(keys.encrypt_chunks(q, features=1))  # the header, then one feature each
+    seen = []
+
+    def upload():
+        yield from chunks[:-1]
+        deadline = time.monotonic() + 20
+        while not fed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(list(fed))
+        yield chunks[-1]
+
+    size = SCHEME.request_bytes(keys.params, rows, w.shape[1])
+    response = httpx.post(url, params={"rows": rows, "cols": w.shape[1], "stream": "true"}, content=upload(),
+                          headers={**headers, "content-length": str(size)}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert seen[0] and seen[0][-1] < w.shape[1]  # features summed while the last was still with the client
+    assert fed == list(range(1, w.shape[1] + 1))  # then every feature, once, in order
+    reader = keys.decryptor(rows, w.shape[0])
+    assert np.array_equal(reader.whole(response.content), exact(q, w))
+    assert reader.worker_s > 0
+
+
+def test_a_truncated_or_broken_upload_is_refused_and_the_worker_keeps_serving(micro, loopback_worker, monkeypatch):
+    """An upload that ends short (422), runs long (413) or has a wrong header (400) keeps nothing: the body budget is
+    back to zero, and the next request is answered exactly."""
+    import httpx
+
+    worker = loopback_worker()
+    url, headers, w, fed = _op_request(micro, worker, monkeypatch)
+    keys, rows, cols = generate_keys("rlwe"), 3, w.shape[1]
+    q = torch.randint(0, 256, (rows, cols), generator=torch.Generator().manual_seed(4))
+    query = {"rows": rows, "cols": cols, "stream": "true"}
+    chunks = list(keys.encrypt_chunks(q, features=1))
+    short = httpx.post(url, params=query, content=iter(chunks[: cols // 2]), headers=headers, timeout=60)  # chunked, ends early
+    assert short.status_code == 422 and "truncated" in short.json()["error"]
+    assert fed and fed[-1] < cols  # it had started: the sums are dropped with the request
+    started = len(fed)
+    long = httpx.post(url, params=query, content=iter([*chunks, b"x"]), headers=headers, timeout=60)  # one byte too many
+    assert long.status_code == 413 and len(fed) > started
+    bad = bytearray(chunks[0])
+    bad[5] = wire.RESULT  # a result's kind where a request's belongs: refused at the header, before any sum
+    started = len(fed)
+    wrong = httpx.post(url, params=query, content=iter([bytes(bad), *chunks[1:]]), headers=headers, timeout=60)
+    assert wrong.status_code == 400 and "not an RLWE request" in wrong.json()["error"] and len(fed) == started
+    assert worker.server.config.app.state.budget.used == 0
+    fine = httpx.post(url, params=query, content=keys.encrypt(q), headers=headers, timeout=60)
+    assert fine.status_code == 200 and np.array_equal(keys.decrypt(fine.content, rows, w.shape[0]), exact(q, w))
+
+
+def test_train_cli_with_overlap_equals_quantized(run_cli, micro_bundle, loopback_worker, stdlib_jsonl, tmp_path):
+    """`hetune train --overlap`: the remote run's losses equal quantized's, with masks per request and with the hint;
+    the worker's seconds are counted; --overlap without encryption is refused."""
+    import json
+
+    data = stdlib_jsonl(4_000)
+    worker = loopback_worker()
+    common = ["--model", "micro-llama", "--data", data, "--steps", "2", "--seq-len", "8", "--batch-size", "1",
+              "--warmup-steps", "1", "--eval-every", "10", "--save-every", "10"]
+
+    def losses(out, *args):
+        code, _, err = run_cli("train", *common, "--out", tmp_path / out, *args)
+        assert code == 0, err
+        return [json.loads(line)["loss"] for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    quantized = losses("q", "--backend", "quantized", "--bundle", micro_bundle)
+    fresh = losses("fresh", "--backend", "remote", "--worker", worker.url, "--overlap")
+    hinted = losses("hint", "--backend", "remote", "--worker", worker.url, "--overlap", "--hint-cache", tmp_path / "hints")
+    assert fresh == hinted == quantized and len(quantized) == 2
+    code, _, err = run_cli("train", *common, "--out", tmp_path / "bad", "--backend", "quantized", "--bundle", micro_bundle, "--overlap")
+    assert code == 2 and "--overlap" in err
+
+
+
+def test_a_product_whose_sums_exceed_the_budget_is_read_whole_and_still_exact(micro, loopback_worker, monkeypatch):
+    """With a 1 MiB body budget, the widest op's sums (4 MiB) do not fit: the worker reads the body whole and multiplies
+    after (no piece summed on arrival), and answers exactly."""
+    import httpx
+
+    spec = max(micro.manifest.ops, key=lambda s: s.out_features)
+    url, headers, w, fed = _op_request(micro, loopback_worker(body_budget_mib=1, owner_body_budget_mib=1), monkeypatch, spec)
+    from hetune.protocols.hybrid_lora.worker.runner import Worker
+
+    on_arrival = []
+    accumulator = Worker.accumulator
+    monkeypatch.setattr(Worker, "accumulator", lambda self, *args: (on_arrival.append(args[0]), accumulator(self, *args))[1])
+    keys, rows = generate_keys("rlwe"), 5
+    assert SCHEME.product_bytes(keys.params, rows, w.shape[0]) > 2**20 > SCHEME.request_bytes(keys.params, rows, w.shape[1])
+    q = torch.randint(0, 256, (rows, w.shape[1]), generator=torch.Generator().manual_seed(5))
+    response = httpx.post(url, params={"rows": rows, "cols": w.shape[1]}, content=keys.encrypt(q), headers=headers, timeout=60)
+    assert response.status_code == 200 and not on_arrival and fed  # summed, but only once the body was in
+    assert np.array_equal(keys.decrypt(response.content, rows, w.shape[0]), exact(q, w))

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from hetune.compile.bundle import MANIFEST_FILE, load_bundle
 from hetune.crypto.keys import generate_keys
 from hetune.crypto.registry import get_scheme
+from hetune.crypto.rlwe_wire import REQUEST, Header
 from hetune.errors import BundleError, WorkerError
 from hetune.serving.admission import OwnerLimits, add_owner
 from hetune.protocols.hybrid_lora.owner import remote
@@ -234,10 +235,11 @@ def test_held_uploads_stay_within_the_body_budget(micro_bundle, rlwe_keys):
         before = rss.memory_info().rss
         head = (f"POST /v2/sessions/{s['session_id']}/ops/layers.0.gate_up/backward?rows={rows}&cols={cols} HTTP/1.1\r\n"
                 f"Host: x\r\nAuthorization: Bearer {s['token']}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n")
+        header = Header(REQUEST, "rlwe", "p128", rows, cols, 6, bytes(16)).pack()  # then zeros: a well-formed request's shape
         held, refused = [], []
         for _ in range(12):
             started = time.monotonic()
-            conn, status = upload(port, head.encode(), size * 9 // 10)
+            conn, status = upload(port, head.encode() + header, size * 9 // 10 - len(header))
             if conn is not None:
                 held.append((conn, started))
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -28,6 +29,7 @@ from hetune.crypto.scheme import ParamSet, PayloadError, Scheme
 NAME = "rlwe"
 _COL_CHUNK = 1024  # coefficient columns per GEMM batch on the worker (bounds memory)
 STREAM_ROWS = 256  # output polynomials per streamed result chunk: 4 MiB of int64 at N = 2048
+FEED_BYTES = 2 * 2**20  # request bytes the worker multiplies at once as a body arrives (whole features, at least one)
 
 
 def blocks(rows: int, n: int) -> int:
@@ -38,6 +40,7 @@ class RlweScheme(Scheme):
     name = NAME
     param_sets = tuple(PARAM_SETS)
     default_param_set = DEFAULT_PARAM_SET
+    header_bytes = wire.HEADER_BYTES
 
     def params(self, name: str) -> ParamSet:
         if name not in PARAM_SETS:
@@ -70,6 +73,9 @@ class RlweScheme(Scheme):
         rp = PARAM_SETS[params.name]
         return wire.HEADER_BYTES + cols * blocks(rows, rp.n) * rp.n * rp.input_bytes
 
+    def product_bytes(self, params: ParamSet, rows: int, out_cols: int) -> int:
+        return 2 * out_cols * blocks(rows, PARAM_SETS[params.name].n) * PARAM_SETS[params.name].n * 8  # A_out and B_out, int64
+
     def check_request(self, params: ParamSet, body: bytes, rows: int, cols: int) -> None:
         kinds = (wire.REQUEST, wire.HINTED_REQUEST, wire.HINT_QUERY)
         header = wire.Header.parse(body, kinds, NAME, params.name, rows, cols)
@@ -91,54 +97,116 @@ class RlweScheme(Scheme):
     def multiply_stream(self, params: ParamSet, session: object, body: bytes, weight: torch.Tensor,
                         device: str = "cpu") -> Iterator[bytes]:
         """W (n_out, n_in) times every ciphertext mod 2^64, each result rounded to the widths the op's norm allows,
-        yielded as the header and then chunks of :data:`STREAM_ROWS` output polynomials (plus a hint's digest).
+        yielded as the header and then chunks of :data:`STREAM_ROWS` output polynomials (plus a hint's digest,
+        or a product's trailer).
 
         REQUEST (fresh masks): A_out = W A, then B_out = W B. HINTED_REQUEST (fixed masks): B_out
-        only, half the work and the bytes. HINT_QUERY: the hint H_k = W A_k of one block, then its
-        SHA-256. Each chunk is computed when the previous one has been taken, so the result is never
-        held whole: memory is the input plus one chunk, and a reader can decrypt (or write to disk)
-        chunk i while chunk i + 1 is computed.
+        only, half the work and the bytes: both through :class:`ProductAccumulator`, as a body
+        read a piece at a time would be. HINT_QUERY: the hint H_k = W A_k of one block, each chunk
+        computed when the previous one has been taken (a hint is never held whole), then its SHA-256.
         """
+        acc = self.accumulator(params, session, body[: wire.HEADER_BYTES], None, None, weight, device)
+        if acc is not None:
+            view = memoryview(body)[wire.HEADER_BYTES :]
+            for i in range(0, len(view), acc.feed_bytes):
+                acc.feed(view[i : i + acc.feed_bytes])
+            yield from acc.results()
+            return
         rp = PARAM_SETS[params.name]
-        header = wire.Header.parse(body, (wire.REQUEST, wire.HINTED_REQUEST, wire.HINT_QUERY), NAME, params.name)
+        header = wire.Header.parse(body, wire.HINT_QUERY, NAME, params.name)
         n_in, n_out = weight.shape[1], weight.shape[0]
         w = weight.to(torch.int64)
-        wmax = int(w.abs().max()) if w.numel() else 0
-        norm = float(w.to(torch.float64).norm(dim=1).max()) if w.numel() else 0.0
+        wmax, norm = _weight_facts(w)
         wf = w.to(device=device, dtype=torch.float64)  # converted once per product, not per model
+        block = header.rows // rp.n - 1
+        a = randomness.aes_ctr_words(header.seed, n_in * rp.n, start=block * n_in * rp.n).view(n_in, rp.n).to(device)
+        mask_bytes, _ = rp.hinted_bytes(norm)
+        digest = hashlib.sha256()
+        chunks = (wire.pack_top(_gemm(wf[o : o + STREAM_ROWS], a, wmax).cpu(), mask_bytes) for o in range(0, n_out, STREAM_ROWS))
+        for chunk in itertools.chain([wire.Header(wire.HINT, NAME, params.name, header.rows, n_out, mask_bytes,
+                                                  header.seed).pack()], chunks):
+            digest.update(chunk)
+            yield chunk
+        yield digest.digest()
 
-        def product(x: torch.Tensor, nbytes: int) -> Iterator[bytes]:  # W x mod 2^64 packed, a chunk of output rows at a time
-            x = x.to(device)
-            for o in range(0, n_out, STREAM_ROWS):
-                rows = torch.cat([gemm_mod_2_64(wf[o : o + STREAM_ROWS], x[:, i : i + _COL_CHUNK], max_abs_weight=wmax).cpu()
-                                  for i in range(0, x.shape[1], _COL_CHUNK)], dim=1)
-                yield wire.pack_top(rows, nbytes)
+    def accumulator(self, params: ParamSet, session: object, header: bytes, rows: int | None, cols: int | None,
+                    weight: torch.Tensor, device: str = "cpu") -> "ProductAccumulator | None":
+        """A product that takes its request's ciphertexts as they arrive; None for a hint query (no body to wait for).
+        PayloadError for a header that is not a request of this session's set (and of ``rows`` x ``cols`` if given)."""
+        parsed = wire.Header.parse(header, (wire.REQUEST, wire.HINTED_REQUEST, wire.HINT_QUERY), NAME, params.name, rows, cols)
+        if parsed.kind == wire.HINT_QUERY:
+            return None
+        rp = PARAM_SETS[params.name]
+        if parsed.value_bytes != rp.input_bytes:
+            raise PayloadError(f"{NAME}/{params.name} requests carry {rp.input_bytes}-byte values, header says {parsed.value_bytes}")
+        return ProductAccumulator(rp, parsed, weight, device)
 
-        if header.kind == wire.HINT_QUERY:
-            block = header.rows // rp.n - 1
-            a = randomness.aes_ctr_words(header.seed, n_in * rp.n, start=block * n_in * rp.n).view(n_in, rp.n)
-            mask_bytes, _ = rp.hinted_bytes(norm)
-            digest = hashlib.sha256()
-            for chunk in itertools.chain([wire.Header(wire.HINT, NAME, params.name, header.rows, n_out, mask_bytes,
-                                                      header.seed).pack()], product(a, mask_bytes)):
-                digest.update(chunk)
+
+def _weight_facts(w: torch.Tensor) -> tuple[int, float]:
+    """max |W| (for the GEMM's limb plan) and the largest row norm ||W_o||_2 (for the result widths)."""
+    if not w.numel():
+        return 0, 0.0
+    return int(w.abs().max()), float(w.to(torch.float64).norm(dim=1).max())
+
+
+def _gemm(wf: torch.Tensor, x: torch.Tensor, wmax: int) -> torch.Tensor:
+    """wf @ x mod 2^64, :data:`_COL_CHUNK` coefficient columns at a time (bounds memory)."""
+    return torch.cat([gemm_mod_2_64(wf, x[:, i : i + _COL_CHUNK], max_abs_weight=wmax) for i in range(0, x.shape[1], _COL_CHUNK)], dim=1)
+
+
+class ProductAccumulator:
+    """W @ (a request's ciphertexts) mod 2^64, summed a piece of whole features at a time as the body arrives.
+
+    Feature j's ciphertexts (its blocks' b, and for fresh masks its a from the request's seed)
+    meet only column j of W, so W @ X = sum over pieces of W[:, piece] @ X[piece]: the worker
+    multiplies piece i while piece i + 1 is on the wire, and the sum mod 2^64 is the same as the
+    whole product, bit for bit. Memory: the sums (n_out x c N int64, one per result part) and one piece.
+    """
+
+    def __init__(self, rp, header: wire.Header, weight: torch.Tensor, device: str):
+        self.rp, self.header, self.device = rp, header, device
+        w = weight.to(torch.int64)
+        self.wmax, norm = _weight_facts(w)
+        self.wf = w.to(device=device, dtype=torch.float64)
+        self.n_in, n_out = w.shape[1], w.shape[0]
+        self.coefs = blocks(header.rows, rp.n) * rp.n  # c N coefficients per feature
+        self.fixed = header.kind == wire.HINTED_REQUEST
+        self.out_bytes = rp.hinted_bytes(norm)[1] if self.fixed else rp.output_bytes(norm)
+        self.sums = [torch.zeros(n_out, self.coefs, dtype=torch.int64, device=device) for _ in range(1 if self.fixed else 2)]
+        feature = self.coefs * header.value_bytes
+        self.feed_bytes = feature * max(1, FEED_BYTES // feature)  # whole features per piece
+        self.done, self.seconds = 0, 0.0  # features summed; the worker's time on this product
+
+    def feed(self, data) -> None:
+        """Sum in the next whole features (fresh masks: A_out from the seed's words, then B_out)."""
+        t = time.perf_counter()
+        f = len(data) // (self.coefs * self.header.value_bytes)
+        if f * self.coefs * self.header.value_bytes != len(data) or not 0 < f <= self.n_in - self.done:
+            raise PayloadError(f"a request piece of {len(data)} bytes is not whole features of this {self.header.rows}x{self.n_in} request")
+        j, wf = self.done, self.wf[:, self.done : self.done + f]
+        b = wire.unpack_top(data, f * self.coefs, self.header.value_bytes).view(f, self.coefs)
+        parts = [b] if self.fixed else [randomness.aes_ctr_words(self.header.seed, f * self.coefs, start=j * self.coefs).view(f, self.coefs), b]
+        for total, x in zip(self.sums, parts):
+            x = x.to(self.device)
+            for i in range(0, self.coefs, _COL_CHUNK):  # added in place, a column chunk at a time: no whole-width temporary
+                total[:, i : i + _COL_CHUNK] += gemm_mod_2_64(wf, x[:, i : i + _COL_CHUNK], max_abs_weight=self.wmax)  # wraps: mod 2^64
+        self.done += f
+        self.seconds += time.perf_counter() - t
+
+    def results(self) -> Iterator[bytes]:
+        """The result: header, chunks of :data:`STREAM_ROWS` outputs per part, and the trailer with the worker's seconds."""
+        if self.done != self.n_in:
+            raise PayloadError(f"request ended after {self.done} of its {self.n_in} features (truncated?)", 422)
+        kind = wire.HINTED_RESULT if self.fixed else wire.RESULT
+        yield wire.Header(kind, NAME, self.rp.name, self.header.rows, self.sums[0].shape[0], self.out_bytes, bytes(16)).pack()
+        for total in self.sums:
+            for o in range(0, total.shape[0], STREAM_ROWS):
+                t = time.perf_counter()
+                chunk = wire.pack_top(total[o : o + STREAM_ROWS].cpu(), self.out_bytes)
+                self.seconds += time.perf_counter() - t
                 yield chunk
-            yield digest.digest()
-            return
-        cols_coef = blocks(header.rows, rp.n) * rp.n
-        count = n_in * cols_coef
-        b = wire.unpack_top(memoryview(body)[wire.HEADER_BYTES :], count, header.value_bytes).view(n_in, cols_coef)
-        if header.kind == wire.HINTED_REQUEST:
-            _, body_bytes = rp.hinted_bytes(norm)
-            yield wire.Header(wire.HINTED_RESULT, NAME, params.name, header.rows, n_out, body_bytes, bytes(16)).pack()
-            yield from product(b, body_bytes)
-            return
-        a = randomness.aes_ctr_words(header.seed, count).view(n_in, cols_coef)
-        out_bytes = rp.output_bytes(norm)
-        yield wire.Header(wire.RESULT, NAME, params.name, header.rows, n_out, out_bytes, bytes(16)).pack()
-        yield from product(a, out_bytes)
-        del a
-        yield from product(b, out_bytes)
+        self.sums = []
+        yield wire.pack_trailer(self.seconds)
 
 
 SCHEME = RlweScheme()

@@ -54,7 +54,7 @@ class ResultReader:
     such runs: 2 for A_out then B_out). Whole outputs are handed to ``take(header, first,
     values (k, c N))`` once :data:`_STREAM_BATCH` of them (or the rest of a part) have come,
     at most :data:`_POLY_CHUNK` at a time and never straddling a part; it returns the decoded
-    rounds of the last part or None.
+    rounds of the last part or None. The trailer after the values gives :attr:`worker_s`.
     A body that is short, long or of another shape raises PayloadError.
     """
 
@@ -65,6 +65,7 @@ class ResultReader:
     def begin(self) -> None:
         self.header: wire.Header | None = None
         self.buf, self.done = bytearray(), 0  # bytes not yet used; outputs (of all parts) taken
+        self.worker_s: float | None = None  # from the trailer
         self.out = np.empty((self.cols, self.rows), dtype=np.int64)
 
     def write(self, chunk: bytes) -> None:
@@ -92,12 +93,17 @@ class ResultReader:
             self.done += k
         del self.buf[:used]  # once per piece: a whole body is not moved again for every batch
         if self.done == total and self.buf:
-            raise PayloadError(f"result of {self.rows}x{self.cols} is longer than its {total} outputs")
+            if len(self.buf) > wire.TRAILER_BYTES or self.worker_s is not None:
+                raise PayloadError(f"result of {self.rows}x{self.cols} is longer than its {total} outputs and trailer")
+            if len(self.buf) == wire.TRAILER_BYTES:
+                self.worker_s = wire.parse_trailer(self.buf)
+                self.buf.clear()
 
     def result(self) -> np.ndarray:
         total = self.parts * self.cols
-        if self.header is None or self.done != total:
-            raise PayloadError(f"result of {self.rows}x{self.cols} ended after {self.done} of {total} outputs (truncated?)")
+        if self.header is None or self.done != total or self.worker_s is None:
+            raise PayloadError(f"result of {self.rows}x{self.cols} ended after {self.done} of {total} outputs"
+                               f"{' and before its trailer' if self.done == total else ''} (truncated?)")
         return np.ascontiguousarray(self.out.T)
 
     def whole(self, body: bytes) -> np.ndarray:

@@ -7,14 +7,16 @@ coefficients rounded to their top ``value_bytes`` bytes, little-endian, feature-
 feature (or output) j's blocks of N coefficients one after the other.
 
 Kinds, with fresh masks per request (the masks of every ciphertext from the request's seed):
-- REQUEST: b of every (feature, block) ciphertext; RESULT: A_out then B_out.
+- REQUEST: b of every (feature, block) ciphertext; RESULT: A_out then B_out, then the trailer.
 With fixed masks (the hint; version 2): the masks of an op and direction come from one
 seed fixed for the session, block k's at words [k n_in N, (k + 1) n_in N) of its stream:
-- HINTED_REQUEST: b as in REQUEST, under a fresh secret per call; HINTED_RESULT: B_out only;
+- HINTED_REQUEST: b as in REQUEST, under a fresh secret per call; HINTED_RESULT: B_out only, then the trailer;
 - HINT_QUERY: the header alone, rows = (k + 1) N asks for block k; HINT: H_k = W A_k
   (n_out x N), then a SHA-256 of header and values, so a truncated or corrupted hint is
   detected wherever it is read (the wire or the owner's disk cache).
-The worker checks the header and the exact size before any heavy work.
+Results end with a 12-byte trailer (version 3): ``HTWS`` and the worker's seconds on the
+product as a float64, so a result streamed before the product was done still says them.
+The worker checks the header before any heavy work and the exact size as the body arrives.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ import torch
 from hetune.crypto.scheme import PayloadError
 
 MAGIC = b"HTRL"
-VERSION = 2  # 2: fixed masks and hints (kinds 3-6)
+VERSION = 3  # 2: fixed masks and hints (kinds 3-6); 3: results end with the worker's seconds
 REQUEST, RESULT, HINTED_REQUEST, HINTED_RESULT, HINT_QUERY, HINT = 1, 2, 3, 4, 5, 6
 _WHAT = {REQUEST: "request", RESULT: "result", HINTED_REQUEST: "request", HINTED_RESULT: "result",
          HINT_QUERY: "hint query", HINT: "hint"}
 DIGEST_BYTES = 32  # SHA-256 after a hint's values
 _FORMAT = "<4sBB8s8sIIB16s"
 HEADER_BYTES = struct.calcsize(_FORMAT)
+_TRAILER_MAGIC, _TRAILER_FORMAT = b"HTWS", "<4sd"
+TRAILER_BYTES = struct.calcsize(_TRAILER_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,20 @@ class Header:
         if not 1 <= vb <= 8 or r < 1 or c < 1:
             raise PayloadError(f"header has bad sizes (rows {r}, cols {c}, {vb} bytes per value)")
         return cls(got_kind, got_scheme, got_set, r, c, vb, seed)
+
+
+def pack_trailer(worker_s: float) -> bytes:
+    return struct.pack(_TRAILER_FORMAT, _TRAILER_MAGIC, worker_s)
+
+
+def parse_trailer(data: bytes) -> float:
+    """The worker's seconds from a result's trailer; PayloadError if it is not one."""
+    if len(data) != TRAILER_BYTES or bytes(data[:4]) != _TRAILER_MAGIC:
+        raise PayloadError(f"result does not end with its {TRAILER_BYTES}-byte trailer")
+    (seconds,) = struct.unpack_from("<d", data, 4)
+    if not 0 <= seconds < float("inf"):
+        raise PayloadError(f"result trailer gives {seconds} worker seconds")
+    return seconds
 
 
 def _top_bytes(nbytes: int) -> np.dtype:

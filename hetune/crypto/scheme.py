@@ -85,6 +85,7 @@ class Scheme(ABC):
     name: str
     param_sets: tuple[str, ...]
     default_param_set: str
+    header_bytes: int = 0  # a request's fixed header, read before :meth:`accumulator` is asked (0: none)
 
     @abstractmethod
     def params(self, name: str) -> ParamSet: ...
@@ -109,6 +110,17 @@ class Scheme(ABC):
                         device: str = "cpu") -> Iterator[bytes]:
         """:meth:`multiply`'s result in pieces, each computed when the last was taken (bounded memory); here in one piece."""
         yield self.multiply(params, session, body, weight, device)
+
+    def accumulator(self, params: ParamSet, session: object, header: bytes, rows: int | None, cols: int | None,
+                    weight: torch.Tensor, device: str = "cpu"):
+        """A product fed its request body a piece at a time as it arrives (``feed_bytes``, ``feed``, ``results``,
+        ``seconds``), given the body's first :attr:`header_bytes`; None: this scheme (or this request)
+        needs the whole body first (:meth:`multiply`)."""
+        return None
+
+    def product_bytes(self, params: ParamSet, rows: int, out_cols: int) -> int:
+        """At most what :meth:`accumulator`'s sums of a ``rows`` x ``out_cols`` result hold (0: no accumulator)."""
+        return 0
 
     def wire_bytes(self, params: ParamSet, forward_l2: float, backward_l2: float) -> dict:
         """Bytes per value each direction of an op puts on the wire, from its weight norms; {} when not norm-driven."""

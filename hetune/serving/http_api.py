@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -59,9 +59,12 @@ def bearer(request: Request) -> str | None:
     return auth[7:] if auth.lower().startswith("bearer ") else None
 
 
-async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes | JSONResponse:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None,
+                    consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes | JSONResponse:
     """The body, or a 413 once the declared or streamed size passes ``limit`` (nothing more is buffered),
-    or a 408 if it has not all arrived within ``timeout_s`` (a held upload gives its memory back)."""
+    or a 408 if it has not all arrived within ``timeout_s`` (a held upload gives its memory back).
+    ``consume``: each piece goes to it as it arrives (its time counts in ``timeout_s``) and b"" is returned;
+    what it raises comes out of here."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         return error(413, f"request body too large (limit {limit} bytes)")
@@ -72,7 +75,10 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
                 total += len(chunk)
                 if total > limit:
                     return error(413, f"request body too large (limit {limit} bytes)")
-                chunks.append(chunk)
+                if consume is None:
+                    chunks.append(chunk)
+                else:
+                    await consume(chunk)
     except TimeoutError:
         return error(408, f"request body not received within {timeout_s:g} s; send it at once, or raise --body-timeout")
     except ClientDisconnect:  # the client left mid-body: nobody reads this answer, but no traceback either
@@ -93,7 +99,7 @@ class SharedBodies(Protocol):
 class BodyBudget:
     """Bytes of request bodies in flight, in all and per holder (an owner, or a session when admission is open).
 
-    Why: a body is buffered whole before its product runs, so without a budget N held
+    Why: a body is buffered whole (or an RLWE product keeps its sums) until its answer, so without a budget N held
     uploads cost N bodies of memory. A request holds its body's size from before the read
     until its answer is ready; one that does not fit now gets a 429 (its holder's share is
     taken) or a 503 (the worker's is), both with ``Retry-After``, before a byte is read.

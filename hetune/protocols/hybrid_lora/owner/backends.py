@@ -33,7 +33,7 @@ class TransferStats:
     encrypt_s: float = 0.0  # client: quantized integers -> request bodies
     decrypt_s: float = 0.0  # client: result bodies -> integers
     transport_s: float = 0.0  # from request sent to result received (worker + transfer)
-    worker_s: float = 0.0  # the worker's product alone, as it reports it (0 when streamed: it cannot say up front)
+    worker_s: float = 0.0  # the worker's product alone, as it reports it (streamed: in the result's trailer)
     round_trip_s: float = 0.0  # wall time of the products, encryption to decryption (overlapped or not)
     timeline: list | None = None  # set to [] to record each product's spans (EncryptedBackend._round_trip); off: a long run
                                   # would keep one entry per product
@@ -212,8 +212,8 @@ class EncryptedBackend(FrozenBackend):
             try:
                 if self.overlap:
                     sink = _Decrypting(decryptor, span)
-                    _, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols, sink=sink)
-                    raw = sink.result()
+                    self.transport.run(op, direction, payload, rows=rows, cols=cols, sink=sink)
+                    raw, worker_s = sink.result(), sink.reader.worker_s  # the seconds from the result's trailer
                     span["wait"] = [span["send"][1], span["receive"][0]]  # upload done -> the worker's first chunk
                 else:
                     result, worker_s = self.transport.run(op, direction, payload, rows=rows, cols=cols)

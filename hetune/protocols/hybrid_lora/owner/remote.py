@@ -68,7 +68,7 @@ class WorkerClient(HttpClient):
             sink: Sink | None = None) -> tuple[bytes, float]:
         """The result body (at most ``max_bytes``) and the worker's seconds (its ``x-worker-seconds`` header);
         ``payload``: bytes, or a callable that makes a fresh request body for each try. With ``sink`` the worker
-        streams the result into it as it is computed (body b"", seconds 0: the worker cannot know them up front)."""
+        streams the result into it as it is computed (body b"", seconds 0: a streamed RLWE result ends with them)."""
         path = f"/sessions/{self.session_id}/{wire.op_path(op, direction)}"
         query = {"rows": rows, "cols": cols, **({"stream": "true"} if sink is not None else {})}
         for reopened in (False, True):

@@ -75,6 +75,7 @@ class TrainConfig:
     scheme: str | None = None  # encryption scheme (None: the bundle's, batched RLWE by default)
     param_set: str | None = None  # its allow-listed parameter set (privacy level); None: the bundle's
     hint_cache: Path | None = None  # batched RLWE with fixed masks: the worker's hints kept here; None: fresh masks per request
+    overlap: bool = False  # batched RLWE: each product pipelined (encrypt, upload, the worker's GEMM, decrypt at once); same results
     ca_cert: Path | None = None  # remote: the CA that signed the workers' certificates; None: the system's store
     insecure: bool = False  # remote: allow plain http:// to a worker that is not on loopback
     api_key_file: Path | None = None  # remote: the admission key (else $HETUNE_API_KEY); the key itself is never in the config
@@ -101,6 +102,9 @@ class TrainConfig:
         if given and self.backend not in ("encrypted", "remote"):
             raise ConfigError(f"{', '.join(given)} apply to the encrypted and remote backends, not {self.backend!r}",
                               f"drop {', '.join(given)} or use --backend remote")
+        if self.overlap and self.backend not in ("encrypted", "remote"):
+            raise ConfigError(f"--overlap pipelines encrypted products, and backend {self.backend!r} has none",
+                              "drop --overlap or use --backend remote")
         if self.scheme is not None or self.param_set is not None:
             from hetune.crypto.registry import get_scheme
 
@@ -394,7 +398,7 @@ def _private_model(cfg: TrainConfig):
         access = WorkerAccess.load(cfg.ca_cert, cfg.insecure, cfg.api_key_file)
     return build_private_model(
         cfg.model, cfg.backend, bundle=cfg.bundle, workers=cfg.workers, lora=cfg.lora, seed=cfg.seed,
-        keys=keys, scheme=cfg.scheme, param_set=cfg.param_set, access=access, hint_cache=cfg.hint_cache,
+        keys=keys, scheme=cfg.scheme, param_set=cfg.param_set, access=access, hint_cache=cfg.hint_cache, overlap=cfg.overlap,
     )
 
 

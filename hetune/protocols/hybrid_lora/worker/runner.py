@@ -79,6 +79,12 @@ class Worker:
         weight = w if direction == "forward" else w.T  # (n_out, n_in) of this product
         return get_scheme(params.scheme).multiply(params, session, body, weight, self.device)
 
+    def accumulator(self, op: str, direction: str, params: ParamSet, session: object, header: bytes, rows: int, cols: int):
+        """:meth:`run` fed its body a piece at a time as it arrives (the scheme's accumulator), or None: read it whole."""
+        w = self.weights[op]
+        return get_scheme(params.scheme).accumulator(params, session, header, rows, cols, w if direction == "forward" else w.T,
+                                                     self.device)
+
     def run_stream(self, op: str, direction: str, params: ParamSet, session: object, body: bytes) -> Iterator[bytes]:
         """:meth:`run`'s result in chunks, each computed when the last was taken: a hint (or a streamed result)
         is never held whole."""

@@ -12,11 +12,15 @@ and it refuses to listen beyond loopback without both unless told ``insecure``.
 
 Admission and session checks are route dependencies: they run on the routed request
 before its handler, so no handler runs, no session is created and no body is read for
-a request that fails them. Bodies in flight share a memory budget (:class:`BodyBudget`).
+a request that fails them. Bodies in flight share a memory budget (:class:`BodyBudget`). A batched-RLWE
+product starts as its body arrives: its header is checked, then each piece of whole features is
+multiplied in and summed while the next is read (the owner's encryption and the upload hide behind the
+GEMMs); a body that ends short or breaks off leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -242,7 +246,8 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
     async def run_op(sid: str, op: str, direction: str, request: Request, rows: int = 0, cols: int = 0, stream: bool = False,
                      got: Session = Depends(parts.session_of)):
         """``stream``: answer in chunks as they are computed (a hint; a product the owner decrypts as it arrives),
-        without the x-worker-seconds header; else whole, with it."""
+        the worker's seconds in the result's trailer; else whole, with them in an x-worker-seconds header too.
+        A product (batched RLWE) is computed as its body arrives: whole features at a time, summed."""
         if op not in worker.ops:
             return error(404, f"unknown op {op!r}")
         if direction not in wire.DIRECTIONS:
@@ -255,29 +260,111 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
         params = got.params
         scheme = get_scheme(params.scheme)
         size = scheme.request_bytes(params, rows, cols)
-        with ExitStack() as held:  # the body's budget is held until the answer is ready (or streamed): the body lives that long
-            await run_in_threadpool(held.enter_context, budget.hold(got.owner or sid, size))  # on Ray: the shared ledger
-            body = await read_body(request, size, cfg.body_timeout_s)
-            if isinstance(body, JSONResponse):
-                return body
+        with ExitStack() as held:  # the budget is held until the answer is ready (or streamed): the body or the sums live that long
+            # Multiplied as it arrives where the worker can (a router over replicas, ray_serve, cannot) and the sums fit
+            # the budget; else read whole and multiplied after, as a hint query always is.
+            accumulate, sums = getattr(worker, "accumulator", None), scheme.product_bytes(params, rows, shape.out_cols)
+            if sums > min(budget.total, budget.per_holder):
+                accumulate = None
+            held_size = max(size, sums) if accumulate else size
+            await run_in_threadpool(held.enter_context, budget.hold(got.owner or sid, held_size))  # on Ray: the shared ledger
+            arriving = _Arriving(accumulate and (lambda header: accumulate(op, direction, params, got.state, header, rows, cols)),
+                                 scheme.header_bytes, got.lock)
             try:
-                scheme.check_request(params, body, rows, cols)  # header and exact size, before any heavy work
-            except PayloadError as err:
+                body = await read_body(request, size, cfg.body_timeout_s, arriving)
+                if isinstance(body, JSONResponse):
+                    return body
+                if arriving.acc is not None:
+                    if arriving.total != size:
+                        return error(422, f"a {rows}x{cols} request is {size} bytes, got {arriving.total} (truncated?)")
+                    await arriving.finish()
+            except PayloadError as err:  # a bad header or piece: nothing of the product is kept
                 return error(err.status, err.message)
-            if stream:
+            finally:
+                await arriving.settle()
+            if arriving.acc is not None:  # multiplied as it arrived: only the answer is left
+                chunks = arriving.acc.results()
+            else:
+                body = arriving.body()
+                try:
+                    scheme.check_request(params, body, rows, cols)  # header and exact size, before any heavy work
+                except PayloadError as err:
+                    return error(err.status, err.message)
                 chunks = worker.run_stream(op, direction, params, got.state, body)
+            if stream:
                 return StreamingResponse(_one_at_a_time(chunks, got.lock, held.pop_all()), media_type="application/octet-stream")
 
             def compute() -> tuple[bytes, float]:
                 with got.lock:  # one product at a time per session
                     t0 = time.perf_counter()
-                    return worker.run(op, direction, params, got.state, body), time.perf_counter() - t0
+                    result = b"".join(chunks)
+                    return result, arriving.acc.seconds if arriving.acc is not None else time.perf_counter() - t0
 
             try:
                 result, seconds = await run_in_threadpool(compute)
             except PayloadError as err:  # e.g. a GLWE ciphertext the extension cannot read
                 return error(err.status, err.message)
         return Response(result, media_type="application/octet-stream", headers={"x-worker-seconds": f"{seconds:.6f}"})
+
+
+class _Arriving:
+    """A request body as it arrives: with an accumulator (the scheme's, made from the header), whole features are
+    multiplied a piece at a time in the thread pool while the next piece is read; without one, kept whole.
+    Holds at most a piece being multiplied and a piece arriving, besides the accumulator's sums."""
+
+    def __init__(self, make, header_bytes: int, lock: threading.Lock):
+        """``make``: the header's bytes -> an accumulator, or None (or ``make`` None, or no header): kept whole."""
+        self.make, self.header_bytes, self.lock = make, header_bytes, lock
+        self.acc, self.whole = None, make is None or header_bytes == 0
+        self.buf, self.parts, self.total = bytearray(), [], 0
+        self.pending: asyncio.Future | None = None
+
+    async def __call__(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.whole:
+            self.parts.append(chunk)
+            return
+        self.buf += chunk
+        if self.acc is None:
+            if len(self.buf) < self.header_bytes:
+                return
+            self.acc = await run_in_threadpool(self.make, bytes(self.buf[: self.header_bytes]))
+            if self.acc is None:
+                self.whole, self.parts, self.buf = True, [bytes(self.buf)], bytearray()
+                return
+            del self.buf[: self.header_bytes]
+        while len(self.buf) >= self.acc.feed_bytes:
+            piece = bytes(self.buf[: self.acc.feed_bytes])
+            del self.buf[: self.acc.feed_bytes]
+            await self._feed(piece)
+
+    async def _feed(self, piece: bytes) -> None:
+        await self.settle(quiet=False)  # one piece in the thread pool at a time, in order; its error comes out here
+        self.pending = asyncio.ensure_future(run_in_threadpool(self._locked_feed, piece))
+
+    def _locked_feed(self, piece: bytes) -> None:
+        with self.lock:  # one product's work at a time per session
+            self.acc.feed(piece)
+
+    async def finish(self) -> None:
+        """The body has all come: the rest (whole features, or PayloadError) multiplied too."""
+        if self.buf:
+            await self._feed(bytes(self.buf))
+            self.buf.clear()
+        await self.settle(quiet=False)
+
+    async def settle(self, quiet: bool = True) -> None:
+        """Wait for the piece in the thread pool (a failed read still waits: no work outlives the budget)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            try:
+                await pending
+            except Exception:
+                if not quiet:
+                    raise
+
+    def body(self) -> bytes:
+        return b"".join(self.parts) + bytes(self.buf)  # buf: a body shorter than a header
 
 
 def _one_at_a_time(chunks: Iterator[bytes], lock: threading.Lock, held: ExitStack) -> Iterator[bytes]:
