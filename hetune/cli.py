@@ -188,6 +188,7 @@ def train(
     param_set: Optional[str] = typer.Option(None, "--param-set", help="The scheme's parameter set (privacy level), e.g. p128 (default), p192, p256; see `hetune plan params`."),
     hint_cache: Optional[Path] = typer.Option(None, "--hint-cache", help="Batched RLWE with fixed masks and a fresh secret per product: download each op's hint once into this folder, then half the bytes per step (default: fresh masks per request)."),
     overlap: bool = typer.Option(False, "--overlap", help="Batched RLWE: pipeline each product (encrypt while uploading, the worker multiplies as it arrives, decrypt as the result streams back); same results."),
+    checkpoint: bool = typer.Option(False, "--checkpoint", help="Activation checkpointing of the decoder layers, the worker's answers kept and replayed (never asked twice): far less memory for long sequences, some clear compute again in backward; same results."),
     ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="PEM of the CA that signed the workers' certificates (default: the system's trust store)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow plain http:// to a worker that is not on loopback."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File holding the worker's API key for you (default: $HETUNE_API_KEY)."),
@@ -201,7 +202,7 @@ def train(
         text_field=text_field, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm, eval_every=eval_every,
         save_every=save_every, lora=LoraSettings(r=lora_r, alpha=lora_alpha), seed=seed, save_key=save_key,
-        load_key=load_key, scheme=scheme, param_set=param_set, hint_cache=hint_cache, overlap=overlap, stop_after=stop_after, ca_cert=ca_cert, insecure=insecure,
+        load_key=load_key, scheme=scheme, param_set=param_set, hint_cache=hint_cache, overlap=overlap, checkpoint=checkpoint, stop_after=stop_after, ca_cert=ca_cert, insecure=insecure,
         api_key_file=api_key_file, save_total_limit=save_total_limit, overwrite=overwrite, report_to=tuple(report_to),
     )
     for warning in cfg.warnings():

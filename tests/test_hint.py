@@ -494,8 +494,8 @@ def test_a_truncated_or_broken_upload_is_refused_and_the_worker_keeps_serving(mi
 
 
 def test_train_cli_with_overlap_equals_quantized(run_cli, micro_bundle, loopback_worker, stdlib_jsonl, tmp_path):
-    """`hetune train --overlap`: the remote run's losses equal quantized's, with masks per request and with the hint;
-    the worker's seconds are counted; --overlap without encryption is refused."""
+    """`hetune train --overlap` (and `--checkpoint`): the remote run's losses equal quantized's, with masks per request
+    and with the hint; --overlap without encryption is refused."""
     import json
 
     data = stdlib_jsonl(4_000)
@@ -512,7 +512,8 @@ def test_train_cli_with_overlap_equals_quantized(run_cli, micro_bundle, loopback
     quantized = losses("q", "--backend", "quantized", "--bundle", micro_bundle)
     fresh = losses("fresh", "--backend", "remote", "--worker", worker.url, "--overlap")
     hinted = losses("hint", "--backend", "remote", "--worker", worker.url, "--overlap", "--hint-cache", tmp_path / "hints")
-    assert fresh == hinted == quantized and len(quantized) == 2
+    checkpointed = losses("ckpt", "--backend", "remote", "--worker", worker.url, "--checkpoint", "--hint-cache", tmp_path / "hints")
+    assert fresh == hinted == checkpointed == quantized and len(quantized) == 2
     code, _, err = run_cli("train", *common, "--out", tmp_path / "bad", "--backend", "quantized", "--bundle", micro_bundle, "--overlap")
     assert code == 2 and "--overlap" in err
 

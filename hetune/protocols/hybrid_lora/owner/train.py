@@ -76,6 +76,7 @@ class TrainConfig:
     param_set: str | None = None  # its allow-listed parameter set (privacy level); None: the bundle's
     hint_cache: Path | None = None  # batched RLWE with fixed masks: the worker's hints kept here; None: fresh masks per request
     overlap: bool = False  # batched RLWE: each product pipelined (encrypt, upload, the worker's GEMM, decrypt at once); same results
+    checkpoint: bool = False  # activation checkpointing of the decoder layers, the worker's answers replayed: less memory, same results
     ca_cert: Path | None = None  # remote: the CA that signed the workers' certificates; None: the system's store
     insecure: bool = False  # remote: allow plain http:// to a worker that is not on loopback
     api_key_file: Path | None = None  # remote: the admission key (else $HETUNE_API_KEY); the key itself is never in the config
@@ -398,7 +399,7 @@ def _private_model(cfg: TrainConfig):
         access = WorkerAccess.load(cfg.ca_cert, cfg.insecure, cfg.api_key_file)
     return build_private_model(
         cfg.model, cfg.backend, bundle=cfg.bundle, workers=cfg.workers, lora=cfg.lora, seed=cfg.seed,
-        keys=keys, scheme=cfg.scheme, param_set=cfg.param_set, access=access, hint_cache=cfg.hint_cache, overlap=cfg.overlap,
+        keys=keys, scheme=cfg.scheme, param_set=cfg.param_set, access=access, hint_cache=cfg.hint_cache, overlap=cfg.overlap, checkpoint=cfg.checkpoint,
     )
 
 
