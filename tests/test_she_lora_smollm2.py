@@ -85,6 +85,22 @@ def test_benchmark_run_she_lora_matches_flexlora_and_beats_local_only(tmp_path):
     assert runs["flexlora"]["test_loss"][-1] < runs["local-only"]["test_loss"][-1]
 
 
+def test_word_recall_with_smollm2s_tokenizer():
+    """Words split at spaces and punctuation; " Ac"+"me" and " 1"+"9"+"8"+"7" must all be recovered to count."""
+    from hetune.protocols.she_lora.attack import document_words, word_recall
+
+    tok = task.frozen_lm("smollm2-135m", 0)[1]
+    ids = tok("The company, Acme-Corp: founded in 1987.", add_special_tokens=False)["input_ids"]
+    words = dict(document_words(ids, tok.decode))
+    assert list(words) == ["The", "company", "Acme", "Corp", "founded", "in", "1987"]
+    assert all(len(words[w]) == 1 for w in ("The", "company", "founded", "in"))
+    assert len(words["Acme"]) == 2 and len(words["1987"]) == 4  # SmolLM2 writes digits one by one
+    assert word_recall([ids], tok.decode, set(ids)) == 1.0
+    missing = next(iter(words["Acme"]))
+    assert word_recall([ids], tok.decode, set(ids) - {missing}) == 6 / 7
+    assert word_recall([ids], tok.decode, set().union(*(words[w] for w in ("The", "in")))) == 2 / 7
+
+
 def test_dager_span_check_recovers_tokens_and_hiding_columns_stops_only_the_naive_attacker():
     """One document's FedSGD gradient of layer 0's LoRA A (rank 32 >= its 20 tokens: DAGER's regime)."""
     from hetune.protocols.she_lora.attack import token_recovery
@@ -100,4 +116,10 @@ def test_dager_span_check_recovers_tokens_and_hiding_columns_stops_only_the_naiv
     assert grad["she_clear_naive"] <= grad["full"] - 0.1
     # ... an adaptive one (drops those coordinates from the candidates too) loses none
     assert grad["she_clear_adaptive"] == grad["full"]
+    # the same read as the client's words: the last token here is the final ".", so every word is spelled
+    words = row["words"]["gradient"]
+    assert row["distinct_words"] >= 8
+    assert words["full"] >= (row["distinct_words"] - 1) / row["distinct_words"]
+    assert words["she_clear_naive"] <= words["full"] - 0.1
+    assert words["she_clear_adaptive"] == words["full"]
     assert len(out["hidden_columns"]) >= 4  # q_proj's and v_proj's top-4 columns, as the attacker is told
