@@ -199,6 +199,12 @@ def test_plan_file_errors_on_the_command_line(run_cli, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_unknown_allocation_on_the_command_line(run_cli, micro_plan, tmp_path):
+    code, _, err = run_cli("federate", "privtuner", "--plan", micro_plan, "--allocation", "fastest", "--out", tmp_path / "o")
+    assert code == 2 and "has no baseline 'fastest'" in err and "equal_bandwidth" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_workload_layers():
     assert len(workload_products("smollm2-135m", 1)) == 7  # qkv, o, gate_up, down forward; o, gate_up, down backward
     assert len(workload_products("smollm2-135m")) == 30 * 8 - 1
