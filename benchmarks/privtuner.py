@@ -15,8 +15,9 @@ privacy and no joint optimisation; and how long do the planner, its continuous s
 (measured on this 2-core machine when quiet; ``--measure-costs``: measured now), and
 ``hetune federate privtuner`` runs the plan's owners (SmolLM2-135M's first blocks, each its
 own documents, keys, parameter set, rate and CPU shares) at once through one worker:
-per owner measured time and energy against the prediction, the objective against the
-baselines'. Writes benchmarks/results/privtuner_owners.json.
+per owner measured time and energy against the prediction; then the same owners at the
+equal-bandwidth baseline's allocation (``--allocations``: which ones), so the objective
+is compared measured against measured. Writes benchmarks/results/privtuner_owners.json.
 
 Costs: the fit hetune ships for --scheme (rlwe, the default: default_costs.json in
 hetune/protocols/privtuner/; glwe: default_costs_glwe.json), or --costs.
@@ -124,8 +125,9 @@ def bnb_rows(costs, seed, omega=1e-3) -> list[dict]:
     return rows
 
 
-def real_owners(cell: Path, omega: float, out: Path, measure: bool) -> dict:
-    """Measure the costs here, plan the cell on them, run the plan's owners through one worker."""
+def real_owners(cell: Path, omega: float, out: Path, measure: bool, allocations: list[str]) -> dict:
+    """Measure the costs here, plan the cell on them, run the owners through one worker at each allocation
+    (the plan's, then baselines' from the same plan file): measured objective against measured objective."""
     from hetune.protocols.privtuner.costs import measure_and_save
     from hetune.protocols.privtuner.federate import FederateConfig, format_report, run_federate
     from hetune.protocols.privtuner.run import PlanConfig, run_plan
@@ -141,11 +143,27 @@ def real_owners(cell: Path, omega: float, out: Path, measure: bool) -> dict:
     plan = run_plan(PlanConfig(cell=cell, omega=omega, costs=costs, out=out / "plan", sweep=False))
     plan_s = time.perf_counter() - t0
     print(format_table(plan), flush=True)
-    report = run_federate(FederateConfig(plan=out / "plan" / "privtuner.json", out=out / "run"), echo=print)
-    print(format_report(report), flush=True)
+    runs = {}
+    for name in allocations:
+        runs[name] = run_federate(FederateConfig(plan=out / "plan" / "privtuner.json", out=out / f"run-{name}",
+                                                 allocation=name), echo=print)
+        print(format_report(runs[name]), flush=True)
+    print(f"\n{'allocation':<16} {'objective planned':>17} {'measured':>9} {'energy J planned':>16} {'measured':>9} "
+          f"{'slowest owner s':>15} {'deadline':>8} {'= solo':>6}")
+    compare = {}
+    for name, r in runs.items():
+        compare[name] = {"objective_planned": r["objective"]["planned"], "objective_measured": r["objective"]["measured"],
+                         "energy_planned_j": sum(o["predicted"]["energy_j"] for o in r["owners"]),
+                         "energy_measured_j": r["objective"]["measured_energy_j"], "security_bits": r["objective"]["security_bits"],
+                         "slowest_owner_s": max(o["measured"]["wall_s"] for o in r["owners"]),
+                         "slowest_owner_modelled_s": max(o["measured"]["modelled_s"] for o in r["owners"]),
+                         "all_equal_to_solo": r["all_equal_to_solo"], "load_avg_1m": r["load_avg_1m"]}
+        c = compare[name]
+        print(f"{name:<16} {c['objective_planned']:>17.4g} {c['objective_measured']:>9.4g} {c['energy_planned_j']:>16.4g} "
+              f"{c['energy_measured_j']:>9.4g} {c['slowest_owner_s']:>15.1f} {r['deadline_s']:>8g} {str(c['all_equal_to_solo']):>6}")
     return {"environment": environment(), "cell": str(cell), "omega": omega, "costs_measured_here": measure,
             "measure_s": measure_s, "plan_s": plan_s, "plan": {k: plan[k] for k in ("plan", "baselines", "violation", "sets")},
-            "run": report}
+            "run": runs["plan"] if "plan" in runs else None, "runs": runs, "compare": compare}
 
 
 def main() -> None:
@@ -153,6 +171,8 @@ def main() -> None:
     ap.add_argument("--real-owners", action="store_true", help="plan a SmolLM2 cell and run its owners through one worker")
     ap.add_argument("--cell", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "examples" / "cell_smollm2.toml")
     ap.add_argument("--omega", type=float, default=0.003, help="--real-owners: privacy weight (J per bit)")
+    ap.add_argument("--allocations", default="plan,equal_bandwidth",
+                    help="--real-owners: the allocations to run, in order: plan and/or baselines of the plan file")
     ap.add_argument("--measure-costs", action="store_true", help="--real-owners: measure the rlwe costs here first (a loaded machine spoils the fit)")
     ap.add_argument("--sizes", default="5,10,20,50")
     ap.add_argument("--omegas", default="1e-4,1e-3,1e-2")
@@ -163,7 +183,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.real_owners:
         t0 = time.perf_counter()
-        data = real_owners(args.cell, args.omega, Path("runs/privtuner-owners"), args.measure_costs)
+        data = real_owners(args.cell, args.omega, Path("runs/privtuner-owners"), args.measure_costs, args.allocations.split(","))
         data["wall_s"] = time.perf_counter() - t0
         out = args.out.with_name("privtuner_owners.json")
         write_json(out, data)

@@ -19,13 +19,15 @@ seed, same clients (micro-llama, digits, Dirichlet alpha 0.3).
 company's facts, each topic held by one client; held-out phrasings): the federated
 methods plus the centralized and local-only references, per round held-out exact match
 and eval loss; the cost of one client's upload on SmolLM2's LoRA shapes; and DAGER's
-first-layer span check against one client (``attack.token_recovery``). Torch runs one
+first-layer span check against one client (``attack.token_recovery``): recall of the
+client's tokens and of its words. Torch runs one
 thread per process (Ray gives each client one CPU; on 2 shared cores more threads only
 thrash). Writes ``results/she_lora_smollm2.json`` and ``docs/img/she_lora_smollm2.png``.
 
     .venv/bin/python benchmarks/she_lora.py            # both parts (toy)
     .venv/bin/python benchmarks/she_lora.py --cost-only
     .venv/bin/python benchmarks/she_lora.py --smollm2  # the real model
+    .venv/bin/python benchmarks/she_lora.py --smollm2 --part attack  # only the attack (token and word recall)
 """
 
 from __future__ import annotations
@@ -176,9 +178,6 @@ def smollm2(methods: list[str]) -> dict:
 
     import torch
 
-    from hetune.protocols.she_lora.attack import token_recovery
-    from hetune.protocols.she_lora.config import SheLoraConfig
-
     torch.set_num_threads(1)
     result = {"environment": environment(), "run": SMOLLM2_RUN, "phases_s": {}}
     t0 = time.perf_counter()
@@ -192,14 +191,34 @@ def smollm2(methods: list[str]) -> dict:
     result["phases_s"]["accuracy"] = time.perf_counter() - t0
     plot_smollm2(result["accuracy"], PLOT_SMOLLM2)
     write_json(OUT_SMOLLM2, result)  # kept if the attack phase fails
-    t0 = time.perf_counter()
-    cfg = SheLoraConfig(out=Path("unused"), ranks=(8,), budgets=(4,), **{**SMOLLM2_RUN, "rounds": 1})
-    result["attack"] = {"rank_8": token_recovery(cfg, 0, (1, 2, 4))}
-    result["attack"]["rank_32"] = token_recovery(SheLoraConfig(out=Path("unused"), ranks=(32,), budgets=(4,),
-                                                               **{**SMOLLM2_RUN, "rounds": 1}), 0, (1, 2, 4))
-    result["phases_s"]["attack"] = time.perf_counter() - t0
+    attack_smollm2(result)
     result["max_rss_mb"] = {"benchmark_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "waited_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return result
+
+
+def attack_smollm2(result: dict) -> dict:
+    """DAGER's span check against client 0 at LoRA ranks 8 and 32 (1, 2, 4 documents): token and word recall."""
+    import os
+    import resource
+
+    from hetune.protocols.she_lora.attack import token_recovery
+    from hetune.protocols.she_lora.config import SheLoraConfig
+
+    t0 = time.perf_counter()
+    result["attack"] = {}
+    for rank in (8, 32):
+        cfg = SheLoraConfig(out=Path("unused"), ranks=(rank,), budgets=(4,), **{**SMOLLM2_RUN, "rounds": 1})
+        result["attack"][f"rank_{rank}"] = out = token_recovery(cfg, 0, (1, 2, 4))
+        for row in out["batches"]:
+            print(f"rank {rank}, {row['documents']} docs ({row['distinct_tokens']} tokens, {row['distinct_words']} words): "
+                  + "; ".join(f"{what} full/naive/adaptive tokens "
+                              + "/".join(f"{row[what][v]:.2f}" for v in ("full", "she_clear_naive", "she_clear_adaptive"))
+                              + " words " + "/".join(f"{row['words'][what][v]:.2f}" for v in ("full", "she_clear_naive", "she_clear_adaptive"))
+                              for what in ("gradient", "update")), flush=True)
+    result.setdefault("phases_s", {})["attack"] = time.perf_counter() - t0
+    result["attack"]["load_avg_1m"] = os.getloadavg()[0]
+    result["attack"]["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
@@ -233,7 +252,19 @@ def main() -> None:
     parser.add_argument("--smollm2", action="store_true", help="the real model (SmolLM2-135M, knowledge task)")
     parser.add_argument("--methods", default="flexlora,she-lora,centralized,local-only",
                         help="--smollm2: which methods to run")
+    parser.add_argument("--part", choices=("all", "attack"), default="all",
+                        help="--smollm2: attack = only the token-recovery attack, written into the existing JSON")
     args = parser.parse_args()
+    if args.smollm2 and args.part == "attack":
+        import json
+
+        import torch
+
+        torch.set_num_threads(1)
+        result = json.loads(OUT_SMOLLM2.read_text()) if OUT_SMOLLM2.exists() else {"environment": environment()}
+        write_json(OUT_SMOLLM2, attack_smollm2(result))
+        print(f"wrote the attack into {OUT_SMOLLM2}")
+        return
     if args.smollm2:
         started = time.perf_counter()
         result = smollm2(args.methods.split(","))

@@ -443,13 +443,14 @@ def federate_privtuner(
     max_docs: int = typer.Option(0, "--max-docs", help="At most this many documents per owner (0: all)."),
     seed: int = typer.Option(0, "--seed", help="Owner n's LoRA init and batch order use seed + n."),
     solo: bool = typer.Option(True, "--solo/--no-solo", help="Also run each owner alone on the quantized backend and require equal adapters."),
+    allocation: str = typer.Option("plan", "--allocation", help="Run the plan's allocation, or a baseline's from the same file (equal_bandwidth, max_power, ...)."),
 ) -> None:
     """PrivTuner's owners fine-tune privately through one worker at once, each with the plan's parameter set,
     bandwidth and CPU shares; measured time and energy against the plan."""
     from hetune.protocols.privtuner.federate import FederateConfig, format_report, run_federate
 
     cfg = FederateConfig(plan=plan, out=out, task=task, lr=lr, lora_r=lora_r, clip_norm=clip_norm, max_docs=max_docs,
-                         seed=seed, solo=solo)
+                         seed=seed, solo=solo, allocation=allocation)
     report = run_federate(cfg, echo=typer.echo)
     typer.echo(format_report(report))
     typer.echo(f"wrote {out / 'federate.json'}")

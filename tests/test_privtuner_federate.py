@@ -76,8 +76,8 @@ def micro_plan(tmp_path_factory):
     return make_plan(tmp_path_factory.mktemp("micro"), cell_text("micro-llama", 0, 5.0), 0.003)
 
 
-def check_run(report: dict, plan_path: Path) -> None:
-    lp = load_plan(plan_path)
+def check_run(report: dict, plan_path: Path, allocation: str = "plan") -> None:
+    lp = load_plan(plan_path, allocation)
     cell, scheme = lp.cell, get_scheme(lp.costs.scheme)
     products = workload_products(cell.model, cell.layers)
     assert report["all_equal_to_solo"] is True
@@ -106,6 +106,31 @@ def test_four_owners_at_their_planned_sets_and_shares(micro_plan, tmp_path):
     report = run_federate(FederateConfig(plan=micro_plan, out=tmp_path / "run"), echo=lambda _: None)
     check_run(report, micro_plan)
     assert json.loads((tmp_path / "run" / "federate.json").read_text())["owners"][0]["owner"] == 1
+
+
+@pytest.mark.he
+def test_the_same_owners_at_the_equal_bandwidth_baseline(micro_plan, tmp_path):
+    """The baseline's allocation from the same plan file, run and measured like the plan's: each owner at a quarter of
+    the cell's bandwidth, its own adapter still its solo run's (the allocation changes time and energy, not the result)."""
+    lp = load_plan(micro_plan, "equal_bandwidth")
+    assert lp.allocation == "equal_bandwidth" and [o.bandwidth_mhz for o in lp.owners] == pytest.approx([5.0] * 4)
+    assert lp.objective == json.loads(micro_plan.read_text())["baselines"]["equal_bandwidth"]["objective"]
+    report = run_federate(FederateConfig(plan=micro_plan, out=tmp_path / "run", allocation="equal_bandwidth"), echo=lambda _: None)
+    check_run(report, micro_plan, "equal_bandwidth")
+    assert report["allocation"] == "equal_bandwidth"
+    assert report["objective"]["planned"] == pytest.approx(lp.objective, rel=1e-9)
+    assert [r["bandwidth_mhz"] for r in report["owners"]] == pytest.approx([5.0] * 4)
+    obj = report["objective"]
+    assert obj["measured"] == pytest.approx(obj["measured_energy_j"] - lp.omega * obj["security_bits"])
+
+
+def test_an_unknown_or_infeasible_baseline_is_refused(micro_plan, tmp_path):
+    with pytest.raises(ConfigError, match="has no baseline 'fastest'.*"):
+        run_federate(FederateConfig(plan=micro_plan, out=tmp_path / "run", allocation="fastest"))
+    bad = _mutated(micro_plan, tmp_path, lambda d: d["baselines"].update(max_power=None))
+    with pytest.raises(ConfigError, match="baseline 'max_power' is infeasible"):
+        run_federate(FederateConfig(plan=bad, out=tmp_path / "run", allocation="max_power"))
+    assert not (tmp_path / "run").exists()
 
 
 def fast_cell(text: str, deadline: float) -> str:
@@ -171,6 +196,12 @@ def test_plan_file_errors_on_the_command_line(run_cli, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     code, _, err = run_cli("federate", "privtuner", "--plan", tmp_path / "bad.json", "--out", tmp_path / "o")
     assert code == 2 and "not valid JSON" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_allocation_on_the_command_line(run_cli, micro_plan, tmp_path):
+    code, _, err = run_cli("federate", "privtuner", "--plan", micro_plan, "--allocation", "fastest", "--out", tmp_path / "o")
+    assert code == 2 and "has no baseline 'fastest'" in err and "equal_bandwidth" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -223,10 +223,27 @@ def test_cli_runs_fl_lora_on_the_text_task(run_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_sfprompt_lowers_the_whole_smollm2_eval_loss_on_knowledge():
-    # The benchmark's setting (benchmarks/sfprompt.py --part smollm2), 3-5 minutes on 2 loaded cores:
-    # the whole 30-block model, 2 clients, 2 rounds. Seen once: 5.14 -> 3.66 -> 3.41.
-    summary = run(SfpromptConfig(model="smollm2-135m", task="knowledge", clients=2, rounds=2, batch_size=8, seed=0))
-    losses = [r["loss"] for r in summary["rounds"]]
-    assert losses[2] < losses[1] < losses[0] - 1.0, losses
-    assert [r["clients_ok"] for r in summary["rounds"][1:]] == [2, 2]
+def test_benchmark_run_sfprompt_learns_with_less_traffic_and_compute_than_federated_lora_and_fl():
+    """The benchmark's setting (benchmarks/sfprompt.py --part smollm2) for sfprompt and fl-lora, the whole 30-block
+    model, 2 clients, 2 rounds: 3 min 52 s on 2 cores at load 5-8. fl-full (15 GB) is not run: its traffic is
+    bounded from below by every weight each way, float32. Seen: sfprompt 5.14 -> 3.66 -> 3.41, fl-lora 5.24 -> 3.13 -> 2.05.
+
+    The paper's accuracy claim ("competitive" with FL) is not asserted: on this task and budget SFPrompt's eval
+    loss stays 1.2-1.4 nats above LoRA's (docs/benchmarks.md)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from sfprompt import SMOLLM2
+
+    got = {m: run(SfpromptConfig(method=m, **SMOLLM2)) for m in ("sfprompt", "fl-lora")}
+    for m, summary in got.items():
+        losses = [r["loss"] for r in summary["rounds"]]
+        assert losses[2] < losses[1] < losses[0] - 1.0, (m, losses)  # every method learns the facts' lines
+        assert [r["clients_ok"] for r in summary["rounds"][1:]] == [2, 2], m
+    sf, lora = got["sfprompt"], got["fl-lora"]
+    fl_bytes_at_least = 2 * SMOLLM2["clients"] * SMOLLM2["rounds"] * 4 * sf["params"]["total"]
+    # the paper: 53% less traffic than FL (ours: 97% less, short lines make activations cheap)
+    assert sum(sf["bytes_total"].values()) < 0.47 * fl_bytes_at_least
+    # the client computes less than with federated LoRA (and so than FL, which also trains every weight)
+    assert sf["client_flops_per_round_mean"] < lora["client_flops_per_round_mean"]

@@ -418,6 +418,25 @@ def test_span_inversion_recovers_plaintext_inputs_and_fails_on_encrypted_columns
     assert min(cos_visible) > 0.999
 
 
+def test_word_recall_counts_a_word_when_every_token_of_one_occurrence_is_recovered():
+    """A made-up vocabulary, so the answer is known exactly."""
+    vocab = {0: "The", 1: " comp", 2: "any", 3: " is", 4: " Acme", 5: ".", 6: " company", 7: "'s", 8: " "}
+    decode = lambda ids: "".join(vocab[i] for i in ids)  # noqa: E731
+    doc_a, doc_b = [0, 1, 2, 3, 4, 5], [0, 6, 7, 8, 3]  # "The company is Acme." / "The company's  is"
+    assert attack.document_words(doc_a, decode) == [("The", {0}), ("company", {1, 2}), ("is", {3}), ("Acme", {4})]
+    assert [w for w, _ in attack.document_words(doc_b, decode)] == ["The", "company", "s", "is"]
+    assert attack.word_recall([doc_a], decode, {0, 1, 3}) == 2 / 4  # "company" lacks "any": not recovered
+    assert attack.word_recall([doc_a], decode, {0, 1, 2, 3, 4}) == 1.0  # "." is no word
+    # "company" is spelled by its second occurrence (one token) in doc_b; distinct words: The company is Acme s
+    assert attack.word_recall([doc_a, doc_b], decode, {6}) == 1 / 5
+    assert attack.word_recall([doc_a, doc_b], decode, set()) == 0.0
+    # the attacker's guess: the K nearest candidates, ties by id
+    assert attack.nearest_tokens(np.array([0.5, 0.1, 0.1, 0.0]), 2) == {3, 1}
+    assert attack.token_recall(np.array([0.5, 0.1, 0.1, 0.0]), [0, 3]) == 0.5
+    with pytest.raises(ValueError, match="no word"):
+        attack.word_recall([[5]], decode, {5})
+
+
 def test_flower_run_config_keeps_the_config_defaults_and_names_bad_values():
     from hetune.protocols.she_lora.apps import config_from_run_config
 

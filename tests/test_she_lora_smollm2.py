@@ -69,7 +69,7 @@ def test_she_lora_aggregate_equals_flexlora_on_smollm2_adapters(keys):
 @pytest.mark.slow
 @pytest.mark.he
 def test_benchmark_run_she_lora_matches_flexlora_and_beats_local_only(tmp_path):
-    """The benchmark's real run (benchmarks/she_lora.py --smollm2) for three methods: about 20 min on 2 loaded cores."""
+    """The benchmark's real run (benchmarks/she_lora.py --smollm2) for three methods: 12 min 22 s on 2 cores at load 3.5-6."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -83,6 +83,22 @@ def test_benchmark_run_she_lora_matches_flexlora_and_beats_local_only(tmp_path):
     assert abs(runs["she-lora"]["test_loss"][-1] - runs["flexlora"]["test_loss"][-1]) <= 1e-3
     # federated above local-only: each client alone never sees the other's topics
     assert runs["flexlora"]["test_loss"][-1] < runs["local-only"]["test_loss"][-1]
+
+
+def test_word_recall_with_smollm2s_tokenizer():
+    """Words split at spaces and punctuation; " Ac"+"me" and " 1"+"9"+"8"+"7" must all be recovered to count."""
+    from hetune.protocols.she_lora.attack import document_words, word_recall
+
+    tok = task.frozen_lm("smollm2-135m", 0)[1]
+    ids = tok("The company, Acme-Corp: founded in 1987.", add_special_tokens=False)["input_ids"]
+    words = dict(document_words(ids, tok.decode))
+    assert list(words) == ["The", "company", "Acme", "Corp", "founded", "in", "1987"]
+    assert all(len(words[w]) == 1 for w in ("The", "company", "founded", "in"))
+    assert len(words["Acme"]) == 2 and len(words["1987"]) == 4  # SmolLM2 writes digits one by one
+    assert word_recall([ids], tok.decode, set(ids)) == 1.0
+    missing = next(iter(words["Acme"]))
+    assert word_recall([ids], tok.decode, set(ids) - {missing}) == 6 / 7
+    assert word_recall([ids], tok.decode, set().union(*(words[w] for w in ("The", "in")))) == 2 / 7
 
 
 def test_dager_span_check_recovers_tokens_and_hiding_columns_stops_only_the_naive_attacker():
@@ -100,4 +116,10 @@ def test_dager_span_check_recovers_tokens_and_hiding_columns_stops_only_the_naiv
     assert grad["she_clear_naive"] <= grad["full"] - 0.1
     # ... an adaptive one (drops those coordinates from the candidates too) loses none
     assert grad["she_clear_adaptive"] == grad["full"]
+    # the same read as the client's words: the last token here is the final ".", so every word is spelled
+    words = row["words"]["gradient"]
+    assert row["distinct_words"] >= 8
+    assert words["full"] >= (row["distinct_words"] - 1) / row["distinct_words"]
+    assert words["she_clear_naive"] <= words["full"] - 0.1
+    assert words["she_clear_adaptive"] == words["full"]
     assert len(out["hidden_columns"]) >= 4  # q_proj's and v_proj's top-4 columns, as the attacker is told

@@ -31,7 +31,9 @@ kappa_s G f_s^2`` with C and G the measured busy seconds times M, against the pl
 prediction for the same allocation (fit error); the measured objective against the
 baselines' planned objectives. With ``solo``, every owner's adapter is compared with its
 solo ``quantized`` run (same loop, same data, same seed): batched RLWE is exact, so they
-must be equal bit for bit.
+must be equal bit for bit. With ``allocation`` set to a baseline's name, the same owners
+run that baseline's allocation from the same plan file, so the objectives can be compared
+measured against measured.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class FederateConfig:
     max_docs: int = 0  # > 0: at most this many documents per owner
     seed: int = 0  # owner n's LoRA init and batch order use seed + n
     solo: bool = True  # also run each owner alone on the quantized backend; adapters must be equal bit for bit
+    allocation: str = "plan"  # which allocation of the plan file to run: "plan", or a baseline's name (equal_bandwidth, ...)
 
     def __post_init__(self) -> None:
         from hetune.data.federated import TASKS
@@ -89,16 +92,21 @@ class LoadedPlan:
     costs: object  # hetune.protocols.privtuner.costs.CostModel
     omega: float
     owners: tuple[OwnerPlan, ...]
-    objective: float
+    objective: float  # the planned objective of the allocation in ``owners``
     baselines: dict  # name -> planned summary, or None where infeasible
+    allocation: str = "plan"  # whose allocation ``owners`` is: the plan's, or a baseline's
 
 
 def _bad(path: Path, problem: str, hint: str = _REPLAN) -> ConfigError:
     return ConfigError(f"plan {path}: {problem}", hint)
 
 
-def load_plan(path: Path) -> LoadedPlan:
-    """Read and check a ``hetune plan privtuner`` output; every problem is a ConfigError naming it."""
+def load_plan(path: Path, allocation: str = "plan") -> LoadedPlan:
+    """Read and check a ``hetune plan privtuner`` output; every problem is a ConfigError naming it.
+
+    ``allocation``: run the plan's owners ("plan") or those of one of the baselines the
+    planner wrote next to it (same cell, same cost fit), to measure the objective each reaches.
+    """
     from hetune.protocols.privtuner.cell import parse_cell
     from hetune.protocols.privtuner.costs import CostModel
 
@@ -114,6 +122,15 @@ def load_plan(path: Path) -> LoadedPlan:
     plan = data.get("plan") if isinstance(data, dict) else None
     if not isinstance(plan, dict) or not isinstance(plan.get("owners"), list):
         raise _bad(path, "not a `hetune plan privtuner` output (no plan.owners)")
+    baselines = data.get("baselines") if isinstance(data.get("baselines"), dict) else {}
+    if allocation != "plan":
+        if allocation not in baselines:
+            raise ConfigError(f"plan {path} has no baseline {allocation!r}",
+                              f"use plan or one of {', '.join(baselines) or '(none written)'}")
+        plan = baselines[allocation]
+        if not isinstance(plan, dict) or not isinstance(plan.get("owners"), list):
+            raise ConfigError(f"plan {path}: baseline {allocation!r} is infeasible on this cell (no owners)",
+                              f"use plan or another of {', '.join(k for k, v in baselines.items() if v)}")
     inputs = data.get("inputs")
     if not isinstance(inputs, dict) or not isinstance(inputs.get("cell"), str) or not isinstance(inputs.get("costs"), dict):
         raise _bad(path, "holds no cell and cost fit (written by an older hetune?)")
@@ -137,7 +154,7 @@ def load_plan(path: Path) -> LoadedPlan:
         owners.append(OwnerPlan(o["param_set"], *map(float, values)))
     if len(owners) != len(cell.owners):
         raise _bad(path, f"plans {len(owners)} owners but its cell has {len(cell.owners)}")
-    return LoadedPlan(cell, costs, float(omega), tuple(owners), float(plan.get("objective", math.nan)), dict(data.get("baselines") or {}))
+    return LoadedPlan(cell, costs, float(omega), tuple(owners), float(plan.get("objective", math.nan)), dict(baselines), allocation)
 
 
 def check_runnable(lp: LoadedPlan) -> None:
@@ -385,7 +402,7 @@ def run_federate(cfg: FederateConfig, echo=print) -> dict:
     from hetune.protocols.hybrid_lora.worker.server import LoopbackWorker, ServeConfig
     from hetune.protocols.privtuner.system import objective, owner_energy, owner_times, rate
 
-    lp = load_plan(cfg.plan)
+    lp = load_plan(cfg.plan, cfg.allocation)
     check_runnable(lp)
     cell, n_owners = lp.cell, len(lp.owners)
     data = make_federated_text(cfg.task, n_owners, cfg.seed, cfg.max_docs)  # bad task/owner count fails before any model
@@ -475,8 +492,9 @@ def run_federate(cfg: FederateConfig, echo=print) -> dict:
     report = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "workload": {"model": cell.model, "layers": cell.layers, "seq_len": cell.seq_len, "batch": cell.batch, "scheme": lp.costs.scheme},
-        "machine_ghz": machine.ghz, "deadline_s": cell.deadline_s, "omega": lp.omega, "owners": rows,
+        "allocation": lp.allocation, "machine_ghz": machine.ghz, "deadline_s": cell.deadline_s, "omega": lp.omega, "owners": rows,
         "objective": {"planned": planned, "plan_file": lp.objective, "measured": measured_obj,
+                      "measured_energy_j": float(sum(measured_energy)), "security_bits": float(inst.phi[choice].sum()),
                       "baselines_planned": {k: (v or {}).get("objective") for k, v in lp.baselines.items()}},
         "all_equal_to_solo": all(r["equal_to_solo"] for r in rows) if cfg.solo else None,
         "compile_s": compile_s, "wall_s": time.perf_counter() - t_start,
@@ -500,7 +518,8 @@ def format_report(report: dict) -> str:
     """Per owner: planned vs measured time and energy; then the objective against the baselines."""
     w = report["workload"]
     lines = [f"{w['model']}" + (f" (first {w['layers']} blocks)" if w["layers"] else "") +
-             f", seq_len {w['seq_len']}, batch {w['batch']}, {w['scheme']}; deadline {report['deadline_s']:g} s", "",
+             f", seq_len {w['seq_len']}, batch {w['batch']}, {w['scheme']}; deadline {report['deadline_s']:g} s; "
+             f"allocation: {report['allocation']}", "",
              f"{'owner':>5} {'set':>5} {'steps':>5} {'time pred':>9} {'measured':>9} {'fit':>7} {'wait':>7} "
              f"{'energy pred':>11} {'measured':>10} {'fit':>7} {'= solo':>6}"]
     for o in report["owners"]:

@@ -8,7 +8,8 @@ the selected columns encrypted only sees the other coordinates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -61,11 +62,48 @@ def span_distances(rows: np.ndarray, candidates: np.ndarray, hidden: Sequence[in
     return 1.0 - ((cand @ basis.T) ** 2).sum(1) / np.maximum(norm2, 1e-300)
 
 
+def nearest_tokens(distances: np.ndarray, k: int) -> set[int]:
+    """The attacker's guess: the ``k`` candidate ids nearest to the span (ties by id)."""
+    order = np.lexsort((np.arange(len(distances)), distances))
+    return set(int(t) for t in order[:k])
+
+
 def token_recall(distances: np.ndarray, true_ids: Sequence[int]) -> float:
     """Share of the client's distinct tokens among the |tokens| candidates nearest to the span (recall at K = |tokens|)."""
     truth = set(int(t) for t in true_ids)
-    order = np.lexsort((np.arange(len(distances)), distances))  # nearest first, ties by id
-    return len(truth & set(int(t) for t in order[: len(truth)])) / len(truth)
+    return len(truth & nearest_tokens(distances, len(truth))) / len(truth)
+
+
+def document_words(ids: Sequence[int], decode: Callable[[list[int]], str]) -> list[tuple[str, frozenset[int]]]:
+    """The words of one tokenized document, each with the ids of the tokens that spell it.
+
+    A word is a maximal run of letters, digits or underscores (``\\w+``) of the decoded
+    text, so whitespace and punctuation split words. A token spells a word when its
+    characters (found by decoding ever longer prefixes) overlap the word's: " company,"
+    as one token spells "company"; "comp"+"any" both spell it.
+    """
+    ids = [int(t) for t in ids]
+    ends = [len(decode(ids[: j + 1])) for j in range(len(ids))]
+    starts = [0] + ends[:-1]
+    return [(m.group(), frozenset(ids[j] for j in range(len(ids)) if starts[j] < m.end() and ends[j] > m.start()))
+            for m in re.finditer(r"\w+", decode(ids))]
+
+
+def word_recall(docs: Sequence[Sequence[int]], decode: Callable[[list[int]], str], recovered: set[int]) -> float:
+    """Share of the client's distinct words that the recovered tokens spell.
+
+    A word counts as recovered when every token of at least one of its occurrences is
+    among the attacker's recovered tokens: from a bag of tokens the attacker can then
+    write the word, and cannot otherwise (a partial word is not counted). Words are
+    distinct strings, as the tokens in :func:`token_recall` are distinct ids.
+    """
+    spelled: dict[str, bool] = {}
+    for doc in docs:
+        for word, toks in document_words(doc, decode):
+            spelled[word] = spelled.get(word, False) or toks <= recovered
+    if not spelled:
+        raise ValueError("the documents hold no word")
+    return sum(spelled.values()) / len(spelled)
 
 
 def token_recovery(cfg, client: int = 0, batches: Sequence[int] = (1, 2, 4)) -> dict:
@@ -76,9 +114,10 @@ def token_recovery(cfg, client: int = 0, batches: Sequence[int] = (1, 2, 4)) -> 
     upload: the FedSGD gradient of A (DAGER's setting) and, separately, the change of A
     over one local round of AdamW (what this protocol uploads). The attacker scores every
     vocabulary token by its distance to the span of layer 0's q_proj and v_proj rows and
-    takes as many nearest tokens as the batch has distinct ones: recall against the full
-    clear update, and against SHE-LoRA's clear part (the client's top-k_i sensitivity
-    columns hidden) for a naive and an adaptive attacker.
+    takes as many nearest tokens as the batch has distinct ones: recall of the client's
+    distinct tokens (``gradient``, ``update``) and of its words (``words``, see
+    :func:`word_recall`) against the full clear update, and against SHE-LoRA's clear part
+    (the client's top-k_i sensitivity columns hidden) for a naive and an adaptive attacker.
     """
     from hetune.protocols.she_lora import task
     from hetune.protocols.she_lora.client import client_seed
@@ -97,25 +136,30 @@ def token_recovery(cfg, client: int = 0, batches: Sequence[int] = (1, 2, 4)) -> 
     # q_proj and v_proj read the same input: the attacker stacks their rows; hidden = the union
     hidden_cols = sorted(set().union(*hidden.values()))
     cand = layer0_inputs(model)
+    tok = task.frozen_lm(cfg.model, cfg.seed)[1]
     start = {n: (loras[n].B.detach().clone(), loras[n].A.detach().clone()) for n in loras}
     out = {"client": client, "rank": cfg.rank_of(client), "budget": k, "hidden_columns": hidden_cols,
            "vocabulary": len(cand), "batches": []}
     for size in batches:
         x, y = data.x[:size], data.y[:size]
         true_ids = sorted(set(int(t) for t in x[y != -100]))
+        docs = [row[lab != -100] for row, lab in zip(x, y)]  # the text the client trained on (cut at seq_len)
         grads = lora_a_gradients(model, loras, x, y, names)
         task.set_adapters(loras, {n: (b.numpy(), a.numpy()) for n, (b, a) in start.items()})
         batch = task.LocalData(x, y, data.test_x, data.test_y)
         task.train_local(cfg, model, batch, client_seed(cfg, client, 2), steps=cfg.local_steps)
         deltas = {n: loras[n].A.detach().double().numpy() - start[n][1].double().numpy() for n in names}
         task.set_adapters(loras, {n: (b.numpy(), a.numpy()) for n, (b, a) in start.items()})
-        row = {"documents": size, "tokens": int((y != -100).sum()), "distinct_tokens": len(true_ids)}
+        words = {w for d in docs for w, _ in document_words(d, tok.decode)}
+        row = {"documents": size, "tokens": int((y != -100).sum()), "distinct_tokens": len(true_ids),
+               "distinct_words": len(words), "words": {}}
         for what, upd in (("gradient", grads), ("update", deltas)):
             rows = np.vstack([upd[n] for n in names])
-            row[what] = {
-                "full": token_recall(span_distances(rows, cand), true_ids),
-                "she_clear_naive": token_recall(span_distances(rows, cand, hidden_cols, adaptive=False), true_ids),
-                "she_clear_adaptive": token_recall(span_distances(rows, cand, hidden_cols, adaptive=True), true_ids),
-            }
+            row[what], row["words"][what] = {}, {}
+            for view, dist in (("full", span_distances(rows, cand)),
+                               ("she_clear_naive", span_distances(rows, cand, hidden_cols, adaptive=False)),
+                               ("she_clear_adaptive", span_distances(rows, cand, hidden_cols, adaptive=True))):
+                row[what][view] = token_recall(dist, true_ids)
+                row["words"][what][view] = word_recall(docs, tok.decode, nearest_tokens(dist, len(true_ids)))
         out["batches"].append(row)
     return out
