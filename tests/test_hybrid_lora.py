@@ -12,7 +12,7 @@ from hetune.crypto.glwe import RESULT_NOISE_BOUND
 from hetune.crypto.keys import generate_keys
 from hetune.crypto.rlwe_keys import RlweKeys
 from hetune.protocols.hybrid_lora.owner import backends
-from hetune.protocols.hybrid_lora.owner.client import build_private_model
+from hetune.protocols.hybrid_lora.owner.client import LoraSettings, build_private_model, wrap_lora
 from hetune.protocols.hybrid_lora.owner.remote import WorkerClient
 
 IDS = torch.tensor([[72, 101, 108]])  # "Hel": 3 tokens, 2 loss positions
@@ -240,3 +240,29 @@ def test_checkpointed_encrypted_step_equals_quantized(reference, micro_bundle):
     pm = build_private_model("micro-llama", "encrypted", bundle=micro_bundle, checkpoint=True)
     assert_equal_grads(lora_grads(pm), quantized)
     assert pm.backend.stats.round_trips == 2 * len(pm.ops) - 1  # the lowest op's input needs no gradient
+
+
+def test_chunked_lm_loss_agrees_with_transformers_and_never_saves_whole_logits():
+    """The checkpointed loss equals transformers' to float rounding (value and gradients, ignored labels too), and
+    backward keeps no tensor of T x vocab: the logits only ever exist a chunk at a time."""
+    from hetune.models.loading import load_model
+    from hetune.protocols.hybrid_lora.owner.client import LOSS_CHUNK, chunked_lm_loss
+
+    model = wrap_lora(load_model("micro-llama").model, LoraSettings(), seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :40] = -100  # a prompt left out of the loss
+    reference = model(input_ids=ids, labels=labels).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    big = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: big.append(t.numel()) or t, lambda t: t):
+        loss = chunked_lm_loss(model, ids, labels)
+    loss.backward()
+    assert ids.numel() > LOSS_CHUNK
+    assert torch.allclose(loss, reference, rtol=1e-6, atol=0) and loss.item() != 0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, expected[n], rtol=1e-4, atol=1e-7), n
+    assert max(big) < ids.numel() * model.config.vocab_size

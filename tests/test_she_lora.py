@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hetune.errors import ConfigError
-from hetune.protocols.she_lora import client, wire
+from hetune.protocols.she_lora import attack, client, wire
 from hetune.protocols.she_lora.columns import negotiate, sensitivity, swap_permutation, top_columns
 from hetune.protocols.she_lora.config import CkksParams, SheLoraConfig
 from hetune.protocols.she_lora.reparam import factorize

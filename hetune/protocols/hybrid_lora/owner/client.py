@@ -47,8 +47,47 @@ class PrivateModel:
     manifest: Manifest | None = None  # the bundle's (the worker's); None on plain
     replay: Replay | None = None  # activation checkpointing (``checkpoint=True``)
 
+    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``input_ids``: transformers' own, or with ``checkpoint=True``
+        :func:`chunked_lm_loss` (the same value up to float rounding, without the logits whole)."""
+        if self.replay is None:
+            return self.model(input_ids=input_ids, labels=input_ids).loss
+        return chunked_lm_loss(self.model, input_ids, input_ids)
+
     def close(self) -> None:
         self.backend.close()
+
+
+LOSS_CHUNK = 256  # positions per chunk of chunked_lm_loss: 256 x vocab float32 logits at a time
+
+
+def chunked_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss (labels shifted left, -100 ignored, mean) with the logits never whole.
+
+    At 2,048 tokens and a 128,256-word vocabulary the logits, their log-softmax and their
+    gradients are 1 GB each. Here the last hidden states go through the data owner's LM head
+    :data:`LOSS_CHUNK` positions at a time, each chunk checkpointed (its logits recomputed in
+    backward): a few hundred MB at most. Sums in another order than transformers' mean, so
+    the value agrees to float rounding, not bit for bit.
+    """
+    from torch.nn.functional import cross_entropy, pad
+    from torch.utils.checkpoint import checkpoint
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(input_ids=input_ids).last_hidden_state
+    head, cap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    target = pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+
+    def chunk(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        logits = head(hc).float()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return cross_entropy(logits, tc, ignore_index=-100, reduction="sum")
+
+    total = sum(checkpoint(chunk, h[i : i + LOSS_CHUNK], target[i : i + LOSS_CHUNK], use_reentrant=False)
+                for i in range(0, len(target), LOSS_CHUNK))
+    return total / (target != -100).sum()
 
 
 def plain_ops(model: torch.nn.Module, fuse: bool = True) -> tuple[list[OpSpec], dict[str, torch.Tensor]]:

@@ -410,7 +410,7 @@ def _accumulate(cfg: TrainConfig, pm, sampler, step: int, signals: _Signals) -> 
         signals.in_step = True
         for _ in range(cfg.grad_accum):
             batch = sampler.next()
-            loss = pm.model(input_ids=batch, labels=batch).loss
+            loss = pm.loss(batch)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
         signals.in_step = False
