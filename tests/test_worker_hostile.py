@@ -266,6 +266,36 @@ def test_held_uploads_stay_within_the_body_budget(micro_bundle, rlwe_keys):
         worker.wait(30)
 
 
+def test_the_body_timeout_counts_the_clients_waits_not_the_workers_work():
+    """A body sent at once is read whole however long the worker's on-arrival work takes (3 x 0.3 s against a
+    0.5 s timeout); a body whose sender stalls for 1 s is cut off with a 408."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from hetune.serving.http_api import read_body
+
+    def request(pieces: list[bytes], stall_s: float) -> Request:
+        messages = iter([{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)])
+
+        async def receive():
+            if stall_s:
+                await asyncio.sleep(stall_s)
+            return next(messages)
+
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+
+    async def slow_work(piece: bytes) -> None:
+        got.append(piece)
+        await asyncio.sleep(0.3)
+
+    got: list[bytes] = []
+    assert asyncio.run(read_body(request([b"a", b"b", b"c"], 0.0), 10, 0.5, slow_work)) == b""
+    assert b"".join(got) == b"abc"
+    stalled = asyncio.run(read_body(request([b"a", b"b"], 1.0), 10, 0.5, slow_work))
+    assert stalled.status_code == 408 and b"--body-timeout" in stalled.body
+
+
 # ---- 5. a bind beyond loopback ----
 
 
