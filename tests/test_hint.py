@@ -1,6 +1,7 @@
 """Fixed masks with a fresh secret per product (the hint): exact steps, secrets used once, a safe hint cache, exact sizes."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,6 +328,32 @@ def test_the_hint_streams_in_bounded_chunks_on_both_sides(wide_worker, tmp_path)
     client.close()
 
 
+def rss_file_bytes() -> int:
+    """This process's resident file-backed pages (Linux): where a memory-mapped file's touched pages count."""
+    status = Path("/proc/self/status").read_text()
+    return 1024 * int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssFile:")))
+
+
+def test_a_cached_hint_is_read_without_becoming_the_owners_resident_memory(wide_worker, tmp_path):
+    """Decryption reads the hint in chunks (positioned reads): a memory map would add every page of it (84 MB
+    here, 6 GB for the 1B shape) to the owner's resident memory and its peak, although they are file cache."""
+    url, _, w = wide_worker
+    x = torch.randint(0, 256, (300, 8), generator=torch.Generator().manual_seed(6))
+    warm, warm_client = streamed_keys(url, tmp_path / "warm")
+    assert np.array_equal(remote_product(warm, warm_client, w, x), exact(x, w))  # the code paths are loaded
+    keys, client = streamed_keys(url, tmp_path / "measured")
+    path, _ = keys.cache.values(WIDE, "forward", 0, 8, 8192)
+    before = rss_file_bytes()
+    assert np.array_equal(remote_product(keys, client, w, x), exact(x, w))
+    grown = rss_file_bytes() - before
+    assert grown < path.stat().st_size / 4, (grown, path.stat().st_size)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short after its check in this process
+    with pytest.raises(PayloadError, match="delete the hint cache"):
+        remote_product(keys, client, w, x)
+    warm_client.close()
+    client.close()
+
+
 def test_a_stream_cut_off_midway_is_fetched_again_and_never_cached(wide_worker, tmp_path, monkeypatch):
     """The worker's stream breaks after two chunks: the owner fetches it again, the cache holds only the whole hint;
     a worker whose stream always breaks gives a clear error and leaves no file behind. (The worker's access-log
@@ -534,7 +561,7 @@ def test_a_product_whose_sums_exceed_the_budget_is_read_whole_and_still_exact(mi
     accumulator = Worker.accumulator
     monkeypatch.setattr(Worker, "accumulator", lambda self, *args: (on_arrival.append(args[0]), accumulator(self, *args))[1])
     keys, rows = generate_keys("rlwe"), 5
-    assert SCHEME.product_bytes(keys.params, rows, w.shape[0]) > 2**20 > SCHEME.request_bytes(keys.params, rows, w.shape[1])
+    assert SCHEME.product_bytes(keys.params, rows, w.shape[0], w.shape[1]) > 2**20 > SCHEME.request_bytes(keys.params, rows, w.shape[1])
     q = torch.randint(0, 256, (rows, w.shape[1]), generator=torch.Generator().manual_seed(5))
     response = httpx.post(url, params={"rows": rows, "cols": w.shape[1]}, content=keys.encrypt(q), headers=headers, timeout=60)
     assert response.status_code == 200 and not on_arrival and fed  # summed, but only once the body was in

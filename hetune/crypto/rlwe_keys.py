@@ -6,6 +6,7 @@ The worker never imports this module (tests/test_layout.py).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -217,7 +218,9 @@ class HintCache:
     a truncated or corrupted download never becomes a cached hint; memory stays at one piece
     of the stream, never the hint. A cached file is checked once per process (both digests);
     a bad one is deleted and fetched again, and a second bad fetch raises PayloadError. Values
-    are read through a memory map, one chunk at a time.
+    are read one chunk at a time with positioned reads, not a memory map: a mapped hint's
+    pages would count in the owner's resident memory (6 GB for the 1B shape) although they
+    are only the kernel's file cache.
     """
 
     _READ = 1 << 20  # bytes per read while checking a file
@@ -231,16 +234,16 @@ class HintCache:
             seed = randomness.new_seed()
             write_atomic(seed_path, seed, mode=0o600)
         self.mask_seed = seed
-        self._maps: dict[tuple[str, str, int], tuple[np.memmap, int]] = {}
+        self._files: dict[tuple[str, str, int], tuple[Path, int]] = {}
 
     def op_seed(self, op: str, direction: str) -> bytes:
         """The seed of one op and direction's masks: a hash of the session seed and their names."""
         return hashlib.sha256(b"hetune/rlwe/masks\0" + self.mask_seed + f"{op}\0{direction}".encode()).digest()[:16]
 
-    def values(self, op: str, direction: str, block: int, n_in: int, n_out: int) -> tuple[np.memmap, int]:
-        """Block ``block``'s hint values (packed, n_out x N) and their bytes per value."""
+    def values(self, op: str, direction: str, block: int, n_in: int, n_out: int) -> tuple[Path, int]:
+        """Block ``block``'s hint file (fetched and checked on first use) and its bytes per value."""
         key = (op, direction, block)
-        if key not in self._maps:
+        if key not in self._files:
             path = self.dir / f"{op}.{direction}.{block}.hint"
             for attempt in range(2):
                 if path.exists():
@@ -259,9 +262,19 @@ class HintCache:
                                        "check the worker serves the bundle this cache was made for")
             with path.open("rb") as fh:
                 vb = wire.Header.parse(fh.read(wire.HEADER_BYTES), wire.HINT, NAME, self.rp.name).value_bytes
-            self._maps[key] = (np.memmap(path, dtype=np.uint8, mode="r", offset=wire.HEADER_BYTES,
-                                         shape=(n_out * self.rp.n * vb,)), vb)
-        return self._maps[key]
+            self._files[key] = (path, vb)
+        return self._files[key]
+
+    def read(self, op: str, direction: str, block: int, n_in: int, n_out: int, first: int, count: int) -> tuple[np.ndarray, int]:
+        """Outputs ``first`` .. ``first + count`` of a block's hint (packed values) and their bytes per value."""
+        path, vb = self.values(op, direction, block, n_in, n_out)
+        size = count * self.rp.n * vb
+        with path.open("rb", buffering=0) as fh:
+            data = os.pread(fh.fileno(), size, wire.HEADER_BYTES + first * self.rp.n * vb)
+        if len(data) != size:
+            raise PayloadError(f"the cached hint {path.name} is shorter than it was when checked; "
+                               "delete the hint cache directory and run again")
+        return np.frombuffer(data, dtype=np.uint8), vb
 
     def _download(self, path: Path, op: str, direction: str, block: int, n_in: int, n_out: int) -> None:
         """Stream the hint into a temp file, check it, bind it, rename it into place; _BadHint (and no file) if bad."""
@@ -352,9 +365,9 @@ class CallKey:
     def _hint_times_secret(self, o: int, k: int, block: int, n_in: int, cols: int) -> torch.Tensor:
         """Outputs o..o+k's hint of ``block`` times this call's secret, to the top bits that matter (one FFT each)."""
         n = self.rp.n
-        hint, hb = self.cache.values(self.op, self.direction, block, n_in, cols)
+        hint, hb = self.cache.read(self.op, self.direction, block, n_in, cols, o, k)
         bits = min(8 * hb, self.rp.fft_bits)
-        h = wire.unpack_top(hint[o * n * hb : (o + k) * n * hb], k * n, hb).view(k, n)
+        h = wire.unpack_top(hint, k * n, hb).view(k, n)
         return self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
 
     def prepare(self, rows: int, cols: int, n_in: int) -> None:

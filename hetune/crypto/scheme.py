@@ -118,8 +118,8 @@ class Scheme(ABC):
         needs the whole body first (:meth:`multiply`)."""
         return None
 
-    def product_bytes(self, params: ParamSet, rows: int, out_cols: int) -> int:
-        """At most what :meth:`accumulator`'s sums of a ``rows`` x ``out_cols`` result hold (0: no accumulator)."""
+    def product_bytes(self, params: ParamSet, rows: int, out_cols: int, in_cols: int) -> int:
+        """At most what :meth:`accumulator` holds for a ``rows`` x ``in_cols`` -> ``out_cols`` product (0: no accumulator)."""
         return 0
 
     def wire_bytes(self, params: ParamSet, forward_l2: float, backward_l2: float) -> dict:

@@ -263,7 +263,7 @@ def _add_op_route(app: FastAPI, prefix: str, parts: _Parts) -> None:
         with ExitStack() as held:  # the budget is held until the answer is ready (or streamed): the body or the sums live that long
             # Multiplied as it arrives where the worker can (a router over replicas, ray_serve, cannot) and the sums fit
             # the budget; else read whole and multiplied after, as a hint query always is.
-            accumulate, sums = getattr(worker, "accumulator", None), scheme.product_bytes(params, rows, shape.out_cols)
+            accumulate, sums = getattr(worker, "accumulator", None), scheme.product_bytes(params, rows, shape.out_cols, cols)
             if sums > min(budget.total, budget.per_holder):
                 accumulate = None
             held_size = max(size, sums) if accumulate else size
