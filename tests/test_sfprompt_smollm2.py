@@ -136,7 +136,8 @@ def test_el2n_on_token_losses_is_the_mean_over_target_tokens_and_pruning_keeps_t
         valid = data.y[i] != IGNORE
         p = torch.softmax(logits[i][valid], -1)
         onehot = torch.nn.functional.one_hot(data.y[i][valid], p.shape[-1]).double()
-        assert scores[i] == pytest.approx(float(torch.linalg.vector_norm(p - onehot, dim=-1).mean()), rel=1e-9)
+        # float32 logits in batches of 3 vs all at once: the GEMMs round differently per CPU
+        assert scores[i] == pytest.approx(float(torch.linalg.vector_norm(p - onehot, dim=-1).mean()), rel=1e-5)
     # padding does not count: the sample alone (its own length) scores the same
     n = int((data.y[0] != IGNORE).sum()) + 1
     alone = el2n_scores(model.local_forward, data.x[:1, :n], data.y[:1, :n])
@@ -152,11 +153,12 @@ def test_el2n_on_token_losses_is_the_mean_over_target_tokens_and_pruning_keeps_t
 
 
 def test_federated_prompts_and_tail_are_the_data_weighted_average_of_the_clients(small, monkeypatch):
+    from hetune.protocols.sfprompt import federation
     from hetune.protocols.sfprompt import run as run_module
 
     cfg, task = small
-    captured = {}
-    make_evaluator = run_module._evaluator
+    captured, replies = {}, {}
+    make_evaluator, make_strategy = run_module._evaluator, federation.make_strategy
 
     def capturing(cfg_, task_):
         model, evaluate = make_evaluator(cfg_, task_)
@@ -167,18 +169,40 @@ def test_federated_prompts_and_tail_are_the_data_weighted_average_of_the_clients
 
         return model, run
 
+    def recording_strategy(cfg_, expected):
+        strategy = make_strategy(cfg_, expected)
+        aggregate = strategy.aggregate_train
+
+        def aggregate_train(server_round, messages):
+            messages = list(messages)
+            replies[server_round] = [m.content for m in messages]
+            return aggregate(server_round, messages)
+
+        strategy.aggregate_train = aggregate_train
+        return strategy
+
     monkeypatch.setattr(run_module, "_evaluator", capturing)
+    monkeypatch.setattr(federation, "make_strategy", recording_strategy)
     summary = run_module.run(cfg)
     assert [r["clients_ok"] for r in summary["rounds"][1:]] == [2]
     global_state = captured[1]
-    # the same two client rounds, run here from the same initial state and seeds
-    reports = [_client_round_through_server(cfg, task, pid)[3] for pid in range(2)]
-    weights = [r.num_examples for r in reports]
-    assert set(global_state) == set(reports[0].state) and "prompts" in global_state
+    # the updates the two clients actually sent (the run's clients train in their own
+    # processes, whose float rounding a replay here need not match bit for bit)
+    metrics = [next(iter(c.metric_records.values())) for c in replies[1]]
+    sent = [(c["arrays"].to_torch_state_dict(), m["num-examples"]) for c, m in zip(replies[1], metrics)]
+    assert len(sent) == 2 and set(global_state) == set(sent[0][0]) and "prompts" in global_state
+    assert sorted(w for _, w in sent) == sorted(len(p) for p in task.partitions[:2])
     for name, value in global_state.items():
-        average = sum(w * r.state[name] for w, r in zip(weights, reports)) / sum(weights)
-        torch.testing.assert_close(value, average, rtol=1e-4, atol=1e-5, msg=name)
-    assert not torch.equal(global_state["prompts"], reports[0].state["prompts"])
+        average = sum(w * state[name].double() for state, w in sent) / sum(w for _, w in sent)
+        torch.testing.assert_close(value.double(), average, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(global_state["prompts"], sent[0][0]["prompts"])
+    assert not torch.equal(sent[0][0]["prompts"], sent[1][0]["prompts"])
+    # and client 0's round replayed here from the same state and seed lands where the run's did
+    # (to float rounding, far nearer than to where it started)
+    first = next(state["prompts"] for (state, _), m in zip(sent, metrics) if m["partition-id"] == 0)
+    replayed = _client_round_through_server(cfg, task, 0)[3].state["prompts"]
+    start = split_for(cfg, task).shared_state(cfg.trained)["prompts"]
+    assert torch.dist(replayed, first) < 0.01 * torch.dist(start, first)
 
 
 def test_accounting_matches_the_real_smollm2():
