@@ -25,8 +25,10 @@ downloads the hints and the later ones only check them on disk, ``hint_bytes`` 0
 Wall time is split into client crypto (encryption, decryption), the worker's product
 (as the worker reports it), transfer (request to result, minus the worker) and the
 client's clear compute (the rest: non-linearities, attention, LoRA, loss, quantization).
-Peak memory is the resident-set high-water mark of the client process (in process: the
-worker too) and of the worker process.
+Peak memory is the resident-set high-water mark of the client process during the step
+(``client_peak_gib``; in process: the worker too), of the client process from its start
+(``client_load_peak_gib``: a built-in model is generated whole, its outsourced weights then
+dropped) and of the worker process.
 
     .venv/bin/python benchmarks/step_time.py            # about 1 hour on 2 cores
     .venv/bin/python benchmarks/step_time.py --quick    # micro-llama only, under a minute
@@ -48,7 +50,6 @@ peak memory against a recomputation of its clear ops in backward, the same produ
 from __future__ import annotations
 
 import argparse
-import resource
 import socket
 import subprocess
 import sys
@@ -78,6 +79,12 @@ def make_bundle(model_id: str, root: Path) -> Path:
     subprocess.run([HETUNE, "compile", model_id, "--out", str(out), "--calibration-tokens", "32"], check=True,
                    stdout=subprocess.DEVNULL)
     return out
+
+
+def vm_hwm_kib(pid: int | str = "self") -> int:
+    """Linux's resident high-water mark of a process (VmHWM), in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
 
 
 def one_step(pm, ids: torch.Tensor) -> tuple[float, float]:
@@ -122,6 +129,8 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
         pm.backend.prefetch_hints(ids.numel())
         once = {"hint_s": time.perf_counter() - t0, "hint_bytes": pm.backend.stats.hint_bytes}
     pm.backend.stats.timeline = []
+    load_peak = vm_hwm_kib()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the step's own high-water mark from here
     before = pm.backend.stats.snapshot()
     step_s, t0 = one_step(pm, ids)
     after = pm.backend.stats.snapshot()
@@ -131,7 +140,8 @@ def _measure(model_id: str, backend: str, ids: torch.Tensor, kwargs: dict) -> di
            + (" checkpointed" if ckpt else ""),
            "masks": "fixed" if hint_cache else "per request", "overlap": overlap, "checkpoint": ckpt,
            **once, "tokens": ids.numel(), "step_s": step_s, "values_out": st["values_out"],
-           "round_trips": st["round_trips"], "client_peak_gib": gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
+           "round_trips": st["round_trips"], "client_peak_gib": gib(vm_hwm_kib()),
+           "client_load_peak_gib": gib(load_peak)}
     if pm.backend.encrypted:
         crypto = st["encrypt_s"] + st["decrypt_s"]
         # With overlap the worker's seconds come in its streamed result's trailer, and crypto runs during the wire and
@@ -172,8 +182,7 @@ class ServedWorker:
 
     def stop(self) -> float:
         """Stop it; returns its peak resident memory in GiB (Linux's VmHWM)."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        peak_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        peak_kib = vm_hwm_kib(self.proc.pid)
         self.proc.terminate()
         self.proc.wait(timeout=60)
         return gib(peak_kib)

@@ -33,10 +33,11 @@ def test_compile_then_inspect(run_cli, tmp_path):
     for op in summary["ops"]:  # tight widths per op and direction, recorded at compile time
         for direction in ("forward", "backward"):
             widths = op["wire_bytes"][direction]
-            assert widths["upload"] == 6 and widths["fresh_result"] == 10 and widths["body"] == 5 and 5 <= widths["hint"] <= 6
+            # bits / 8: b at 48 bits, results at 39 (each of A_out, B_out), the body result with the hint at 33
+            assert widths["upload"] == 6 and widths["fresh_result"] == 9.75 and widths["body"] == 4.125 and 4.875 <= widths["hint"] <= 5.25
     code, stdout, _ = run_cli("inspect", out)
     assert code == 0 and "layers.3.down" in stdout and "bits a/g" in stdout
-    assert "upload 6 fresh 10 body 5 hint 5 | upload 6 fresh 10 body 5 hint 5" in stdout
+    assert "upload 6 fresh 9.75 body 4.125 hint 4.875 | upload 6 fresh 9.75 body 4.125 hint 4.875" in stdout
 
 
 def test_unfused_compile_with_lm_head(run_cli, tmp_path):

@@ -65,12 +65,13 @@ def test_fixed_mask_products_are_exact_and_bytes_per_value_are_the_wire_formats(
     body = call.encrypt(x[:2048])
     result = SCHEME.multiply(keys.params, None, body, w)
     assert len(body) == wire.HEADER_BYTES + 24 * N * 6  # 6 B per input value at full blocks (b at 48 bits)
-    assert len(result) == wire.HEADER_BYTES + 40 * N * 5 + wire.TRAILER_BYTES  # 5 B per output value per call: the body result alone
+    # per call the body result alone, at 33 bits (4.125 B) per output value: the budget's 29 and 4 for noise and rounding
+    assert len(result) == wire.HEADER_BYTES + 40 * N * 33 // 8 + wire.TRAILER_BYTES
     hint_file = keys.cache.dir / "op.forward.0.hint"
-    assert hint_file.stat().st_size == wire.HEADER_BYTES + 40 * N * 5 + 2 * wire.DIGEST_BYTES  # once: 5 B per output coefficient
+    assert hint_file.stat().st_size == wire.HEADER_BYTES + 40 * N * 39 // 8 + 2 * wire.DIGEST_BYTES  # once: 39 bits per coefficient
     fresh_body = generate_keys("rlwe").encrypt(x[:2048])  # today's layout: masks per request
     fresh = SCHEME.multiply(keys.params, None, fresh_body, w)
-    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 5 + wire.TRAILER_BYTES  # 10 B per output value
+    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 39 // 8 + wire.TRAILER_BYTES  # 9.75 B per output value
 
 
 def test_the_unmasking_term_computed_ahead_decrypts_exactly(tmp_path, op):
@@ -231,9 +232,9 @@ def test_the_worker_answers_at_the_widths_the_manifest_records(micro_bundle, tmp
         call = keys.new_call(spec.name, direction)
         result = SCHEME.multiply(params, None, call.encrypt(torch.zeros(4, weight.shape[1], dtype=torch.int64)), weight)
         recorded = spec.wire_bytes[direction]
-        assert wire.Header.parse(result, wire.HINTED_RESULT, "rlwe", "p128").value_bytes == recorded["body"]
+        assert wire.Header.parse(result, wire.HINTED_RESULT, "rlwe", "p128").value_bits / 8 == recorded["body"]
         hint = keys.cache.values(spec.name, direction, 0, weight.shape[1], weight.shape[0])[1]
-        assert hint == recorded["hint"]
+        assert hint / 8 == recorded["hint"]
 
 
 def test_train_cli_with_a_hint_cache_equals_quantized_at_half_the_download(run_cli, micro_bundle, loopback_worker, stdlib_jsonl, tmp_path):
@@ -256,7 +257,7 @@ def test_train_cli_with_a_hint_cache_equals_quantized_at_half_the_download(run_c
     fresh, fresh_bytes = losses_and_bytes("fresh", "--backend", "remote", "--worker", worker.url)
     hinted, hinted_bytes = losses_and_bytes("hint", "--backend", "remote", "--worker", worker.url, "--hint-cache", tmp_path / "hints")
     assert hinted == fresh == quantized and len(hinted) == 2
-    assert hinted_bytes[1] * 2 <= fresh_bytes[1] + 4096  # body result only (5 B) against mask and body (2 x 5 B)
+    assert hinted_bytes[1] * 2 <= fresh_bytes[1] + 4096  # body result only (33 bits) against mask and body (2 x 39 bits)
     assert len(list((tmp_path / "hints").rglob("*.hint"))) > 0
     code, _, err = run_cli("train", *common, "--out", tmp_path / "bad", "--backend", "remote", "--worker", worker.url,
                            "--hint-cache", tmp_path / "hints", "--save-key", tmp_path / "k")
@@ -265,7 +266,7 @@ def test_train_cli_with_a_hint_cache_equals_quantized_at_half_the_download(run_c
 
 # ---- the hint streamed: bounded memory on both sides, a broken or corrupted stream never cached ----
 
-WIDE = "wide"  # 8192 outputs of 8 inputs: an 84 MB hint at 5 B per value, a cheap product
+WIDE = "wide"  # 8192 outputs of 8 inputs: an 82 MB hint at 39 bits per value, a cheap product
 
 
 @pytest.fixture
@@ -312,8 +313,8 @@ def test_the_hint_streams_in_bounded_chunks_on_both_sides(wide_worker, tmp_path)
     url, _, w = wide_worker
     query = wire.Header(wire.HINT_QUERY, "rlwe", "p128", N, 8, 8, bytes(16)).pack()
     sizes = [len(c) for c in SCHEME.multiply_stream(SCHEME.params("p128"), None, query, w)]
-    vb = wire.Header.parse(SCHEME.multiply(SCHEME.params("p128"), None, query, w), wire.HINT, "rlwe", "p128").value_bytes
-    assert sizes == [wire.HEADER_BYTES] + [STREAM_ROWS * N * vb] * (8192 // STREAM_ROWS) + [wire.DIGEST_BYTES]
+    vb = wire.Header.parse(SCHEME.multiply(SCHEME.params("p128"), None, query, w), wire.HINT, "rlwe", "p128").value_bits
+    assert sizes == [wire.HEADER_BYTES] + [wire.packed_bytes(STREAM_ROWS * N, vb)] * (8192 // STREAM_ROWS) + [wire.DIGEST_BYTES]
     keys, client = streamed_keys(url, tmp_path)
     tracemalloc.start()
     try:
@@ -427,6 +428,7 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
         keys = fixed_mask_keys("p128", tmp_path) if masks == "fixed" else None
         pm = build_private_model("micro-llama", backend, keys=keys, overlap=True, **where)
         pm.backend.stats.timeline = []  # off by default: a long run would keep one entry per product
+        widths = {spec.name: spec.wire_bytes for spec in pm.manifest.ops}
         assert_equal_grads(lora_grads(pm), quantized)
         st = pm.backend.stats
         assert st.round_trips == len(st.timeline) == 15 and max(noise_audit) == 0
@@ -437,7 +439,10 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
             assert 0 < span["encrypt_s"] and 0 < span["decrypt_s"] <= span["receive"][1] - span["receive"][0] + 1e-3
             assert span["send_chunks"] == 1 + -(-span["cols"] // 8)  # the header, then 8 features at a time
             assert span["sent"] == wire.HEADER_BYTES + span["cols"] * N * 6  # 6 B per input value
-            assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * (5 if masks == "fixed" else 10) + wire.TRAILER_BYTES
+            recorded = widths[span["op"]][span["direction"]]  # bytes per value: 33 bits (body) or 2 x 39 (masks per request)
+            per_value = recorded["body"] if masks == "fixed" else recorded["fresh_result"]
+            assert per_value == (4.125 if masks == "fixed" else 9.75)
+            assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * per_value + wire.TRAILER_BYTES
             assert span["worker_s"] > 0  # from the streamed result's trailer
         assert st.worker_s == pytest.approx(sum(s["worker_s"] for s in st.timeline)) and st.worker_s > 0
         assert st.bytes_sent == sum(s["sent"] for s in st.timeline) and st.bytes_received == sum(s["received"] for s in st.timeline)

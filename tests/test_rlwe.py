@@ -151,9 +151,9 @@ def worst_case_noise_check(keys, n_values: int):
 
 @pytest.mark.parametrize("full_width", [False, True])
 def test_worst_case_weights_decode_exactly_over_a_million_values(keys, monkeypatch, full_width):
-    """At the worker's chosen width, and with unrounded 8-byte results (decryption trims the mask result to fft_bits)."""
+    """At the worker's chosen width, and with unrounded 64-bit results (decryption trims the mask result to fft_bits)."""
     if full_width:
-        monkeypatch.setattr(type(keys.rp), "output_bytes", lambda self, weight_l2: 8)
+        monkeypatch.setattr(type(keys.rp), "output_bits", lambda self, weight_l2: 64)
     worst_case_noise_check(keys, 2**20)
 
 
@@ -166,9 +166,11 @@ def test_worst_case_weights_decode_exactly_over_ten_million_values(keys):
 def test_output_width_follows_the_weight_norm():
     rp = PARAM_SETS["p128"]
     assert rp.log2_delta == 35 and rp.budget_bits == 29  # TUniform(17): see rlwe_params
-    assert rp.output_bytes(WORST_WEIGHT_L2) < rp.output_bytes(rp.max_weight_l2 * 0.999) <= 8
+    assert rp.output_bits(WORST_WEIGHT_L2) < rp.output_bits(rp.max_weight_l2 * 0.999) <= 64
     with pytest.raises(ValueError, match="exceeds"):
-        rp.output_bytes(rp.max_weight_l2 * 1.01)
+        rp.output_bits(rp.max_weight_l2 * 1.01)
+    # with fixed masks the per-call body result needs the budget and a few bits only: 33-34 at p128
+    assert [rp.hinted_bits(l2)[1] for l2 in (300, 3000, WORST_WEIGHT_L2)] == [33, 33, 34]
 
 
 def test_ciphertexts_look_random_and_carry_no_plaintext_or_key(keys):
@@ -223,7 +225,7 @@ def test_secret_key_file_is_0600_and_loads_back(keys, tmp_path):
         ("set", 422, "rlwe/p192, this session uses rlwe/p128"),
         ("scheme", 422, "glwe/p128, this session uses rlwe/p128"),
         ("rows", 422, "header says"),
-        ("value_bytes", 400, "carry 6-byte values"),
+        ("value_bits", 400, "carry 48-bit values"),
         ("empty", 400, "not a batched-RLWE request"),
     ],
 )
@@ -243,8 +245,8 @@ def test_malformed_requests_are_refused_before_any_work(keys, damage, status, me
         body[6:14] = b"glwe".ljust(8, b"\0")
     elif damage == "rows":
         body[22:26] = (4).to_bytes(4, "little")
-    elif damage == "value_bytes":
-        body[30] = 8
+    elif damage == "value_bits":
+        body[30] = 40
     elif damage == "empty":
         body = b""
     with pytest.raises(PayloadError, match=message) as info:

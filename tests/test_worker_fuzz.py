@@ -98,10 +98,10 @@ CORPUS = {
     "cols_0": (lambda b: put(b, 26, (0).to_bytes(4, "little")), {422}),
     "cols_33": (lambda b: put(b, 26, (33).to_bytes(4, "little")), {422}),
     "cols_max": (lambda b: put(b, 26, b"\xff" * 4), {422}),
-    "value_bytes_0": (lambda b: put(b, 30, b"\0"), {400}),
-    "value_bytes_5": (lambda b: put(b, 30, b"\x05"), {400}),
-    "value_bytes_8": (lambda b: put(b, 30, b"\x08"), {400}),
-    "value_bytes_255": (lambda b: put(b, 30, b"\xff"), {400}),
+    "value_bits_0": (lambda b: put(b, 30, b"\0"), {400}),
+    "value_bits_40": (lambda b: put(b, 30, b"\x28"), {400}),
+    "value_bits_64": (lambda b: put(b, 30, b"\x40"), {400}),
+    "value_bits_255": (lambda b: put(b, 30, b"\xff"), {400}),
     "seed_one_byte_short": (lambda b: b[:31] + b[32:], {422}),  # the seed field swallows the first value byte
     "seed_one_byte_long": (lambda b: b[:46] + b"\0" + b[46:], {413}),
     "seed_flipped": (lambda b: put(b, 31, bytes(16)), {200}),  # still a well-formed request: only the owner can tell

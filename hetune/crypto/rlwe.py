@@ -57,21 +57,22 @@ class RlweScheme(Scheme):
         return None
 
     def wire_bytes(self, params: ParamSet, forward_l2: float, backward_l2: float) -> dict:
-        """Per direction: upload (b), fresh-mask result (A_out and B_out), and with fixed masks the per-call
-        body result and the one-time hint, each the fewest bytes the op's norm allows (rlwe_params)."""
+        """Per direction, bytes per value: upload (b), fresh-mask result (A_out and B_out), and with fixed masks the
+        per-call body result and the one-time hint, each the fewest bits the op's norm allows (rlwe_params) / 8."""
         rp = PARAM_SETS[params.name]
         out = {}
         for direction, l2 in (("forward", forward_l2), ("backward", backward_l2)):
             try:
-                hint, body = rp.hinted_bytes(l2)
-                out[direction] = {"upload": rp.input_bytes, "fresh_result": 2 * rp.output_bytes(l2), "body": body, "hint": hint}
+                hint, body = rp.hinted_bits(l2)
+                out[direction] = {"upload": rp.input_bits / 8, "fresh_result": 2 * rp.output_bits(l2) / 8,
+                                  "body": body / 8, "hint": hint / 8}
             except ValueError:  # beyond the set's norm limit: compile refuses the op (or the user accepted the risk)
                 out[direction] = {}
         return out
 
     def request_bytes(self, params: ParamSet, rows: int, cols: int) -> int:
         rp = PARAM_SETS[params.name]
-        return wire.HEADER_BYTES + cols * blocks(rows, rp.n) * rp.n * rp.input_bytes
+        return wire.HEADER_BYTES + wire.packed_bytes(cols * blocks(rows, rp.n) * rp.n, rp.input_bits)
 
     def product_bytes(self, params: ParamSet, rows: int, out_cols: int, in_cols: int) -> int:
         coefs = blocks(rows, PARAM_SETS[params.name].n) * PARAM_SETS[params.name].n
@@ -87,8 +88,8 @@ class RlweScheme(Scheme):
                 raise PayloadError(f"a hint query is the {wire.HEADER_BYTES}-byte header alone, rows a multiple of {rp.n}; "
                                    f"got {len(body)} bytes, rows {rows}", 422)
             return
-        if header.value_bytes != rp.input_bytes:
-            raise PayloadError(f"{NAME}/{params.name} requests carry {rp.input_bytes}-byte values, header says {header.value_bytes}")
+        if header.value_bits != rp.input_bits:
+            raise PayloadError(f"{NAME}/{params.name} requests carry {rp.input_bits}-bit values, header says {header.value_bits}")
         expected = self.request_bytes(params, rows, cols)
         if len(body) != expected:
             raise PayloadError(f"a {rows}x{cols} {NAME}/{params.name} request is {expected} bytes, got {len(body)} (truncated?)", 422)
@@ -122,10 +123,10 @@ class RlweScheme(Scheme):
         wf = w.to(device=device, dtype=torch.float64)  # converted once per product, not per model
         block = header.rows // rp.n - 1
         a = randomness.aes_ctr_words(header.seed, n_in * rp.n, start=block * n_in * rp.n).view(n_in, rp.n).to(device)
-        mask_bytes, _ = rp.hinted_bytes(norm)
+        mask_bits, _ = rp.hinted_bits(norm)
         digest = hashlib.sha256()
-        chunks = (wire.pack_top(_gemm(wf[o : o + STREAM_ROWS], a, wmax).cpu(), mask_bytes) for o in range(0, n_out, STREAM_ROWS))
-        for chunk in itertools.chain([wire.Header(wire.HINT, NAME, params.name, header.rows, n_out, mask_bytes,
+        chunks = (wire.pack_top(_gemm(wf[o : o + STREAM_ROWS], a, wmax).cpu(), mask_bits) for o in range(0, n_out, STREAM_ROWS))
+        for chunk in itertools.chain([wire.Header(wire.HINT, NAME, params.name, header.rows, n_out, mask_bits,
                                                   header.seed).pack()], chunks):
             digest.update(chunk)
             yield chunk
@@ -139,8 +140,8 @@ class RlweScheme(Scheme):
         if parsed.kind == wire.HINT_QUERY:
             return None
         rp = PARAM_SETS[params.name]
-        if parsed.value_bytes != rp.input_bytes:
-            raise PayloadError(f"{NAME}/{params.name} requests carry {rp.input_bytes}-byte values, header says {parsed.value_bytes}")
+        if parsed.value_bits != rp.input_bits:
+            raise PayloadError(f"{NAME}/{params.name} requests carry {rp.input_bits}-bit values, header says {parsed.value_bits}")
         return ProductAccumulator(rp, parsed, weight, device)
 
 
@@ -180,20 +181,21 @@ class ProductAccumulator:
         self.n_in, n_out = w.shape[1], w.shape[0]
         self.coefs = blocks(header.rows, rp.n) * rp.n  # c N coefficients per feature
         self.fixed = header.kind == wire.HINTED_REQUEST
-        self.out_bytes = rp.hinted_bytes(norm)[1] if self.fixed else rp.output_bytes(norm)
+        self.out_bits = rp.hinted_bits(norm)[1] if self.fixed else rp.output_bits(norm)
         self.limb_bits, n_limbs = limb_plan(64, self.n_in, self.wmax)
         self.sums = [torch.zeros(n_out, self.coefs, dtype=torch.float64, device=device) for _ in range(n_limbs)]
-        feature = self.coefs * header.value_bytes
+        feature = wire.packed_bytes(self.coefs, header.value_bits)
         self.feed_bytes = feature * max(1, FEED_BYTES // feature)  # whole features per piece
         self.done, self.seconds = 0, 0.0  # features summed; the worker's time on this product
 
     def feed(self, data) -> None:
         """Sum in the next whole features of B."""
         t = time.perf_counter()
-        f = len(data) // (self.coefs * self.header.value_bytes)
-        if f * self.coefs * self.header.value_bytes != len(data) or not 0 < f <= self.n_in - self.done:
+        feature = wire.packed_bytes(self.coefs, self.header.value_bits)
+        f = len(data) // feature
+        if f * feature != len(data) or not 0 < f <= self.n_in - self.done:
             raise PayloadError(f"a request piece of {len(data)} bytes is not whole features of this {self.header.rows}x{self.n_in} request")
-        b = wire.unpack_top(data, f * self.coefs, self.header.value_bytes).view(f, self.coefs).to(self.device)
+        b = wire.unpack_top(data, f * self.coefs, self.header.value_bits).view(f, self.coefs).to(self.device)
         wf = self.wf[:, self.done : self.done + f]
         for total, limb in zip(self.sums, split_signed(b, self.limb_bits, len(self.sums))):
             total.addmm_(wf, limb.to(torch.float64))
@@ -207,7 +209,7 @@ class ProductAccumulator:
             raise PayloadError(f"request ended after {self.done} of its {self.n_in} features (truncated?)", 422)
         kind = wire.HINTED_RESULT if self.fixed else wire.RESULT
         n_out = self.wf.shape[0]
-        yield wire.Header(kind, NAME, self.rp.name, self.header.rows, n_out, self.out_bytes, bytes(16)).pack()
+        yield wire.Header(kind, NAME, self.rp.name, self.header.rows, n_out, self.out_bits, bytes(16)).pack()
         if not self.fixed:
             t = time.perf_counter()
             a = randomness.aes_ctr_words(self.header.seed, self.n_in * self.coefs).view(self.n_in, self.coefs).to(self.device)
@@ -223,7 +225,7 @@ class ProductAccumulator:
     def _chunks(self, rows_at) -> Iterator[bytes]:
         for o in range(0, self.wf.shape[0], STREAM_ROWS):
             t = time.perf_counter()
-            chunk = wire.pack_top(rows_at(o).cpu(), self.out_bytes)
+            chunk = wire.pack_top(rows_at(o).cpu(), self.out_bits)
             self.seconds += time.perf_counter() - t
             yield chunk
 

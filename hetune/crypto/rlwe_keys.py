@@ -45,7 +45,7 @@ def _encrypt_rows(mult: BinaryPolyMultiplier, a: torch.Tensor, x: torch.Tensor, 
     b = _chunked(mult.mul, a)  # exact a * s: 2 limbs
     b += randomness.t_uniform(a.numel(), rp.noise_bound_log2).view(a.shape)
     b.view(f, c * n)[:, : x.shape[0]] += x.T << rp.log2_delta  # feature j's polynomial holds its T tokens (block-major)
-    return wire.pack_top(b, rp.input_bytes)
+    return wire.pack_top(b, rp.input_bits)
 
 
 class ResultReader:
@@ -77,7 +77,7 @@ class ResultReader:
             self.header = wire.Header.parse(bytes(self.buf[: wire.HEADER_BYTES]), self.kind, NAME, self.rp.name, self.rows, self.cols)
             del self.buf[: wire.HEADER_BYTES]
         c = blocks(self.rows, self.rp.n)
-        poly = c * self.rp.n * self.header.value_bytes  # one output's bytes
+        poly = wire.packed_bytes(c * self.rp.n, self.header.value_bits)  # one output's bytes
         total = self.parts * self.cols
         used = 0
         while self.done < total:
@@ -85,7 +85,7 @@ class ResultReader:
             k = min((len(self.buf) - used) // poly, _POLY_CHUNK, left)
             if k < min(_STREAM_BATCH, left):  # tiny batches would pay the FFT's per-call overhead many times over
                 break
-            v = wire.unpack_top(memoryview(self.buf)[used : used + k * poly], k * c * self.rp.n, self.header.value_bytes)
+            v = wire.unpack_top(memoryview(self.buf)[used : used + k * poly], k * c * self.rp.n, self.header.value_bits)
             m = self.take(self.header, self.done, v.view(k, -1))
             if m is not None:
                 o = self.done % self.cols
@@ -134,7 +134,7 @@ class RlweKeys(ClientKeys):
         rows, cols = x.shape
         n, c = self.rp.n, blocks(rows, self.rp.n)
         seed, features = randomness.new_seed(), features or ENCRYPT_FEATURES
-        yield wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed).pack()
+        yield wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bits, seed).pack()
         for j in range(0, cols, features):
             f = min(features, cols - j)
             a = randomness.aes_ctr_words(seed, f * c * n, start=j * c * n).view(f * c, n)  # row (j, k): feature j, block k
@@ -150,7 +150,7 @@ class RlweKeys(ClientKeys):
 
         def take(header: wire.Header, o: int, v: torch.Tensor) -> torch.Tensor | None:
             if o < cols:
-                k = min(8 * header.value_bytes, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
+                k = min(header.value_bits, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
                 a_s[o : o + len(v)] = (self._mult.mul_small(top_bits(v.view(-1, n), k)) << (64 - k)).view(len(v), c * n)
                 return None
             phase = v - a_s[o - cols : o - cols + len(v)]  # Delta m + noise, mod 2^64
@@ -261,16 +261,16 @@ class HintCache:
                     raise PayloadError(f"the hint of {op} {direction} block {block} is {problem}, twice; "
                                        "check the worker serves the bundle this cache was made for")
             with path.open("rb") as fh:
-                vb = wire.Header.parse(fh.read(wire.HEADER_BYTES), wire.HINT, NAME, self.rp.name).value_bytes
+                vb = wire.Header.parse(fh.read(wire.HEADER_BYTES), wire.HINT, NAME, self.rp.name).value_bits
             self._files[key] = (path, vb)
         return self._files[key]
 
     def read(self, op: str, direction: str, block: int, n_in: int, n_out: int, first: int, count: int) -> tuple[np.ndarray, int]:
-        """Outputs ``first`` .. ``first + count`` of a block's hint (packed values) and their bytes per value."""
+        """Outputs ``first`` .. ``first + count`` of a block's hint (packed values) and their bits per value."""
         path, vb = self.values(op, direction, block, n_in, n_out)
-        size = count * self.rp.n * vb
+        size = wire.packed_bytes(count * self.rp.n, vb)
         with path.open("rb", buffering=0) as fh:
-            data = os.pread(fh.fileno(), size, wire.HEADER_BYTES + first * self.rp.n * vb)
+            data = os.pread(fh.fileno(), size, wire.HEADER_BYTES + wire.packed_bytes(first * self.rp.n, vb))
         if len(data) != size:
             raise PayloadError(f"the cached hint {path.name} is shorter than it was when checked; "
                                "delete the hint cache directory and run again")
@@ -279,7 +279,7 @@ class HintCache:
     def _download(self, path: Path, op: str, direction: str, block: int, n_in: int, n_out: int) -> None:
         """Stream the hint into a temp file, check it, bind it, rename it into place; _BadHint (and no file) if bad."""
         rows = (block + 1) * self.rp.n
-        query = wire.Header(wire.HINT_QUERY, NAME, self.rp.name, rows, n_in, 8, self.op_seed(op, direction)).pack()
+        query = wire.Header(wire.HINT_QUERY, NAME, self.rp.name, rows, n_in, 64, self.op_seed(op, direction)).pack()
         try:
             with open_atomic(path, mode=0o600) as (fh, tmp):
                 self.fetch(op, direction, query, rows, n_in, HintFile(fh))
@@ -302,7 +302,7 @@ class HintCache:
                 header = wire.Header.parse(head, wire.HINT, NAME, self.rp.name, (block + 1) * self.rp.n, n_out)
             except PayloadError as err:
                 return f"not a hint of this shape ({err.message})", b""
-            values_end = wire.HEADER_BYTES + n_out * self.rp.n * header.value_bytes
+            values_end = wire.HEADER_BYTES + wire.packed_bytes(n_out * self.rp.n, header.value_bits)
             expected = values_end + (2 if bound else 1) * wire.DIGEST_BYTES
             if size != expected:
                 return f"{size} bytes, expected {expected} (truncated?)", b""
@@ -352,7 +352,7 @@ class CallKey:
         rows, cols = x.shape
         n, c = self.rp.n, blocks(rows, self.rp.n)
         seed = self.cache.op_seed(self.op, self.direction)
-        yield wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bytes, seed).pack()
+        yield wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bits, seed).pack()
         features = features or ENCRYPT_FEATURES
         for j in range(0, cols, features):
             f = min(features, cols - j)  # block k's masks of features j.. are at words k cols N + j N of the op's stream
@@ -366,7 +366,7 @@ class CallKey:
         """Outputs o..o+k's hint of ``block`` times this call's secret, to the top bits that matter (one FFT each)."""
         n = self.rp.n
         hint, hb = self.cache.read(self.op, self.direction, block, n_in, cols, o, k)
-        bits = min(8 * hb, self.rp.fft_bits)
+        bits = min(hb, self.rp.fft_bits)
         h = wire.unpack_top(hint, k * n, hb).view(k, n)
         return self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
 

@@ -35,7 +35,7 @@ against 2^15.7 for the Gaussian this set used before) that worst case has
 sqrt(2 ln(2^101) v) = 2^33.4, so Delta = 2^35 and the budget is 29 bits (it was 2^34 and
 30 with the Gaussian; Delta = 2^34 would bound the worst case's failure by 2^-65 only).
 ``compile`` and the worker check each op's actual norm against :attr:`RlweParamSet.max_weight_l2`,
-and the worker rounds each op's outputs to the fewest bytes its norm allows.
+and the worker rounds each op's outputs to the fewest bits its norm allows.
 
 Security: LWE of dimension N, q = 2^64, binary secret. p128 is tfhe-rs's 128-bit GLWE
 noise for k = 1, N = 2048: ``glwe_noise_distribution: DynamicDistribution::new_t_uniform(17)``
@@ -130,28 +130,24 @@ class RlweParamSet:
     def max_weight_l2(self) -> float:
         return math.sqrt((self.noise_limit() - self.output_variance(LOG2_Q, LOG2_Q)) / self.input_variance)
 
-    def output_bytes(self, weight_l2: float) -> int:
-        """Fewest bytes per output coefficient (mask and body results alike) that keep decoding exact for this norm."""
-        for nbytes in range(1, 9):
-            if self.variance(weight_l2, 8 * nbytes, 8 * nbytes) <= self.noise_limit(8 * nbytes):
-                return nbytes
+    def output_bits(self, weight_l2: float) -> int:
+        """Fewest bits per output coefficient (mask and body results alike) that keep decoding exact for this norm."""
+        for bits in range(1, LOG2_Q + 1):
+            if self.variance(weight_l2, bits, bits) <= self.noise_limit(bits):
+                return bits
         raise ValueError(f"weight L2 norm {weight_l2:.0f} exceeds {self.max_weight_l2:.0f}: decoding cannot be exact")
 
-    def hinted_bytes(self, weight_l2: float) -> tuple[int, int]:
-        """(hint bytes, body bytes) with fixed masks: the per-call body result as narrow as it can be, then the hint.
+    def hinted_bits(self, weight_l2: float) -> tuple[int, int]:
+        """(hint bits, body bits) with fixed masks: the per-call body result as narrow as it can be, then the hint.
 
         The hint (the mask result W A, sent once) is trimmed by decryption to ``fft_bits``
-        anyway, so it never needs more than ceil(fft_bits / 8) bytes.
+        anyway, so it never needs more.
         """
-        for body in range(1, 9):
-            for mask in range(1, -(-self.fft_bits // 8) + 1):
-                if self.variance(weight_l2, 8 * mask, 8 * body) <= self.noise_limit(8 * mask):
+        for body in range(1, LOG2_Q + 1):
+            for mask in range(1, self.fft_bits + 1):
+                if self.variance(weight_l2, mask, body) <= self.noise_limit(mask):
                     return mask, body
         raise ValueError(f"weight L2 norm {weight_l2:.0f} exceeds {self.max_weight_l2:.0f}: decoding cannot be exact")
-
-    @property
-    def input_bytes(self) -> int:
-        return self.input_bits // 8
 
     @property
     def security(self) -> SecurityEstimate:

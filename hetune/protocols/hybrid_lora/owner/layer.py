@@ -11,12 +11,41 @@ to the worker: the data owner keeps it and adds it to its slice of the product.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from contextlib import contextmanager
 
 import torch
 
 from hetune.errors import ConfigError
 from hetune.models.layers import decoder_layers, member_linear
+
+
+def _heap_trimmer():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim")
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _heap_trimmer()
+
+
+def release_freed_heap() -> None:
+    """Give the pages of freed heap blocks back to the OS.
+
+    After a large free, glibc raises its mmap threshold (up to 32 MiB), so a product's
+    transients (encoded tokens, ciphertext chunks, decrypted limbs) then come from the heap,
+    and the freed holes between long-lived blocks stay resident: on the 1B-shape step they
+    grew the owner's RSS by about 0.35 GiB per layer. Called after every product, it costs
+    well under a millisecond next to the product's seconds.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -29,7 +58,9 @@ class _FrozenProduct(torch.autograd.Function):
             y, op.replayed = op.replayed, None
             return y
         y = op.backend.forward(op.name, x.detach().reshape(-1, x.shape[-1]))  # (T, out) float64
-        return y.to(x.dtype).reshape(*x.shape[:-1], op.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], op.out_features)
+        release_freed_heap()
+        return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -37,7 +68,9 @@ class _FrozenProduct(torch.autograd.Function):
             return None, None  # below the lowest LoRA target: no round trip at all
         op = ctx.op
         dx = op.backend.backward(op.name, g.reshape(-1, g.shape[-1]))  # (T, in) float64
-        return dx.to(g.dtype).reshape(*g.shape[:-1], op.in_features), None
+        dx = dx.to(g.dtype).reshape(*g.shape[:-1], op.in_features)
+        release_freed_heap()
+        return dx, None
 
 
 class Replay:
