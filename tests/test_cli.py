@@ -33,11 +33,11 @@ def test_compile_then_inspect(run_cli, tmp_path):
     for op in summary["ops"]:  # tight widths per op and direction, recorded at compile time
         for direction in ("forward", "backward"):
             widths = op["wire_bytes"][direction]
-            # bits / 8: b at 48 bits, results at 39 (each of A_out, B_out), the body result with the hint at 33
-            assert widths["upload"] == 6 and widths["fresh_result"] == 9.75 and widths["body"] == 4.125 and 4.875 <= widths["hint"] <= 5.25
+            # bits / 8: b at 48 bits, results at 40 (each of A_out, B_out), the body result with the hint at 33
+            assert widths["upload"] == 6 and widths["fresh_result"] == 10 and widths["body"] == 4.125 and widths["hint"] == 5
     code, stdout, _ = run_cli("inspect", out)
     assert code == 0 and "layers.3.down" in stdout and "bits a/g" in stdout
-    assert "upload 6 fresh 9.75 body 4.125 hint 4.875 | upload 6 fresh 9.75 body 4.125 hint 4.875" in stdout
+    assert "upload 6 fresh 10 body 4.125 hint 5 | upload 6 fresh 10 body 4.125 hint 5" in stdout
 
 
 def test_unfused_compile_with_lm_head(run_cli, tmp_path):

@@ -68,10 +68,10 @@ def test_fixed_mask_products_are_exact_and_bytes_per_value_are_the_wire_formats(
     # per call the body result alone, at 33 bits (4.125 B) per output value: the budget's 29 and 4 for noise and rounding
     assert len(result) == wire.HEADER_BYTES + 40 * N * 33 // 8 + wire.TRAILER_BYTES
     hint_file = keys.cache.dir / "op.forward.0.hint"
-    assert hint_file.stat().st_size == wire.HEADER_BYTES + 40 * N * 39 // 8 + 2 * wire.DIGEST_BYTES  # once: 39 bits per coefficient
+    assert hint_file.stat().st_size == wire.HEADER_BYTES + 40 * N * 5 + 2 * wire.DIGEST_BYTES  # once: 39 bits, sent as 40
     fresh_body = generate_keys("rlwe").encrypt(x[:2048])  # today's layout: masks per request
     fresh = SCHEME.multiply(keys.params, None, fresh_body, w)
-    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 39 // 8 + wire.TRAILER_BYTES  # 9.75 B per output value
+    assert len(fresh_body) == len(body) and len(fresh) == wire.HEADER_BYTES + 2 * 40 * N * 5 + wire.TRAILER_BYTES  # 10 B per output value
 
 
 def test_the_unmasking_term_computed_ahead_decrypts_exactly(tmp_path, op):
@@ -257,7 +257,7 @@ def test_train_cli_with_a_hint_cache_equals_quantized_at_half_the_download(run_c
     fresh, fresh_bytes = losses_and_bytes("fresh", "--backend", "remote", "--worker", worker.url)
     hinted, hinted_bytes = losses_and_bytes("hint", "--backend", "remote", "--worker", worker.url, "--hint-cache", tmp_path / "hints")
     assert hinted == fresh == quantized and len(hinted) == 2
-    assert hinted_bytes[1] * 2 <= fresh_bytes[1] + 4096  # body result only (33 bits) against mask and body (2 x 39 bits)
+    assert hinted_bytes[1] * 2 <= fresh_bytes[1] + 4096  # body result only (33 bits) against mask and body (2 x 40 bits)
     assert len(list((tmp_path / "hints").rglob("*.hint"))) > 0
     code, _, err = run_cli("train", *common, "--out", tmp_path / "bad", "--backend", "remote", "--worker", worker.url,
                            "--hint-cache", tmp_path / "hints", "--save-key", tmp_path / "k")
@@ -266,7 +266,7 @@ def test_train_cli_with_a_hint_cache_equals_quantized_at_half_the_download(run_c
 
 # ---- the hint streamed: bounded memory on both sides, a broken or corrupted stream never cached ----
 
-WIDE = "wide"  # 8192 outputs of 8 inputs: an 82 MB hint at 39 bits per value, a cheap product
+WIDE = "wide"  # 8192 outputs of 8 inputs: an 84 MB hint at 5 B per value, a cheap product
 
 
 @pytest.fixture
@@ -439,9 +439,9 @@ def test_overlapped_steps_equal_quantized_and_record_a_timeline(reference, micro
             assert 0 < span["encrypt_s"] and 0 < span["decrypt_s"] <= span["receive"][1] - span["receive"][0] + 1e-3
             assert span["send_chunks"] == 1 + -(-span["cols"] // 8)  # the header, then 8 features at a time
             assert span["sent"] == wire.HEADER_BYTES + span["cols"] * N * 6  # 6 B per input value
-            recorded = widths[span["op"]][span["direction"]]  # bytes per value: 33 bits (body) or 2 x 39 (masks per request)
+            recorded = widths[span["op"]][span["direction"]]  # bytes per value: 33 bits (body) or 2 x 40 (masks per request)
             per_value = recorded["body"] if masks == "fixed" else recorded["fresh_result"]
-            assert per_value == (4.125 if masks == "fixed" else 9.75)
+            assert per_value == (4.125 if masks == "fixed" else 10)
             assert span["received"] == wire.HEADER_BYTES + span["out_cols"] * N * per_value + wire.TRAILER_BYTES
             assert span["worker_s"] > 0  # from the streamed result's trailer
         assert st.worker_s == pytest.approx(sum(s["worker_s"] for s in st.timeline)) and st.worker_s > 0

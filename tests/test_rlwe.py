@@ -14,7 +14,7 @@ from hetune.crypto import randomness, rlwe, rlwe_wire
 from hetune.crypto.keys import generate_keys, load_keys
 from hetune.crypto.ring import (BinaryPolyMultiplier, gemm_mod_2_64, limb_plan, small_product_bits,
                                 small_product_error, split_signed)
-from hetune.crypto.rlwe_params import PARAM_SETS, WORST_WEIGHT_L2
+from hetune.crypto.rlwe_params import PARAM_SETS, WORST_WEIGHT_L2, wire_bits
 from hetune.crypto.scheme import PayloadError
 from hetune.crypto.registry import get_scheme
 
@@ -170,7 +170,8 @@ def test_output_width_follows_the_weight_norm():
     with pytest.raises(ValueError, match="exceeds"):
         rp.output_bits(rp.max_weight_l2 * 1.01)
     # with fixed masks the per-call body result needs the budget and a few bits only: 33-34 at p128
-    assert [rp.hinted_bits(l2)[1] for l2 in (300, 3000, WORST_WEIGHT_L2)] == [33, 33, 34]
+    assert [rp.hinted_bits(l2) for l2 in (300, 3000, WORST_WEIGHT_L2)] == [(40, 33), (40, 33), (40, 34)]
+    assert [wire_bits(b) for b in (33, 36, 37, 39, 40)] == [33, 36, 40, 40, 40]  # sub-byte only where it saves 4+ bits
 
 
 def test_ciphertexts_look_random_and_carry_no_plaintext_or_key(keys):

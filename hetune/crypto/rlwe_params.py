@@ -70,6 +70,15 @@ TAIL_FACTOR = 2 * (1 - FAILURE_LOG2) * math.log(2)  # (Delta/2 - F)^2 >= TAIL_FA
 WORST_WEIGHT_L2 = 127 * math.sqrt(8192)  # 8-bit weights, widest unfused input of Llama-3.2-1B / -3B
 
 
+def wire_bits(bits: int) -> int:
+    """The width a value travels at: ``bits``, or the next whole byte where that costs at most 3 bits.
+
+    Past a whole byte every bit is a bit plane to pack and unpack (rlwe_wire): at 33 bits one
+    plane saves 7 bits a value, at 39 seven planes would save one.
+    """
+    return bits if bits % 8 in (0, 1, 2, 3, 4) else -(-bits // 8) * 8
+
+
 def _rounding_variance(bits: int) -> float:
     """Variance proxy of rounding a 64-bit value to its top ``bits`` bits (range u = 2^(64 - bits))."""
     return 4.0 ** (LOG2_Q - bits) / 4 if bits < LOG2_Q else 0.0
@@ -134,7 +143,7 @@ class RlweParamSet:
         """Fewest bits per output coefficient (mask and body results alike) that keep decoding exact for this norm."""
         for bits in range(1, LOG2_Q + 1):
             if self.variance(weight_l2, bits, bits) <= self.noise_limit(bits):
-                return bits
+                return wire_bits(bits)
         raise ValueError(f"weight L2 norm {weight_l2:.0f} exceeds {self.max_weight_l2:.0f}: decoding cannot be exact")
 
     def hinted_bits(self, weight_l2: float) -> tuple[int, int]:
@@ -146,7 +155,7 @@ class RlweParamSet:
         for body in range(1, LOG2_Q + 1):
             for mask in range(1, self.fft_bits + 1):
                 if self.variance(weight_l2, mask, body) <= self.noise_limit(mask):
-                    return mask, body
+                    return wire_bits(mask), wire_bits(body)
         raise ValueError(f"weight L2 norm {weight_l2:.0f} exceeds {self.max_weight_l2:.0f}: decoding cannot be exact")
 
     @property
