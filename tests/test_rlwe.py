@@ -308,3 +308,20 @@ def test_keystream_is_aes_ctr_of_zeros():
     for count in (1, 3, 200_000):  # several shared-zero chunks for the largest
         ref = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(8 * count))
         assert randomness.aes_ctr_words(seed, count).numpy().tobytes() == ref
+
+
+def test_values_round_trip_the_wire_at_every_width_in_bits():
+    """Top-k-bit rounding, packed in units of 256 (top bytes, then bit planes), unpacks to the same rounded values."""
+    from hetune.crypto import rlwe_wire as wire
+
+    x = torch.from_numpy(np.random.default_rng(5).integers(-(2**63), 2**63 - 1, size=3 * 256, dtype=np.int64))
+    x[:4] = torch.tensor([-(2**63), 2**63 - 1, 0, -1])
+    for bits in range(1, 65):
+        data = wire.pack_top(x, bits)
+        assert len(data) == wire.packed_bytes(x.numel(), bits) == x.numel() * bits // 8
+        drop = np.uint64(64 - bits)
+        rounded = x.numpy().view(np.uint64) + (np.uint64(1) << drop >> np.uint64(1)) if bits < 64 else x.numpy().view(np.uint64)
+        expected = (rounded >> drop << drop).view(np.int64) if bits < 64 else x.numpy()
+        assert np.array_equal(wire.unpack_top(data, x.numel(), bits).numpy(), expected), bits
+    with pytest.raises(PayloadError, match="whole units"):
+        wire.unpack_top(wire.pack_top(x, 33), 100, 33)
