@@ -57,7 +57,7 @@ def format_summary(s: dict) -> str:
 
 
 def _wire(widths: dict) -> str:
-    """upload 6 fresh 9.75 body 4.125 hint 4.875 | ... per direction; '-' where the scheme's widths do not follow the norms."""
+    """upload 6 fresh 10 body 4.125 hint 5 | ... per direction; '-' where the scheme's widths do not follow the norms."""
     parts = [" ".join(f"{k.removesuffix('_result')} {v:g}" for k, v in widths.get(d, {}).items()) or "-"
              for d in ("forward", "backward")]
     return " | ".join(parts) if widths else "-"

@@ -184,16 +184,15 @@ class ProductAccumulator:
         self.out_bits = rp.hinted_bits(norm)[1] if self.fixed else rp.output_bits(norm)
         self.limb_bits, n_limbs = limb_plan(64, self.n_in, self.wmax)
         self.sums = [torch.zeros(n_out, self.coefs, dtype=torch.float64, device=device) for _ in range(n_limbs)]
-        feature = wire.packed_bytes(self.coefs, header.value_bits)
-        self.feed_bytes = feature * max(1, FEED_BYTES // feature)  # whole features per piece
+        self.feature_bytes = wire.packed_bytes(self.coefs, header.value_bits)
+        self.feed_bytes = self.feature_bytes * max(1, FEED_BYTES // self.feature_bytes)  # whole features per piece
         self.done, self.seconds = 0, 0.0  # features summed; the worker's time on this product
 
     def feed(self, data) -> None:
         """Sum in the next whole features of B."""
         t = time.perf_counter()
-        feature = wire.packed_bytes(self.coefs, self.header.value_bits)
-        f = len(data) // feature
-        if f * feature != len(data) or not 0 < f <= self.n_in - self.done:
+        f = len(data) // self.feature_bytes
+        if f * self.feature_bytes != len(data) or not 0 < f <= self.n_in - self.done:
             raise PayloadError(f"a request piece of {len(data)} bytes is not whole features of this {self.header.rows}x{self.n_in} request")
         b = wire.unpack_top(data, f * self.coefs, self.header.value_bits).view(f, self.coefs).to(self.device)
         wf = self.wf[:, self.done : self.done + f]

@@ -76,7 +76,7 @@ def wire_bits(bits: int) -> int:
     Past a whole byte every bit is a bit plane to pack and unpack (rlwe_wire): at 33 bits one
     plane saves 7 bits a value, at 39 seven planes would save one.
     """
-    return bits if bits % 8 in (0, 1, 2, 3, 4) else -(-bits // 8) * 8
+    return bits if bits % 8 <= 4 else -(-bits // 8) * 8
 
 
 def _rounding_variance(bits: int) -> float:
