@@ -273,7 +273,9 @@ def test_chunked_lm_loss_agrees_with_transformers_and_never_saves_whole_logits()
 
 FRAGMENT = """
 import threading, numpy as np
+from hetune.protocols.hybrid_lora.owner import layer
 from hetune.protocols.hybrid_lora.owner.layer import release_freed_heap
+layer.TRIM_SLACK_BYTES = 64 << 20  # below the 256 MiB of holes made here
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
 big = np.ones(3 * 2**20); del big  # a 24 MiB free raises glibc's mmap threshold: 4 MiB blocks then come from heaps
 keep, holes = [], []
@@ -295,3 +297,23 @@ def test_the_owner_gives_freed_heap_holes_back_after_each_product():
     if before - freed > holes // 2:
         pytest.skip("this C library returned the holes on free already")
     assert freed - after > 3 * holes // 4
+
+
+def test_the_heap_is_trimmed_only_after_growing_by_the_slack(monkeypatch):
+    """A trim returns pages the next product faults back in: products trim once the process grew by the slack."""
+    from hetune.protocols.hybrid_lora.owner import layer
+
+    rss, trims = [0], []
+    monkeypatch.setattr(layer, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(layer, "_TRIM", lambda pad: (trims.append(rss[0]), rss.__setitem__(0, rss[0] - 100)))
+    monkeypatch.setattr(layer, "_trimmed_rss", 0)
+    monkeypatch.setattr(layer, "TRIM_SLACK_BYTES", 1000)
+    for value in (500, 1000, 1001, 1500, 1900, 2000):  # the trim at 1001 leaves 901
+        rss[0] = value
+        layer.release_freed_heap()
+    assert trims == [1001, 2000]  # 1500 and 1900 are within 1000 of 901
+    rss[0] = 400  # the process shrank on its own (a large tensor unmapped): growth counts from there
+    layer.release_freed_heap()
+    rss[0] = 1401
+    layer.release_freed_heap()
+    assert trims == [1001, 2000, 1401]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from contextlib import contextmanager
 
@@ -35,17 +36,39 @@ def _heap_trimmer():
 _TRIM = _heap_trimmer()
 
 
+# Resident growth since the last trim that makes the next product trim the heap. Trimming after
+# every product cost SmolLM2's 2,048-token step 20% (each product refaulted the transients the
+# trim had just returned: 1.65x the page faults); with 1 GiB of slack 8 of its ~240 products
+# trim, the step costs what it does untrimmed, and the peak stays within 0.5 GiB of trimming
+# always (docs/benchmarks.md, "The owner's heap").
+TRIM_SLACK_BYTES = 1 << 30
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_trimmed_rss = 0  # resident bytes after the last trim, lowered whenever the process shrinks on its own
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
 def release_freed_heap() -> None:
-    """Give the pages of freed heap blocks back to the OS.
+    """Give the pages of freed heap blocks back to the OS once they add up.
 
     After a large free, glibc raises its mmap threshold (up to 32 MiB), so a product's
     transients (encoded tokens, ciphertext chunks, decrypted limbs) then come from the heap,
     and the freed holes between long-lived blocks stay resident: on the 1B-shape step they
-    grew the owner's RSS by about 0.35 GiB per layer. Called after every product, it costs
-    well under a millisecond next to the product's seconds.
+    grew the owner's RSS by about 0.35 GiB per layer. Called after every product; it trims
+    only when the process grew by ``TRIM_SLACK_BYTES`` since the last trim.
     """
-    if _TRIM is not None:
+    global _trimmed_rss
+    if _TRIM is None:
+        return
+    rss = resident_bytes()
+    if rss - _trimmed_rss > TRIM_SLACK_BYTES:
         _TRIM(0)
+        _trimmed_rss = resident_bytes()
+    else:
+        _trimmed_rss = min(_trimmed_rss, rss)
 
 
 class _FrozenProduct(torch.autograd.Function):
