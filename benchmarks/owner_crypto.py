@@ -3,7 +3,9 @@
 Question: what does one ciphertext (one feature x one block of N tokens) cost the data
 owner to encrypt and to decrypt? One product of T = N tokens, ``--features`` inputs and
 ``--outputs`` outputs; best of ``--repeat`` after one warm-up; per ciphertext = time /
-ciphertexts. Run it on two checkouts (PYTHONPATH) to compare before and after.
+ciphertexts. Also the wire's packing of ``--values`` int64 values at each of ``--widths``
+bits (``rlwe_wire.pack_top``/``unpack_top``), in ns per value. Run it on two checkouts
+(PYTHONPATH) to compare before and after.
 
     .venv/bin/python benchmarks/owner_crypto.py [--features 64 --outputs 64 --repeat 5 --threads 1] [--out FILE]
 """
@@ -18,6 +20,7 @@ import torch
 
 from common import environment, write_json
 
+from hetune.crypto import rlwe_wire
 from hetune.crypto.keys import generate_keys
 from hetune.crypto.registry import get_scheme
 
@@ -38,6 +41,9 @@ def main() -> None:
     ap.add_argument("--outputs", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--widths", type=lambda v: [int(b) for b in v.split(",")], default=[33, 40],
+                    help="wire widths in bits whose packing is timed")
+    ap.add_argument("--values", type=int, default=2048 * 2048, help="values packed per timing (a multiple of 256)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.threads:
@@ -59,6 +65,14 @@ def main() -> None:
     }
     print(f"encrypt {report['encrypt_us_per_ciphertext']:.1f} us, decrypt {report['decrypt_us_per_ciphertext']:.1f} us "
           f"per ciphertext (N = {n}, {torch.get_num_threads()} threads)")
+    values = torch.randint(-2**63, 2**63 - 1, (args.values,), dtype=torch.int64)
+    report["wire_ns_per_value"] = {}
+    for bits in args.widths:
+        data = rlwe_wire.pack_top(values, bits)
+        pack = best(lambda: rlwe_wire.pack_top(values, bits), args.repeat)  # noqa: B023 (called before the next width)
+        unpack = best(lambda: rlwe_wire.unpack_top(data, args.values, bits), args.repeat)  # noqa: B023
+        report["wire_ns_per_value"][bits] = {"pack": 1e9 * pack / args.values, "unpack": 1e9 * unpack / args.values}
+        print(f"wire at {bits} bits: pack {1e9 * pack / args.values:.2f} ns, unpack {1e9 * unpack / args.values:.2f} ns per value")
     if args.out:
         write_json(args.out, report)
 

@@ -126,10 +126,15 @@ def pack_top(x: torch.Tensor, bits: int) -> bytes:
     if not e:
         return rounded.view(_top_bytes(whole))["top"].tobytes()
     units = _units(rounded.size, bits)
-    parts = [np.frombuffer(rounded.view(_top_bytes(whole))["top"].tobytes(), np.uint8).reshape(units, _UNIT * whole)] if whole else []
-    rest = (rounded.view(np.uint64) >> np.uint64(drop)).astype(np.uint8).reshape(units, _UNIT)  # the low e bits are the rest
-    parts += [np.packbits((rest >> j) & 1, axis=1, bitorder="little") for j in range(e)]
-    return np.concatenate(parts, axis=1).tobytes()
+    # one record per unit, written in place: the top bytes of its 256 values, then its e bit planes
+    out = np.empty(units, np.dtype(([("top", f"V{whole}", (_UNIT,))] if whole else []) + [("planes", np.uint8, (e, _UNIT // 8))]))
+    if whole:
+        out["top"] = rounded.view(_top_bytes(whole))["top"].reshape(units, _UNIT)
+    # the e bits below the top bytes are the high bits of the byte under them
+    rest = (rounded.view(np.uint8).reshape(-1, 8)[:, 7 - whole] >> np.uint8(8 - e)).reshape(units, _UNIT)
+    for j in range(e):
+        out["planes"][:, j] = np.packbits((rest >> j) & 1, axis=1, bitorder="little")
+    return out.tobytes()
 
 
 def unpack_top(data, count: int, bits: int) -> torch.Tensor:
@@ -149,7 +154,7 @@ def unpack_top(data, count: int, bits: int) -> torch.Tensor:
     for j in range(e):
         start = _UNIT * whole + j * _UNIT // 8
         rest |= np.unpackbits(raw[:, start : start + _UNIT // 8], axis=1, bitorder="little") << np.uint8(j)
-    full |= rest.reshape(-1).astype(np.int64) << np.int64(64 - bits)
+    full.view(np.uint8).reshape(count, 8)[:, 7 - whole] = (rest << np.uint8(8 - e)).reshape(-1)  # the byte under the top ones
     return torch.from_numpy(full)
 
 
