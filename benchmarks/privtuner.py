@@ -179,13 +179,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--costs", type=Path, default=None)
     ap.add_argument("--scheme", default=None, help="rlwe (default) or glwe; with --costs, the file's")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "privtuner.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: results/privtuner.json (--real-owners: results/privtuner_owners.json)")
     args = ap.parse_args()
     if args.real_owners:
         t0 = time.perf_counter()
         data = real_owners(args.cell, args.omega, Path("runs/privtuner-owners"), args.measure_costs, args.allocations.split(","))
         data["wall_s"] = time.perf_counter() - t0
-        out = args.out.with_name("privtuner_owners.json")
+        out = args.out or Path(__file__).parent / "results" / "privtuner_owners.json"
         write_json(out, data)
         print(f"wrote {out} in {data['wall_s']:.0f} s")
         return
@@ -205,8 +206,9 @@ def main() -> None:
         "branch_and_bound": bnb_rows(costs, args.seed),
     }
     data["wall_s"] = time.perf_counter() - t0
-    write_json(args.out, data)
-    print(f"wrote {args.out} in {data['wall_s']:.0f} s")
+    out = args.out or Path(__file__).parent / "results" / "privtuner.json"
+    write_json(out, data)
+    print(f"wrote {out} in {data['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -16,17 +16,21 @@ Part 2 (accuracy): the four methods federated on Flower's simulation engine, sam
 seed, same clients (micro-llama, digits, Dirichlet alpha 0.3).
 
 ``--smollm2``: the real setting instead. SmolLM2-135M, task ``knowledge`` (the
-company's facts, each topic held by one client; held-out phrasings): the federated
-methods plus the centralized and local-only references, per round held-out exact match
-and eval loss; the cost of one client's upload on SmolLM2's LoRA shapes; and DAGER's
+company's facts, each topic held by one client; held-out phrasings) or ``text`` (the
+standard library's docstrings, each package held by one client; a tenth of each held
+out): the four federated methods plus the centralized and local-only references, per
+round held-out exact match (knowledge) or next-token accuracy (text) and eval loss;
+for knowledge also the cost of one client's upload on SmolLM2's LoRA shapes and DAGER's
 first-layer span check against one client (``attack.token_recovery``): recall of the
 client's tokens and of its words. Torch runs one
 thread per process (Ray gives each client one CPU; on 2 shared cores more threads only
-thrash). Writes ``results/she_lora_smollm2.json`` and ``docs/img/she_lora_smollm2.png``.
+thrash). Writes ``results/she_lora_smollm2[_text].json`` and
+``docs/img/she_lora_smollm2[_text].png``.
 
     .venv/bin/python benchmarks/she_lora.py            # both parts (toy)
     .venv/bin/python benchmarks/she_lora.py --cost-only
-    .venv/bin/python benchmarks/she_lora.py --smollm2  # the real model
+    .venv/bin/python benchmarks/she_lora.py --smollm2 --rounds 8               # the real model, knowledge
+    .venv/bin/python benchmarks/she_lora.py --smollm2 --task text --rounds 8   # the real model, stdlib text
     .venv/bin/python benchmarks/she_lora.py --smollm2 --part attack  # only the attack (token and word recall)
 """
 
@@ -50,6 +54,16 @@ OUT_SMOLLM2 = OUT.with_name("she_lora_smollm2.json")
 PLOT_SMOLLM2 = Path(__file__).resolve().parent.parent / "docs" / "img" / "she_lora_smollm2.png"
 SMOLLM2_RUN = {"model": "smollm2-135m", "task": "knowledge", "clients": 2, "rounds": 3, "local_steps": 5,
                "batch_size": 4, "seq_len": 32, "lr": 1e-2}
+# the text task at its own default learning rate (TASK_DEFAULTS): pretrained prose needs a gentler step
+SMOLLM2_TEXT_RUN = {**SMOLLM2_RUN, "task": "text", "lr": 3e-3}
+ALL_METHODS = "flexlora,she-lora,full-he,maskcrypt,centralized,local-only"
+
+
+def smollm2_paths(task: str) -> tuple[Path, Path]:
+    """Where the real run of ``task`` writes its JSON and plot."""
+    if task == "knowledge":
+        return OUT_SMOLLM2, PLOT_SMOLLM2
+    return OUT_SMOLLM2.with_name(f"she_lora_smollm2_{task}.json"), PLOT_SMOLLM2.with_name(f"she_lora_smollm2_{task}.png")
 
 
 def lora_shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -172,26 +186,30 @@ def accuracy_runs(rounds: int, clients: int, methods=("flexlora", "she-lora", "m
     return runs
 
 
-def smollm2(methods: list[str]) -> dict:
-    """The real run: accuracy of every method, the upload cost on SmolLM2's shapes, the token-recovery attack."""
+def smollm2(methods: list[str], task: str, rounds: int | None) -> dict:
+    """The real run: accuracy of every method; for knowledge also the upload cost on SmolLM2's shapes and the attack."""
     import resource
 
     import torch
 
     torch.set_num_threads(1)
-    result = {"environment": environment(), "run": SMOLLM2_RUN, "phases_s": {}}
-    t0 = time.perf_counter()
-    result["cost"] = upload_cost("smollm2-135m", 2, rank=8, repeats=1)
-    result["phases_s"]["cost"] = time.perf_counter() - t0
-    print("cost", {k: result["cost"][k] for k in ("she_vs_full-he", "she_vs_full-he-per-column")}, flush=True)
-    run = dict(SMOLLM2_RUN)
+    run = dict(SMOLLM2_RUN if task == "knowledge" else SMOLLM2_TEXT_RUN)
+    run["rounds"] = rounds or run["rounds"]
+    out, plot = smollm2_paths(task)
+    result = {"environment": environment(), "run": dict(run), "phases_s": {}}
+    if task == "knowledge":  # the cost depends on the shapes only
+        t0 = time.perf_counter()
+        result["cost"] = upload_cost("smollm2-135m", 2, rank=8, repeats=1)
+        result["phases_s"]["cost"] = time.perf_counter() - t0
+        print("cost", {k: result["cost"][k] for k in ("she_vs_full-he", "she_vs_full-he-per-column")}, flush=True)
     clients, rounds = run.pop("clients"), run.pop("rounds")
     t0 = time.perf_counter()
     result["accuracy"] = accuracy_runs(rounds, clients, methods, **run)
     result["phases_s"]["accuracy"] = time.perf_counter() - t0
-    plot_smollm2(result["accuracy"], PLOT_SMOLLM2)
-    write_json(OUT_SMOLLM2, result)  # kept if the attack phase fails
-    attack_smollm2(result)
+    plot_smollm2(result["accuracy"], plot, task)
+    write_json(out, result)  # kept if the attack phase fails
+    if task == "knowledge":
+        attack_smollm2(result)
     result["max_rss_mb"] = {"benchmark_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "waited_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     return result
@@ -222,24 +240,25 @@ def attack_smollm2(result: dict) -> dict:
     return result
 
 
-def plot_smollm2(runs: dict, path: Path) -> None:
+def plot_smollm2(runs: dict, path: Path, task: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from hetune.files import save_figure
+    from hetune.protocols.she_lora.run import ACCURACY
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for method, run in runs.items():
         axes[0].plot(range(len(run["accuracy"])), run["accuracy"], "-o", label=method)
         axes[1].plot(range(len(run["test_loss"])), run["test_loss"], "-o", label=method)
-    axes[0].set_ylabel("held-out exact match")
+    axes[0].set_ylabel(ACCURACY[task])
     axes[1].set_ylabel("eval loss")
     for ax in axes:
         ax.set_xlabel("round")
         ax.legend(fontsize=7)
-    fig.suptitle("SHE-LoRA and references on SmolLM2-135M, knowledge task")
+    fig.suptitle(f"SHE-LoRA and references on SmolLM2-135M, {task} task")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
@@ -247,11 +266,11 @@ def plot_smollm2(runs: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cost-only", action="store_true")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=None, help="toy: 8; --smollm2: the run's own (3)")
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--smollm2", action="store_true", help="the real model (SmolLM2-135M, knowledge task)")
-    parser.add_argument("--methods", default="flexlora,she-lora,centralized,local-only",
-                        help="--smollm2: which methods to run")
+    parser.add_argument("--smollm2", action="store_true", help="the real model (SmolLM2-135M)")
+    parser.add_argument("--task", choices=("knowledge", "text"), default="knowledge", help="--smollm2: the federated task")
+    parser.add_argument("--methods", default=ALL_METHODS, help="--smollm2: which methods to run")
     parser.add_argument("--part", choices=("all", "attack"), default="all",
                         help="--smollm2: attack = only the token-recovery attack, written into the existing JSON")
     args = parser.parse_args()
@@ -267,16 +286,17 @@ def main() -> None:
         return
     if args.smollm2:
         started = time.perf_counter()
-        result = smollm2(args.methods.split(","))
+        result = smollm2(args.methods.split(","), args.task, args.rounds)
         result["wall_time_s"] = time.perf_counter() - started
-        write_json(OUT_SMOLLM2, result)
-        print(f"wrote {OUT_SMOLLM2} and {PLOT_SMOLLM2}")
+        out, plot = smollm2_paths(args.task)
+        write_json(out, result)
+        print(f"wrote {out} and {plot}")
         return
     result = {"environment": environment(), "cost": [upload_cost("tiny-llama", 1), upload_cost("llama-3.2-1b-shape", 5)]}
     for c in result["cost"]:
         print(c["model_shapes"], {k: c[k] for k in ("she_vs_full-he", "she_vs_full-he-per-column")})
     if not args.cost_only:
-        result["accuracy"] = accuracy_runs(args.rounds, args.clients)
+        result["accuracy"] = accuracy_runs(args.rounds or 8, args.clients)
     write_json(OUT, result)
     print(f"wrote {OUT}")
 

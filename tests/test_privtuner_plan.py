@@ -245,3 +245,16 @@ def test_jointly_infeasible_cell_names_the_shared_constraint(costs):
     check_feasible(build_instance(cell, costs))
     with pytest.raises(InfeasibleCellError, match="shared bandwidth/server"):
         plan_cell(cell, costs, 1e-3, baselines=False)
+
+
+@pytest.mark.parametrize("name", ["cell.toml", "cell_smollm2.toml", "cell_smollm2_steps.toml"])
+def test_the_documented_cells_load_and_plan_within_their_deadline(costs, name):
+    """The cells README and docs/benchmarks.md run: each parses and has a feasible plan on the shipped fit."""
+    from pathlib import Path
+
+    from hetune.protocols.privtuner.cell import load_cell
+
+    cell = load_cell(Path(__file__).resolve().parent.parent / "docs" / "examples" / name)
+    plan = plan_cell(cell, costs, 0.003 if "smollm2" in name else 1e-3, baselines=False)
+    assert len(plan["plan"]["owners"]) == len(cell.owners)
+    assert plan["violation"] <= 1e-6
