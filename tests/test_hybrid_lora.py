@@ -275,7 +275,7 @@ FRAGMENT = """
 import threading, numpy as np
 from hetune.protocols.hybrid_lora.owner import layer
 from hetune.protocols.hybrid_lora.owner.layer import release_freed_heap
-layer.TRIM_SLACK_BYTES = 64 << 20  # below the 256 MiB of holes made here
+layer.TRIM_SLACK_BYTES = 64 << 20  # below this process's size: the one call below trims
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
 big = np.ones(3 * 2**20); del big  # a 24 MiB free raises glibc's mmap threshold: 4 MiB blocks then come from heaps
 keep, holes = [], []

@@ -37,13 +37,15 @@ _TRIM = _heap_trimmer()
 
 
 # Resident growth since the last trim that makes the next product trim the heap. Trimming after
-# every product cost SmolLM2's 2,048-token step 20% (each product refaulted the transients the
-# trim had just returned: 1.65x the page faults); with 1 GiB of slack 8 of its ~240 products
-# trim, the step costs what it does untrimmed, and the peak stays within 0.5 GiB of trimming
+# every product cost SmolLM2's 2,048-token step 25% (each product refaulted the transients the
+# trim had just returned: 1.8x the page faults); with 1 GiB of slack 7 of its 239 products
+# trim, the step costs what it does untrimmed, and the peak stays within 0.3 GiB of trimming
 # always (docs/benchmarks.md, "The owner's heap").
 TRIM_SLACK_BYTES = 1 << 30
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_trimmed_rss = 0  # resident bytes after the last trim, lowered whenever the process shrinks on its own
+# Resident bytes after the last trim, lowered whenever the process shrinks on its own. Owners in
+# threads of one process (PrivTuner) share it unlocked: a race costs at most an early or extra trim.
+_trimmed_rss = 0
 
 
 def resident_bytes() -> int:
@@ -52,7 +54,7 @@ def resident_bytes() -> int:
 
 
 def release_freed_heap() -> None:
-    """Give the pages of freed heap blocks back to the OS once they add up.
+    """Give the pages of freed heap blocks back to the OS once resident memory grew by the slack.
 
     After a large free, glibc raises its mmap threshold (up to 32 MiB), so a product's
     transients (encoded tokens, ciphertext chunks, decrypted limbs) then come from the heap,
