@@ -448,3 +448,15 @@ def test_flower_run_config_keeps_the_config_defaults_and_names_bad_values():
         config_from_run_config({"budgets": "1,x"})
     with pytest.raises(ConfigError, match="rounds='many'"):
         config_from_run_config({"rounds": "many"})
+
+
+def test_the_text_eval_draws_from_every_source_not_a_prefix():
+    """The held-out list runs source by source: scoring its first documents would score a few sources only."""
+    from hetune.protocols.she_lora.task import eval_sample
+
+    texts = [f"{source}-{i}" for source in "abcdefgh" for i in range(10)]
+    got = eval_sample(texts, 32, seed=0)
+    assert len(set(got)) == 32 and set(got) <= set(texts)
+    assert len({t.split("-")[0] for t in got}) == 8  # a prefix of 32 would hold 4 sources
+    assert got == eval_sample(texts, 32, seed=0)  # the same documents for every client and round
+    assert eval_sample(texts[:6], 32, seed=0) == texts[:6]  # short lists (knowledge's 6 lines) whole, in order
