@@ -452,9 +452,13 @@ def test_flower_run_config_keeps_the_config_defaults_and_names_bad_values():
 
 def test_the_text_eval_draws_from_every_source_not_a_prefix():
     """The held-out list runs source by source: scoring its first documents would score a few sources only."""
-    from hetune.protocols.she_lora.task import eval_sample
+    from hetune.data.federated import FederatedText
 
     texts = [f"{source}-{i}" for source in "abcdefgh" for i in range(10)]
+
+    def eval_sample(held_out, count, seed):
+        return FederatedText("text", [], [], held_out, []).eval_sample(count, seed)
+
     got = eval_sample(texts, 32, seed=0)
     assert len(set(got)) == 32 and set(got) <= set(texts)
     assert len({t.split("-")[0] for t in got}) == 8  # a prefix of 32 would hold 4 sources

@@ -30,6 +30,12 @@ class FederatedText:
     eval_texts: list[str]  # held-out documents: the global model's eval loss
     held_out: list[Problem]  # held-out questions: the global model's exact match (empty for ``text``)
 
+    def eval_sample(self, count: int, seed: int) -> list[str]:
+        """``count`` held-out documents drawn evenly (all of them, in order, if no more): ``eval_texts``
+        runs source by source, so a prefix would score a few clients' sources only."""
+        texts = self.eval_texts
+        return list(texts) if len(texts) <= count else random.Random(seed).sample(texts, count)
+
 
 def make_federated_text(task: str, clients: int, seed: int = 0, max_docs: int = 0) -> FederatedText:
     """``max_docs`` > 0 keeps at most that many training documents per client (fast tests)."""

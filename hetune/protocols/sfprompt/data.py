@@ -74,8 +74,7 @@ def text_task(task: str, model: str, clients: int, seed: int, seq_len: int, max_
     docs = [d for client in fed.clients for d in client]
     sizes = np.cumsum([0] + [len(c) for c in fed.clients])
     parts = [np.arange(sizes[i], sizes[i + 1]) for i in range(clients)]
-    evals = fed.eval_texts if len(fed.eval_texts) <= EVAL_DOCS else random.Random(seed).sample(fed.eval_texts, EVAL_DOCS)
-    return Task(encode(tok, docs, seq_len), encode(tok, evals, seq_len), len(tok), lm=True, partitions=parts,
+    return Task(encode(tok, docs, seq_len), encode(tok, fed.eval_sample(EVAL_DOCS, seed), seq_len), len(tok), lm=True, partitions=parts,
                 held_out=tuple(fed.held_out), tokenizer=tok)
 
 

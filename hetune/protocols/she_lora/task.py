@@ -17,7 +17,6 @@ update is exactly B A whatever the client's rank.
 from __future__ import annotations
 
 import copy
-import random
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -311,14 +310,8 @@ def local_data(cfg, client: int) -> LocalData:
     texts = _texts(cfg.task, cfg.clients, cfg.seed, cfg.max_docs)
     tok = frozen_lm(cfg.model, cfg.seed)[1]
     x, y = token_blocks(tok, texts.clients[client], cfg.seq_len)
-    test_x, test_y = token_blocks(tok, eval_sample(texts.eval_texts, cfg.eval_docs, cfg.seed), cfg.seq_len)
+    test_x, test_y = token_blocks(tok, texts.eval_sample(cfg.eval_docs, cfg.seed), cfg.seq_len)
     return LocalData(x, y, test_x, test_y, tuple(texts.held_out))
-
-
-def eval_sample(texts: list[str], count: int, seed: int) -> list[str]:
-    """``count`` held-out documents drawn evenly: the held-out list runs source by source, so a prefix
-    would score a few clients' sources only."""
-    return list(texts) if len(texts) <= count else random.Random(seed).sample(texts, count)
 
 
 def all_data(cfg) -> LocalData:
