@@ -325,3 +325,38 @@ def test_values_round_trip_the_wire_at_every_width_in_bits():
         assert np.array_equal(wire.unpack_top(data, x.numel(), bits).numpy(), expected), bits
     with pytest.raises(PayloadError, match="whole units"):
         wire.unpack_top(wire.pack_top(x, 33), 100, 33)
+
+
+def _reference_pack(values: list[int], bits: int) -> bytes:
+    """The module docstring's layout, value by value in plain integers: an independent reading of the spec."""
+    drop, (whole, e) = 64 - bits, divmod(bits, 8)
+    out = bytearray()
+    for start in range(0, len(values), 256):
+        rounded = [((v % 2**64) + (1 << drop >> 1)) % 2**64 for v in values[start : start + 256]]
+        for r in rounded:  # the top ``whole`` bytes, little-endian
+            out += (r >> (64 - 8 * whole)).to_bytes(whole, "little") if whole else b""
+        rest = [(r >> (64 - 8 * whole - e)) & ((1 << e) - 1) for r in rounded]
+        for j in range(e):  # plane j: bit j of value i at bit i
+            out += sum(((x >> j) & 1) << i for i, x in enumerate(rest)).to_bytes(32, "little")
+    return bytes(out)
+
+
+def test_wire_bytes_follow_the_documented_layout_exactly():
+    """Golden bytes: the packing equals the docstring's layout computed by hand, and the header's bytes are pinned.
+
+    The round-trip test above would pass for any self-consistent layout; this one fails if the
+    bytes a peer sees change, which would break an older worker or owner without a version bump.
+    """
+    from hetune.crypto import rlwe_wire as wire
+
+    rng = np.random.default_rng(11)
+    values = [int(v) for v in rng.integers(-(2**63), 2**63 - 1, size=2 * 256, dtype=np.int64)]
+    values[:3] = [-(2**63), 2**63 - 1, -1]
+    x = torch.tensor(values, dtype=torch.int64)
+    for bits in (1, 5, 8, 13, 24, 30, 33, 39, 40, 57, 63):
+        assert wire.pack_top(x, bits) == _reference_pack(values, bits), bits
+    assert wire.pack_top(x, 64) == b"".join(v.to_bytes(8, "little", signed=True) for v in values)
+    header = wire.Header(wire.HINTED_RESULT, "rlwe", "p128", 2048, 576, 33, bytes(range(16))).pack()
+    assert header.hex() == ("4854524c" "04" "04" "726c776500000000" "7031323800000000" "00080000" "40020000" "21"
+                            "000102030405060708090a0b0c0d0e0f")
+    assert wire.pack_trailer(1.5) == b"HTWS" + bytes.fromhex("000000000000f83f")  # float64 1.5, little-endian
