@@ -20,6 +20,7 @@ Three parts:
 
     .venv/bin/python benchmarks/sfprompt.py --part smollm2   # about 20 minutes on 2 loaded cores
     .venv/bin/python benchmarks/sfprompt.py --part smollm2 --task text   # stdlib docstrings, 32 per client
+    .venv/bin/python benchmarks/sfprompt.py --task text --sweep   # SFPrompt's step sizes, local-loss on/off: about 13 minutes
     .venv/bin/python benchmarks/sfprompt.py --part toy       # about 12 minutes on 2 cores
     .venv/bin/python benchmarks/sfprompt.py --part toy --quick    # 3 rounds, about 2 minutes
 """
@@ -80,6 +81,28 @@ SMOLLM2_METHODS = ("sfprompt", "fl-lora", "fl-full")
 # every update: with both clients at once it crossed the 24 GB machine's limit (Ray killed one), so
 # its clients run one at a time
 CLIENT_CPUS = {"fl-full": 2.0}
+
+
+# SFPrompt's own step sizes and its local-loss update on the real model: (local-loss epochs, prompts' lr, tail's lr)
+SWEEP = [(local, lr, tail) for local in (1, 0)
+         for lr, tail in ((3e-3, 3e-3), (1e-3, 1e-3), (3e-4, 3e-4), (1e-3, 5e-5), (1e-4, 1e-3))]
+
+
+def sweep(out: Path, task: str) -> None:
+    """SFPrompt alone over SWEEP, in the benchmark's setting otherwise: which steps learn on a pretrained LM."""
+    import os
+
+    rows = []
+    for local, lr, tail in SWEEP:
+        start = time.perf_counter()
+        s = run(SfpromptConfig(method="sfprompt", local_epochs=local, lr=lr, tail_lr=tail, **SMOLLM2_TASKS[task]))
+        rows.append({"local_epochs": local, "lr": lr, "tail_lr": tail, "eval_loss_by_round": [r["loss"] for r in s["rounds"]],
+                     "accuracy_by_round": [r["accuracy"] for r in s["rounds"]], "wall_s": round(time.perf_counter() - start, 1),
+                     "load_avg_1m_after": os.getloadavg()[0]})
+        print(f"local-loss epochs {local}, prompts {lr:g}, tail {tail:g}: eval loss "
+              f"{[round(x, 3) for x in rows[-1]['eval_loss_by_round']]}", flush=True)
+    write_json(out, {"question": "SFPrompt on SmolLM2: eval loss by step size and local-loss update",
+                     "environment": environment(), "setting": SMOLLM2_TASKS[task], "runs": rows})
 
 
 class PeakMemory:
@@ -185,8 +208,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="toy: 3 rounds")
     parser.add_argument("--methods", default=",".join(SMOLLM2_METHODS), help="smollm2: the methods to (re)run")
     parser.add_argument("--task", choices=tuple(SMOLLM2_TASKS), default="knowledge", help="smollm2: the federated task")
+    parser.add_argument("--sweep", action="store_true", help="smollm2: SFPrompt alone over SWEEP (step sizes, local-loss on/off)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.sweep:
+        sweep(args.out or Path(f"benchmarks/results/sfprompt_smollm2_{args.task}_sweep.json"), args.task)
+        return
     if args.part == "smollm2":
         name = "sfprompt_smollm2" + ("" if args.task == "knowledge" else f"_{args.task}")
         smollm2(args.out or Path(f"benchmarks/results/{name}.json"), Path(f"docs/img/{name}.png"),

@@ -397,11 +397,12 @@ def federate_sfprompt(
     cut: str = typer.Option("1:1", "--cut", help="HEAD:TAIL blocks held by the clients; the body server runs the rest."),
     prompts: int = typer.Option(4, "--prompts", help="Soft prompt tokens prepended after the embedding."),
     gamma: float = typer.Option(0.5, "--gamma", help="EL2N pruning: share of local samples kept (hardest first)."),
-    local_epochs: int = typer.Option(1, "--local-epochs", help="Local-loss epochs (head -> tail, no communication) per round."),
+    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help="Local-loss epochs (head -> tail, no communication) per round (default 1 random models, 0 SmolLM2)."),
     epochs: int = typer.Option(1, "--epochs", help="Split (or local) fine-tuning epochs per round."),
     method: str = typer.Option("sfprompt", "--method", help="sfprompt, fl-full, fl-lora, fed-prompt, split-fed or local-only."),
     alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet non-IID split of the training data (digits, topics)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate for prompts and tail (default 1e-2 random models, 3e-3 SmolLM2)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate for the soft prompts (default 1e-2 random models, 1e-3 SmolLM2)."),
+    tail_lr: Optional[float] = typer.Option(None, "--tail-lr", help="AdamW learning rate for the client's tail blocks (default 1e-2 random models, 1e-3 SmolLM2)."),
     lora_lr: Optional[float] = typer.Option(None, "--lora-lr", help="AdamW learning rate for LoRA adapters, fl-lora (default 1e-2 / 1e-3)."),
     full_lr: Optional[float] = typer.Option(None, "--full-lr", help="AdamW learning rate for every weight, fl-full (default 1e-3 / 5e-5)."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="fl-lora: LoRA rank on all seven linears of every block."),
@@ -419,7 +420,7 @@ def federate_sfprompt(
 
     cfg = SfpromptConfig(
         model=model, task=task, method=method, clients=clients, rounds=rounds, cut=parse_cut(cut), prompts=prompts,
-        gamma=gamma, local_epochs=local_epochs, epochs=epochs, batch_size=batch_size, lr=lr, lora_lr=lora_lr,
+        gamma=gamma, local_epochs=local_epochs, epochs=epochs, batch_size=batch_size, lr=lr, tail_lr=tail_lr, lora_lr=lora_lr,
         full_lr=full_lr, lora_rank=lora_rank, alpha=alpha, seq_len=seq_len, max_docs=max_docs, blocks=blocks,
         client_cpus=client_cpus, seed=seed, out=out,
     )

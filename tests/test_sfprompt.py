@@ -35,6 +35,26 @@ def _batch(model: str, n: int):
     return task.train.x, task.train.y, task.label_token_ids
 
 
+def test_prompts_and_tail_take_their_own_learning_rates():
+    """A pretrained tail block needs fine-tuning's small step, the new prompts a large one: one AdamW, two groups."""
+    _, _, labels = _batch("micro-llama", 2)
+    split = SplitModel("micro-llama", 0, (0, 1), 3, labels)
+    cfg = SfpromptConfig(model="micro-llama", cut=(0, 1), lr=1e-2, tail_lr=1e-4)
+    groups = split.param_groups(cfg.trained, cfg.learning_rates())
+    rest = [p for n, p in split.named_parameters() if p.requires_grad and n != "prompts"]
+    assert [g["lr"] for g in groups] == [1e-2, 1e-4] and groups[0]["params"] == [split.prompts]
+    assert rest and [id(p) for p in groups[1]["params"]] == [id(p) for p in rest]
+    before = [p.detach().clone() for p in (split.prompts, *rest)]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    for p in (split.prompts, *rest):
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # Adam's first step moves every weight by its group's lr (g / |g| = 1)
+    steps = [float((p.detach() - b).abs().max()) for p, b in zip((split.prompts, *rest), before)]
+    assert steps[0] == pytest.approx(1e-2, rel=1e-4) and all(s == pytest.approx(1e-4, rel=1e-3) for s in steps[1:])
+    assert SfpromptConfig(model="micro-llama", cut=(0, 1), method="fl-lora", lora_lr=3e-4).learning_rates() == {"rest": 3e-4}
+    assert SfpromptConfig(model="micro-llama", cut=(0, 1), method="fl-full").learning_rates() == {"rest": 1e-3}
+
+
 @pytest.mark.parametrize("model,cut", [("tiny-vit", (1, 1)), ("micro-llama", (0, 1))])
 def test_split_gradients_equal_monolithic_autograd_float64(model, cut):
     # Prepare: the same seeded model twice in float64, one without its body (the client),

@@ -69,7 +69,9 @@ def test_she_lora_aggregate_equals_flexlora_on_smollm2_adapters(keys):
 @pytest.mark.slow
 @pytest.mark.he
 def test_benchmark_run_she_lora_matches_flexlora_and_beats_local_only(tmp_path):
-    """The benchmark's real run (benchmarks/she_lora.py --smollm2) for three methods: 12 min 22 s on 2 cores at load 3.5-6."""
+    """The benchmark's real run (benchmarks/she_lora.py --smollm2, 3 rounds) for every federated method and local-only:
+    5 min 27 s on 2 quiet cores. The 8-round benchmark had at round 3 (eval loss): FlexLoRA, SHE-LoRA and MaskCrypt
+    2.154, full HE 2.291, local-only 3.041."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -77,12 +79,15 @@ def test_benchmark_run_she_lora_matches_flexlora_and_beats_local_only(tmp_path):
 
     run = dict(SMOLLM2_RUN)
     clients, rounds = run.pop("clients"), run.pop("rounds")
-    runs = accuracy_runs(rounds, clients, ("flexlora", "she-lora", "local-only"), **run)
-    # SHE-LoRA within 1 point of FlexLoRA's exact match (the same aggregate up to CKKS error)
-    assert abs(runs["she-lora"]["final_accuracy"] - runs["flexlora"]["final_accuracy"]) <= 0.01
-    assert abs(runs["she-lora"]["test_loss"][-1] - runs["flexlora"]["test_loss"][-1]) <= 1e-3
-    # federated above local-only: each client alone never sees the other's topics
-    assert runs["flexlora"]["test_loss"][-1] < runs["local-only"]["test_loss"][-1]
+    runs = accuracy_runs(rounds, clients, ("flexlora", "she-lora", "maskcrypt", "full-he", "local-only"), **run)
+    # SHE-LoRA and MaskCrypt within 1 point of FlexLoRA's exact match (the same aggregate up to CKKS error)
+    for method in ("she-lora", "maskcrypt"):
+        assert abs(runs[method]["final_accuracy"] - runs["flexlora"]["final_accuracy"]) <= 0.01, method
+        assert abs(runs[method]["test_loss"][-1] - runs["flexlora"]["test_loss"][-1]) <= 1e-3, method
+    # federated above local-only: each client alone never sees the other's topics; full HE averages A and B
+    # separately (a different aggregate from FlexLoRA's), and still learns what neither client holds alone
+    for method in ("flexlora", "full-he"):
+        assert runs[method]["test_loss"][-1] < runs["local-only"]["test_loss"][-1] - 0.3, method
 
 
 def test_word_recall_with_smollm2s_tokenizer():

@@ -107,8 +107,7 @@ def client_round(split: SplitModel, cfg: SfpromptConfig, data: Dataset, task: Ta
                  link: BodyClient | None = None) -> RoundReport:
     """Train ``split`` in place on ``data`` (this client's part of ``task``) for one round of ``cfg.method``."""
     generator = torch.Generator().manual_seed(seed)
-    params = split.set_trainable(cfg.trained)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(split.param_groups(cfg.trained, cfg.learning_rates()), weight_decay=0.0)
     train_set = data
     if cfg.method == "sfprompt":
         # 1. local-loss update: head -> tail, no communication; the tail is the auxiliary head

@@ -13,9 +13,13 @@ FAULTS = ("malformed", "disconnect")
 # task -> the backbones it runs on; knowledge and text are causal-LM tasks (make_federated_text)
 TASKS = {"digits": "vit", "topics": "llama", "knowledge": "llama", "text": "llama"}
 LM_TASKS = ("knowledge", "text")
-# AdamW learning rates when none is given: (prompts + tail, LoRA adapters, every weight).
-# The random toys learn from scratch; a pretrained LM is wrecked by them and needs small steps.
-DEFAULT_LRS = {"random": (1e-2, 1e-2, 1e-3), "pretrained": (3e-3, 1e-3, 5e-5)}
+# Defaults of the settings that depend on the backbone: AdamW learning rates (soft prompts, tail,
+# LoRA adapters, every weight) and local-loss epochs. The random toys learn from scratch at large
+# steps. A pretrained LM is wrecked by them, and its local-loss path (block 1 straight into block
+# 30 of SmolLM2) is a poor proxy for the real one: training on it raised the held-out loss at
+# every step size tried (docs/benchmarks.md, the SFPrompt sweep), so a pretrained run skips it.
+DEFAULTS = {"random": dict(lr=1e-2, tail_lr=1e-2, lora_lr=1e-2, full_lr=1e-3, local_epochs=1),
+            "pretrained": dict(lr=1e-3, tail_lr=1e-3, lora_lr=1e-3, full_lr=5e-5, local_epochs=0)}
 
 
 def parse_cut(text: str) -> tuple[int, int]:
@@ -36,12 +40,13 @@ class SfpromptConfig:
     cut: tuple[int, int] = (1, 1)  # blocks in head and tail; the body holds the rest
     prompts: int = 4  # soft prompt tokens (ignored by fl-full, which has none)
     gamma: float = 0.5  # EL2N: share of local samples kept for split fine-tuning
-    local_epochs: int = 1  # local-loss epochs (head -> tail) per round
+    local_epochs: int | None = None  # local-loss epochs (head -> tail) per round; None: DEFAULTS
     epochs: int = 1  # split / local fine-tuning epochs per round
     batch_size: int = 32
-    lr: float | None = None  # AdamW, prompts and tail; None: DEFAULT_LRS
-    lora_lr: float | None = None  # AdamW, LoRA adapters (fl-lora); None: DEFAULT_LRS
-    full_lr: float | None = None  # AdamW, every weight (fl-full); None: DEFAULT_LRS
+    lr: float | None = None  # AdamW, soft prompts; None: DEFAULTS
+    tail_lr: float | None = None  # AdamW, tail (and the final norm, the classifier); None: DEFAULTS
+    lora_lr: float | None = None  # AdamW, LoRA adapters (fl-lora); None: DEFAULTS
+    full_lr: float | None = None  # AdamW, every weight (fl-full); None: DEFAULTS
     lora_rank: int = 8  # fl-lora: rank on all seven linears of every block
     alpha: float = 0.5  # Dirichlet non-IID split (digits, topics; the text tasks come split by topic / source)
     seq_len: int = 64  # text tasks: tokens kept per document
@@ -82,8 +87,8 @@ class SfpromptConfig:
         if self.seq_len < 2 or self.max_docs < 0 or self.lora_rank < 1:
             raise ConfigError(f"seq_len={self.seq_len}, max_docs={self.max_docs}, lora_rank={self.lora_rank} are invalid",
                               "pass --seq-len >= 2, --max-docs >= 0 (0 = all), --lora-rank >= 1")
-        defaults = DEFAULT_LRS["pretrained" if self.model in models.PRETRAINED else "random"]
-        for name, default in zip(("lr", "lora_lr", "full_lr"), defaults):
+        defaults = DEFAULTS["pretrained" if self.model in models.PRETRAINED else "random"]
+        for name, default in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         for name in ("clients", "rounds", "epochs", "batch_size"):
@@ -97,9 +102,9 @@ class SfpromptConfig:
             raise ConfigError(f"gamma={self.gamma} must be in (0, 1]", "use e.g. 0.5 (keep the hardest half)")
         if self.alpha <= 0:
             raise ConfigError(f"alpha={self.alpha} must be > 0", "use e.g. 0.5 (non-IID) or 100 (near IID)")
-        if min(self.lr, self.lora_lr, self.full_lr) <= 0:
-            raise ConfigError(f"lr={self.lr}, lora_lr={self.lora_lr}, full_lr={self.full_lr} must be > 0",
-                              f"use e.g. {defaults[0]}, {defaults[1]} and {defaults[2]}")
+        if min(self.lr, self.tail_lr, self.lora_lr, self.full_lr) <= 0:
+            raise ConfigError(f"lr={self.lr}, tail_lr={self.tail_lr}, lora_lr={self.lora_lr}, full_lr={self.full_lr} must be > 0",
+                              f"use e.g. {defaults['lr']}, {defaults['tail_lr']}, {defaults['lora_lr']} and {defaults['full_lr']}")
         for pid, fault in self.faults.items():
             if fault not in FAULTS or not 0 <= pid < self.clients:
                 raise ConfigError(f"faults[{pid}]={fault!r} is invalid", f"partition ids 0..{self.clients - 1}, faults {FAULTS}")
@@ -113,9 +118,11 @@ class SfpromptConfig:
         """What a client trains and FedAvg averages: "full" (every weight), "lora" (adapters) or "prompt" (prompts + tail)."""
         return {"fl-full": "full", "fl-lora": "lora"}.get(self.method, "prompt")
 
-    @property
-    def train_lr(self) -> float:
-        return {"full": self.full_lr, "lora": self.lora_lr, "prompt": self.lr}[self.trained]
+    def learning_rates(self) -> dict[str, float]:
+        """AdamW's step per group of what :attr:`trained` names: the soft prompts and the rest (split.param_groups)."""
+        if self.trained == "prompt":
+            return {"prompts": self.lr, "rest": self.tail_lr}
+        return {"rest": self.full_lr if self.trained == "full" else self.lora_lr}
 
     @property
     def lm(self) -> bool:

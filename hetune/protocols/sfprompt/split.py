@@ -160,6 +160,14 @@ class SplitModel(nn.Module):
             param.requires_grad_(self._is_trained(name, trained))
         return [p for p in self.parameters() if p.requires_grad]
 
+    def param_groups(self, trained: str, learning_rates: dict[str, float]) -> list[dict]:
+        """AdamW groups for :meth:`set_trainable`'s parameters: the soft prompts apart from the pretrained rest."""
+        params = self.set_trainable(trained)
+        if "prompts" not in learning_rates:
+            return [{"params": params, "lr": learning_rates["rest"]}]
+        rest = [p for p in params if p is not self.prompts]
+        return [{"params": [self.prompts], "lr": learning_rates["prompts"]}, {"params": rest, "lr": learning_rates["rest"]}]
+
     @staticmethod
     def _is_trained(name: str, trained: str) -> bool:
         if trained == "full":
