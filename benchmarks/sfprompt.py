@@ -18,7 +18,7 @@ Three parts:
 - Analytic, the paper's backbones ViT-B/16 and ViT-L/16 (real configs, no weights):
   client FLOPs and bytes per client per round for a stated workload.
 
-    .venv/bin/python benchmarks/sfprompt.py --part smollm2   # about 20 minutes on 2 loaded cores
+    .venv/bin/python benchmarks/sfprompt.py --part smollm2   # about 5 minutes on 2 quiet cores
     .venv/bin/python benchmarks/sfprompt.py --part smollm2 --task text   # stdlib docstrings, 32 per client
     .venv/bin/python benchmarks/sfprompt.py --task text --sweep   # SFPrompt's step sizes, local-loss on/off: about 13 minutes
     .venv/bin/python benchmarks/sfprompt.py --part toy       # about 12 minutes on 2 cores

@@ -356,7 +356,7 @@ def test_wire_bytes_follow_the_documented_layout_exactly():
     for bits in (1, 5, 8, 13, 24, 30, 33, 39, 40, 57, 63):
         assert wire.pack_top(x, bits) == _reference_pack(values, bits), bits
     assert wire.pack_top(x, 64) == b"".join(v.to_bytes(8, "little", signed=True) for v in values)
-    header = wire.Header(wire.HINTED_RESULT, "rlwe", "p128", 2048, 576, 33, bytes(range(16))).pack()
-    assert header.hex() == ("4854524c" "04" "04" "726c776500000000" "7031323800000000" "00080000" "40020000" "21"
+    header = wire.Header(wire.HINTED_REQUEST, "rlwe", "p128", 2048, 576, 33, bytes(range(16))).pack()
+    assert header.hex() == ("4854524c" "04" "03" "726c776500000000" "7031323800000000" "00080000" "40020000" "21"
                             "000102030405060708090a0b0c0d0e0f")
     assert wire.pack_trailer(1.5) == b"HTWS" + bytes.fromhex("000000000000f83f")  # float64 1.5, little-endian

@@ -3,8 +3,9 @@
 Header (little-endian, 47 bytes): magic ``HTRL``, format version, kind, scheme and
 parameter-set names (8 bytes each, NUL-padded), rows (tokens) and columns (features) as
 uint32, bits per value k, and the 16-byte mask seed (zero in results). Values are
-coefficients rounded to their top k bits, feature-major (feature or output j's blocks of N
-coefficients one after the other), in units of 256 values; with k = 8h + e, a unit is its
+coefficients rounded to their top k bits (below 64: add 2^(63-k) mod 2^64, keep the top k),
+feature-major (feature or output j's blocks of N coefficients one after the other), in
+units of 256 values; with k = 8h + e, a unit is its
 values' top h bytes each (little-endian, value after value), then e bit planes of 32 bytes:
 plane j holds bit j of each value's remaining e bits (value i at bit i, little-endian bit
 order). At whole-byte widths (e = 0) this is each value's top k/8 bytes in turn; a width

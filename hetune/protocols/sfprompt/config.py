@@ -16,8 +16,8 @@ LM_TASKS = ("knowledge", "text")
 # Defaults of the settings that depend on the backbone: AdamW learning rates (soft prompts, tail,
 # LoRA adapters, every weight) and local-loss epochs. The random toys learn from scratch at large
 # steps. A pretrained LM is wrecked by them, and its local-loss path (block 1 straight into block
-# 30 of SmolLM2) is a poor proxy for the real one: training on it raised the held-out loss at
-# every step size tried (docs/benchmarks.md, the SFPrompt sweep), so a pretrained run skips it.
+# 30 of SmolLM2) is likely a poor proxy for the real one: training on it raised the held-out loss at 9
+# of the 10 settings tried (docs/benchmarks.md, the SFPrompt sweep), so a pretrained run skips it.
 DEFAULTS = {"random": dict(lr=1e-2, tail_lr=1e-2, lora_lr=1e-2, full_lr=1e-3, local_epochs=1),
             "pretrained": dict(lr=1e-3, tail_lr=1e-3, lora_lr=1e-3, full_lr=5e-5, local_epochs=0)}
 
