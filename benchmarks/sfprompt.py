@@ -21,6 +21,7 @@ Three parts:
     .venv/bin/python benchmarks/sfprompt.py --part smollm2   # about 5 minutes on 2 quiet cores
     .venv/bin/python benchmarks/sfprompt.py --part smollm2 --task text   # stdlib docstrings, 32 per client
     .venv/bin/python benchmarks/sfprompt.py --task text --sweep   # SFPrompt's step sizes, local-loss on/off: about 13 minutes
+    .venv/bin/python benchmarks/sfprompt.py --rounds 6 --methods sfprompt,fl-lora   # longer, without fl-full
     .venv/bin/python benchmarks/sfprompt.py --part toy       # about 12 minutes on 2 cores
     .venv/bin/python benchmarks/sfprompt.py --part toy --quick    # 3 rounds, about 2 minutes
 """
@@ -135,12 +136,13 @@ class PeakMemory:
         self._thread.join()
 
 
-def smollm2(out: Path, plot: Path, methods: tuple[str, ...] = SMOLLM2_METHODS, task: str = "knowledge") -> None:
+def smollm2(out: Path, plot: Path, methods: tuple[str, ...] = SMOLLM2_METHODS, task: str = "knowledge",
+            rounds: int | None = None) -> None:
     """Runs ``methods``; with a subset, the others are kept from ``out`` (e.g. a rerun of one that lost a client)."""
     import json
     import os
 
-    setting = SMOLLM2_TASKS[task]
+    setting = {**SMOLLM2_TASKS[task], **({"rounds": rounds} if rounds else {})}
     load = [os.getloadavg()[0]]
     previous = json.loads(out.read_text())["methods"] if out.exists() and set(methods) != set(SMOLLM2_METHODS) else {}
     measured = {m: previous[m] for m in SMOLLM2_METHODS if m in previous and m not in methods}
@@ -164,8 +166,8 @@ def smollm2(out: Path, plot: Path, methods: tuple[str, ...] = SMOLLM2_METHODS, t
               f"{m['bytes_sum'] / 1e6:.1f} MB flops/round {m['client_flops_per_round']:.3g} {m['wall_s']:.0f} s "
               f"peak {m['peak_rss_gb']} GB", flush=True)
     measured = {m: measured[m] for m in SMOLLM2_METHODS if m in measured}
-    fl = measured["fl-full"]
-    for m in measured.values():
+    fl = measured.get("fl-full")  # absent from a longer run of the cheaper methods
+    for m in measured.values() if fl else ():
         m["client_flops_share_of_fl"] = m["client_flops_per_round"] / fl["client_flops_per_round"]
         m["bytes_ratio_vs_fl"] = m["bytes_sum"] / fl["bytes_sum"]
     write_json(out, {
@@ -208,6 +210,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="toy: 3 rounds")
     parser.add_argument("--methods", default=",".join(SMOLLM2_METHODS), help="smollm2: the methods to (re)run")
     parser.add_argument("--task", choices=tuple(SMOLLM2_TASKS), default="knowledge", help="smollm2: the federated task")
+    parser.add_argument("--rounds", type=int, default=None, help="smollm2: rounds (default 2); results get a _rN suffix")
     parser.add_argument("--sweep", action="store_true", help="smollm2: SFPrompt alone over SWEEP (step sizes, local-loss on/off)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -215,9 +218,9 @@ def main() -> None:
         sweep(args.out or Path(f"benchmarks/results/sfprompt_smollm2_{args.task}_sweep.json"), args.task)
         return
     if args.part == "smollm2":
-        name = "sfprompt_smollm2" + ("" if args.task == "knowledge" else f"_{args.task}")
+        name = "sfprompt_smollm2" + ("" if args.task == "knowledge" else f"_{args.task}") + (f"_r{args.rounds}" if args.rounds else "")
         smollm2(args.out or Path(f"benchmarks/results/{name}.json"), Path(f"docs/img/{name}.png"),
-                tuple(args.methods.split(",")), args.task)
+                tuple(args.methods.split(",")), args.task, args.rounds)
         return
     args.out = args.out or Path("benchmarks/results/sfprompt.json")
     rounds = 3 if args.quick else 10
