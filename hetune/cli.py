@@ -12,6 +12,7 @@ import typer
 
 from hetune.errors import HetuneError
 from hetune.protocols.hybrid_lora.owner.demo import DemoConfig
+from hetune.protocols.sfprompt.config import DEFAULTS as SFPROMPT_DEFAULTS
 from hetune.quant.config import QuantConfig
 
 app = typer.Typer(
@@ -388,6 +389,14 @@ def federate_she_lora(
 
 
 # ---- federate sfprompt (issue 6) ----
+
+
+def _by_backbone(name: str) -> str:
+    """The default of an SFPrompt setting that depends on the backbone, for --help (from config.DEFAULTS)."""
+    d = SFPROMPT_DEFAULTS
+    return f"(default {d['random'][name]:g} random models, {d['pretrained'][name]:g} SmolLM2)"
+
+
 @federate_app.command("sfprompt")
 def federate_sfprompt(
     clients: int = typer.Option(4, "--clients", help="Federated clients (Flower SuperNodes)."),
@@ -397,14 +406,14 @@ def federate_sfprompt(
     cut: str = typer.Option("1:1", "--cut", help="HEAD:TAIL blocks held by the clients; the body server runs the rest."),
     prompts: int = typer.Option(4, "--prompts", help="Soft prompt tokens prepended after the embedding."),
     gamma: float = typer.Option(0.5, "--gamma", help="EL2N pruning: share of local samples kept (hardest first)."),
-    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help="Local-loss epochs (head -> tail, no communication) per round (default 1 random models, 0 SmolLM2)."),
+    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help=f"Local-loss epochs (head -> tail, no communication) per round {_by_backbone('local_epochs')}."),
     epochs: int = typer.Option(1, "--epochs", help="Split (or local) fine-tuning epochs per round."),
     method: str = typer.Option("sfprompt", "--method", help="sfprompt, fl-full, fl-lora, fed-prompt, split-fed or local-only."),
     alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet non-IID split of the training data (digits, topics)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate for the soft prompts (default 1e-2 random models, 1e-3 SmolLM2)."),
-    tail_lr: Optional[float] = typer.Option(None, "--tail-lr", help="AdamW learning rate for the client's tail blocks (default 1e-2 random models, 1e-3 SmolLM2)."),
-    lora_lr: Optional[float] = typer.Option(None, "--lora-lr", help="AdamW learning rate for LoRA adapters, fl-lora (default 1e-2 / 1e-3)."),
-    full_lr: Optional[float] = typer.Option(None, "--full-lr", help="AdamW learning rate for every weight, fl-full (default 1e-3 / 5e-5)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"AdamW learning rate for the soft prompts {_by_backbone('lr')}."),
+    tail_lr: Optional[float] = typer.Option(None, "--tail-lr", help=f"AdamW learning rate for the client's tail blocks {_by_backbone('tail_lr')}."),
+    lora_lr: Optional[float] = typer.Option(None, "--lora-lr", help=f"AdamW learning rate for LoRA adapters, fl-lora {_by_backbone('lora_lr')}."),
+    full_lr: Optional[float] = typer.Option(None, "--full-lr", help=f"AdamW learning rate for every weight, fl-full {_by_backbone('full_lr')}."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="fl-lora: LoRA rank on all seven linears of every block."),
     seq_len: int = typer.Option(64, "--seq-len", help="Text tasks: tokens kept per document."),
     max_docs: int = typer.Option(0, "--max-docs", help="Text tasks: training documents per client (0 = all)."),
