@@ -13,8 +13,9 @@ privacy and no joint optimisation; and how long do the planner, its continuous s
 
 ``--real-owners``: the plan put to work. The cell is planned on the shipped rlwe fit
 (measured on this 2-core machine when quiet; ``--measure-costs``: measured now), and
-``hetune federate privtuner`` runs the plan's owners (SmolLM2-135M's first blocks, each its
-own documents, keys, parameter set, rate and CPU shares) at once through one worker:
+``hetune federate privtuner`` runs the plan's owners (SmolLM2-135M, the cell's blocks: its first
+one in cell_smollm2.toml, all 30 in cell_smollm2_whole.toml; each owner its own documents, keys,
+parameter set, rate and CPU shares) at once through one worker:
 per owner measured time and energy against the prediction; then the same owners at the
 equal-bandwidth baseline's allocation (``--allocations``: which ones), so the objective
 is compared measured against measured. Writes benchmarks/results/privtuner_owners.json.

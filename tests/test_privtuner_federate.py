@@ -154,6 +154,19 @@ def test_owners_on_the_first_block_of_smollm2(tmp_path, owners):
     assert report["workload"] == {"model": "smollm2-135m", "layers": 1, "seq_len": 16, "batch": 1, "scheme": "rlwe"}
 
 
+@pytest.mark.he
+@pytest.mark.slow
+def test_two_owners_on_the_whole_of_smollm2(tmp_path):
+    """All 30 decoder blocks (every outsourced linear of the real model), two owners on a fast cell at the
+    shortest deadline the planner finds feasible in steps of 100 s: each adapter is its solo run's."""
+    plan = make_plan(tmp_path, fast_cell(cell_text("smollm2-135m", 0, 30.0, owners=2), 300.0), 0.005)
+    report = run_federate(FederateConfig(plan=plan, out=tmp_path / "run", max_docs=20), echo=lambda _: None)
+    check_run(report, plan)
+    assert report["workload"] == {"model": "smollm2-135m", "layers": 0, "seq_len": 16, "batch": 1, "scheme": "rlwe"}
+    # every block's 4 forward and 4 backward products but the first block's input gradient (the embeddings are frozen)
+    assert report["owners"][0]["measured"]["round_trips"] == len(workload_products("smollm2-135m")) == 30 * 8 - 1
+
+
 def _mutated(micro_plan: Path, tmp_path: Path, change) -> Path:
     data = json.loads(micro_plan.read_text())
     change(data)
