@@ -81,6 +81,7 @@ def row(sess, n_out: int, n_in: int, bits: int, gen: torch.Generator, repeats: i
     b = torch.randint(0, 2**bits, (n_in, TOKENS), generator=gen) << (64 - bits)  # as unpacked from the wire
     wf, w8 = w.to(torch.float64), np.ascontiguousarray(w.T.numpy().astype(np.int8))  # (n_in, n_out)
     skip = (64 - bits) // 8
+    assert n_in * 255 * 128 < 2**31, "the int32 sums of byte limbs would overflow"
     shift = [8 * k for k in range(skip, 8)]
 
     ref, f64_whole = best(lambda: gemm_mod_2_64(wf, b, max_abs_weight=128), repeats)

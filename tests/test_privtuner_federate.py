@@ -157,14 +157,16 @@ def test_owners_on_the_first_block_of_smollm2(tmp_path, owners):
 @pytest.mark.he
 @pytest.mark.slow
 def test_two_owners_on_the_whole_of_smollm2(tmp_path):
-    """All 30 decoder blocks (every outsourced linear of the real model), two owners on a fast cell at the
-    shortest deadline the planner finds feasible in steps of 100 s: each adapter is its solo run's."""
+    """All 30 decoder blocks (every outsourced linear of the real model), two owners on a fast cell at a 300 s
+    deadline (200 s is infeasible for the planner): each adapter is its solo run's and trained every block."""
     plan = make_plan(tmp_path, fast_cell(cell_text("smollm2-135m", 0, 30.0, owners=2), 300.0), 0.005)
     report = run_federate(FederateConfig(plan=plan, out=tmp_path / "run", max_docs=20), echo=lambda _: None)
     check_run(report, plan)
     assert report["workload"] == {"model": "smollm2-135m", "layers": 0, "seq_len": 16, "batch": 1, "scheme": "rlwe"}
-    # every block's 4 forward and 4 backward products but the first block's input gradient (the embeddings are frozen)
-    assert report["owners"][0]["measured"]["round_trips"] == len(workload_products("smollm2-135m")) == 30 * 8 - 1
+    for row in report["owners"]:  # the step reached every block: each of the 30 x 7 linears' lora_B moved from zero
+        adapter = load_file(Path(row["adapter"]) / "adapter_model.safetensors")
+        moved = {k.split(".layers.")[1].split(".", 1)[0] for k, v in adapter.items() if "lora_B" in k and v.abs().max() > 0}
+        assert moved == {str(i) for i in range(30)} and sum("lora_B" in k for k in adapter) == 30 * 7
 
 
 def _mutated(micro_plan: Path, tmp_path: Path, change) -> Path:

@@ -9,6 +9,7 @@ start a new replica and is in the slow tier.
 import collections
 import socket
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -512,12 +513,13 @@ def test_header_fuzz_through_the_ray_ingress(cluster, micro_bundle, rlwe_keys, t
         # answer (None) and signed sessions answer an unknown session's token 401, not 404 (seen: 400, 401, None, 200).
         fuzz_headers(int(url.rsplit(":", 1)[1]), s["session_id"], s["token"], body, examples=100, kinds=4)
         # "Still serving", not "at once": httpx's default 5 s ran out once on CI for this health request, a stall not
-        # reproduced here (0.03-0.08 s, also with a busy-loop beside it; links the proxy drops free their replica
-        # within milliseconds). The latency goes to the log; a hung replica still fails at 60 s.
+        # reproduced here (0.02-0.08 s in 7 runs, one beside a busy loop; after half-closed links the proxy dropped,
+        # health answered in 0.06-0.1 s). A slow answer is reported as a warning; a hung replica still fails at 60 s.
         with httpx.Client(timeout=60) as client:
             t0 = time.monotonic()
             assert client.get(f"{url}/v2/health", headers=auth).json()["sessions"] <= 1  # the fuzz opened none (no key)
-            print(f"health answered {time.monotonic() - t0:.2f} s after the fuzz")
+            if (waited := time.monotonic() - t0) > 5:
+                warnings.warn(f"the Ray ingress answered health {waited:.1f} s after the header fuzz")
             again = client.post(f"{url}/v2/sessions", headers=auth).json()  # the owner still gets a session and a product
             r = client.post(f"{url}/v2/sessions/{again['session_id']}/ops/{OP}/forward", params={"rows": ROWS, "cols": 32},
                             content=body, headers={"authorization": f"Bearer {again['token']}"})
