@@ -18,7 +18,8 @@ one in cell_smollm2.toml, all 30 in cell_smollm2_whole.toml; each owner its own 
 parameter set, rate and CPU shares) at once through one worker:
 per owner measured time and energy against the prediction; then the same owners at the
 equal-bandwidth baseline's allocation (``--allocations``: which ones), so the objective
-is compared measured against measured. Writes benchmarks/results/privtuner_owners.json.
+is compared measured against measured. Writes benchmarks/results/privtuner_owners.json (``--out``)
+and its plot, docs/img/privtuner_owners.png (the JSON's name); ``--plot JSON`` redraws a saved one.
 
 Costs: the fit hetune ships for --scheme (rlwe, the default: default_costs.json in
 hetune/protocols/privtuner/; glwe: default_costs_glwe.json), or --costs.
@@ -28,6 +29,7 @@ Writes benchmarks/results/privtuner.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -167,6 +169,53 @@ def real_owners(cell: Path, omega: float, out: Path, measure: bool, allocations:
             "run": runs["plan"] if "plan" in runs else None, "runs": runs, "compare": compare}
 
 
+PHASES = ("device_s", "uplink_s", "server_s", "downlink_s")
+SHORT = {"equal_bandwidth": "eq. bw.", "lowest_privacy": "lowest", "highest_privacy": "highest", "max_power": "max p.",
+         "no_joint_optimisation": "no joint"}  # the plot's allocation labels
+
+
+def plot_owners(data: dict, path: Path) -> None:
+    """Per allocation and owner, the planned and measured phases (stacked) against the deadline; energy beside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hetune.files import save_figure
+
+    runs = data["runs"]
+    bars = sum(len(run["owners"]) for run in runs.values())
+    fig, axes = plt.subplots(1, 2, figsize=(max(12.0, 1.3 * bars), 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels, x = [], 0.0
+    for name, run in runs.items():
+        for o in run["owners"]:
+            for offset, (kind, phases) in ((-0.2, ("predicted", o["predicted"])), (0.2, ("measured", o["measured"]))):
+                bottom = 0.0
+                for c, phase in zip(colors, PHASES):
+                    axes[0].bar(x + offset, phases[phase], 0.38, bottom=bottom, color=c, alpha=0.5 if kind == "predicted" else 1,
+                                label=phase.removesuffix("_s") if x == 0 and kind == "measured" else None)
+                    bottom += phases[phase]
+            axes[1].bar(x - 0.2, o["predicted"]["energy_j"], 0.38, color="grey", label="predicted" if x == 0 else None)
+            axes[1].bar(x + 0.2, o["measured"]["energy_j"], 0.38, color="black", label="measured" if x == 0 else None)
+            labels.append(f"{SHORT.get(name, name)}\n{o['owner']}: {o['param_set']}")
+            x += 1
+        axes[0].axhline(run["deadline_s"], color="red", lw=0.8)
+    for ax in axes:
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.legend(fontsize=8)
+    axes[0].set(ylabel="seconds (left bar planned, right measured)", title="phases per owner (waits left out); red: deadline")
+    compare = "\n".join(f"{n.replace('_', ' ')}: objective {c['objective_planned']:.3f} planned, {c['objective_measured']:.3f} measured"
+                         for n, c in data["compare"].items())
+    axes[1].set(ylabel="energy proxy (J)", title=compare)
+    axes[1].title.set_fontsize(8)
+    workload = next(iter(runs.values()))["workload"]
+    blocks = {0: "all blocks", 1: "first block"}.get(workload["layers"], f"first {workload['layers']} blocks")
+    fig.suptitle(f"PrivTuner, {len(labels) // len(runs)} owners through one worker: {workload['model']} ({blocks})")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real-owners", action="store_true", help="plan a SmolLM2 cell and run its owners through one worker")
@@ -182,14 +231,22 @@ def main() -> None:
     ap.add_argument("--scheme", default=None, help="rlwe (default) or glwe; with --costs, the file's")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: results/privtuner.json (--real-owners: results/privtuner_owners.json)")
+    ap.add_argument("--plot", type=Path, default=None, metavar="JSON",
+                    help="only draw docs/img/<JSON's name>.png from a saved --real-owners result")
     args = ap.parse_args()
+    img = Path(__file__).resolve().parent.parent / "docs" / "img"
+    if args.plot:
+        plot_owners(json.loads(args.plot.read_text()), img / args.plot.with_suffix(".png").name)
+        print(f"wrote {img / args.plot.with_suffix('.png').name}")
+        return
     if args.real_owners:
         t0 = time.perf_counter()
         data = real_owners(args.cell, args.omega, Path("runs/privtuner-owners"), args.measure_costs, args.allocations.split(","))
         data["wall_s"] = time.perf_counter() - t0
         out = args.out or Path(__file__).parent / "results" / "privtuner_owners.json"
         write_json(out, data)
-        print(f"wrote {out} in {data['wall_s']:.0f} s")
+        plot_owners(data, img / out.with_suffix(".png").name)
+        print(f"wrote {out} and {img / out.with_suffix('.png').name} in {data['wall_s']:.0f} s")
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     omegas = [float(w) for w in args.omegas.split(",")]
