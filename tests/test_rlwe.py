@@ -69,6 +69,26 @@ def test_negacyclic_product_equals_schoolbook(n):
         assert as_u64(got[row]) == negacyclic_mul_reference(as_u64(a[row]), s.tolist())
 
 
+@pytest.mark.parametrize("n", [2048, 4096])
+def test_negacyclic_product_is_exact_at_the_largest_limbs(n):
+    """The heaviest secret (all ones) against words whose unsigned low limb is 2^32 - 1 and high limb at either
+    extreme: the FFT products reach N 2^32, where a rounding error would show. With s = 1...1 the product is
+    (a s)_k = sum_{j<=k} a_j - sum_{j>k} a_j (mod X^N + 1)."""
+    s = torch.ones(n, dtype=torch.int64)
+    a = random_words(4, n)
+    a[0] = -1  # every word 0xffff_ffff_ffff_ffff: both limbs at their largest magnitude, one sign
+    a[1] = (1 << 63) - 1 - (1 << 31)  # low limb 0x7fff_ffff, high 0x7fff_ffff
+    a[2, ::2], a[2, 1::2] = (1 << 32) - 1, -(1 << 63)  # alternating signs of the high limb
+    got = BinaryPolyMultiplier(s).mul(a)
+    for row in range(4):
+        words = as_u64(a[row])
+        total, prefix, ref = sum(words), 0, []
+        for w in words:
+            prefix += w
+            ref.append((prefix - (total - prefix)) % 2**64)
+        assert as_u64(got[row]) == ref
+
+
 @pytest.mark.parametrize("n", [16, 2048, 4096])
 def test_one_fft_product_stays_within_its_bound(n):
     """mul_small at its widest operand, worst-case signs (x = +-2^(k-1), s all ones in some rows)."""

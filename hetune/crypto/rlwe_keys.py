@@ -44,7 +44,7 @@ def _encrypt_rows(mult: BinaryPolyMultiplier, a: torch.Tensor, x: torch.Tensor, 
     f, c, n = x.shape[1], a.shape[0] // x.shape[1], rp.n
     b = _chunked(mult.mul, a)  # exact a * s: 2 limbs
     b += randomness.t_uniform(a.numel(), rp.noise_bound_log2).view(a.shape)
-    b.view(f, c * n)[:, : x.shape[0]] += x.T << rp.log2_delta  # feature j's polynomial holds its T tokens (block-major)
+    b.view(f, c * n)[:, : x.shape[0]].add_(x.T, alpha=1 << rp.log2_delta)  # feature j's polynomial holds its T tokens (block-major)
     return wire.pack_top(b, rp.input_bits)
 
 
