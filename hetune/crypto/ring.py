@@ -1,6 +1,6 @@
 """Exact arithmetic over Z_{2^64} and Z_{2^64}[X]/(X^N + 1) with float64 kernels.
 
-Both kernels split 64-bit integers into signed limbs small enough that every float64
+Both kernels split 64-bit integers into limbs small enough that every float64
 intermediate is an exact integer, run the float work (FFT or GEMM) per limb, round, and
 recombine with wrapping int64 arithmetic, which *is* arithmetic mod 2^64.
 
