@@ -71,8 +71,9 @@ def test_negacyclic_product_equals_schoolbook(n):
 
 @pytest.mark.parametrize("n", [2048, 4096])
 def test_negacyclic_product_is_exact_at_the_largest_limbs(n):
-    """The heaviest secret (all ones) against words whose unsigned low limb is 2^32 - 1 and high limb at either
-    extreme: the FFT products reach N 2^32, where a rounding error would show. With s = 1...1 the product is
+    """The limbs' signs and recombination at their largest magnitudes: the heaviest secret (all ones) against words
+    whose unsigned low limb is 2^32 - 1 and high limb at either extreme (exactness itself rests on Percival's bound,
+    checked by the constructor, which refuses a degree where it reaches 1/2). With s = 1...1 the product is
     (a s)_k = sum_{j<=k} a_j - sum_{j>k} a_j (mod X^N + 1)."""
     s = torch.ones(n, dtype=torch.int64)
     a = random_words(4, n)
@@ -87,6 +88,11 @@ def test_negacyclic_product_is_exact_at_the_largest_limbs(n):
             prefix += w
             ref.append((prefix - (total - prefix)) % 2**64)
         assert as_u64(got[row]) == ref
+
+
+def test_a_degree_beyond_the_exact_bound_is_refused():
+    with pytest.raises(ValueError, match="not provably exact"):
+        BinaryPolyMultiplier(torch.ones(8192, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("n", [16, 2048, 4096])

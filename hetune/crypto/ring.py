@@ -113,6 +113,8 @@ class BinaryPolyMultiplier:
         n = s.shape[-1]
         if n & (n - 1) or n < 4:
             raise ValueError(f"ring degree {n} must be a power of two")
+        if fft_product_error(n, 2.0**self.LIMB_BITS * math.sqrt(n), math.sqrt(n)) >= 0.5:
+            raise ValueError(f"at ring degree {n} the float64 FFT product of 32-bit limbs is not provably exact")
         self.n = n
         j = torch.arange(n // 2, dtype=torch.float64)
         self.twist = torch.polar(torch.ones_like(j), math.pi * j / n)  # zeta^j, zeta = exp(i pi / N)
@@ -131,7 +133,8 @@ class BinaryPolyMultiplier:
         return torch.cat([z.real, z.imag], dim=-1)
 
     def mul(self, a: torch.Tensor) -> torch.Tensor:
-        """a: (..., N) int64 (values mod 2^64) -> a * s mod (X^N + 1, 2^64), int64, exactly."""
+        """a: (..., N) int64 (values mod 2^64) -> a * s mod (X^N + 1, 2^64), int64, exactly (a view of a buffer
+        twice its size: the caller's concatenation copies it)."""
         words = a.contiguous().numpy().view(np.uint32).reshape(*a.shape, 2)  # little-endian: (low, high)
         limbs = np.empty((2, *a.shape))  # both limbs in one FFT batch, converted in one pass each
         limbs[0] = words[..., 0]
