@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from importlib.metadata import version
 
 from hetune.files import write_json  # noqa: F401  (the benchmarks write their results with it)
@@ -22,3 +23,10 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def timed(fn):
+    """(fn's result, its wall seconds)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0

@@ -12,10 +12,10 @@ weights and body, one after the other in this run:
 
 - ``whole``: the product in one go: float64 as :func:`~hetune.crypto.ring.gemm_mod_2_64`; bytes as
   six ``MatMulInteger`` calls on B^T's byte planes, recombined with shifts in int64.
-- ``streamed``: as the worker multiplies a body arriving in pieces of whole features
-  (:class:`~hetune.crypto.rlwe.ProductAccumulator`, 2 MiB pieces, float64 limb sums added in
-  place by ``addmm_``); bytes with int32 sums, since ``MatMulInteger`` cannot accumulate in
-  place, each piece's six products are added to them.
+- ``streamed``: the worker's :class:`~hetune.crypto.rlwe.ProductAccumulator` fed the packed body
+  in its 2 MiB pieces of whole features (each unpacked, float64 limb sums grown in place by
+  ``addmm_``); bytes from the same pieces unpacked the same way, with int32 sums, since
+  ``MatMulInteger`` cannot accumulate in place: each piece's six products are added to them.
 
 Both are checked equal (array equality) to the float64 result; ``gemm_ratio`` is the six
 ``MatMulInteger`` calls alone against the whole float64 product (what fusing the limb
@@ -27,7 +27,6 @@ handling could at best reach). Packing the result is the same for both and left 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,11 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from common import environment, write_json
+from common import environment, timed, write_json
 
 from hetune.crypto import rlwe_wire as wire
-from hetune.crypto.ring import combine_limbs, gemm_mod_2_64, limb_plan, split_signed
-from hetune.crypto.rlwe import FEED_BYTES
+from hetune.crypto.ring import combine_limbs, gemm_mod_2_64, limb_plan
+from hetune.crypto.rlwe import FEED_BYTES, NAME, ProductAccumulator
 from hetune.crypto.rlwe_params import PARAM_SETS
 
 SHAPES = ((2048, 2048), (8192, 2048), (2048, 8192))  # (n_out, n_in) of Llama-3.2-1B's linears
@@ -62,12 +61,6 @@ def byte_planes(b: np.ndarray, skip: int) -> list[np.ndarray]:
     """B (f, C) int64 -> its byte limbs above the ``skip`` zero low bytes, each transposed to (C, f) uint8."""
     planes = b.view(np.uint8).reshape(*b.shape, 8)  # little-endian
     return [np.ascontiguousarray(planes[:, :, k].T) for k in range(skip, 8)]
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def best(fn, repeats: int):
@@ -98,21 +91,25 @@ def row(sess, n_out: int, n_in: int, bits: int, gen: torch.Generator, repeats: i
         return out.T
 
     got_whole, i8_whole = best(bytes_whole, repeats)
-    piece = max(1, FEED_BYTES // wire.packed_bytes(TOKENS, bits))  # whole features per 2 MiB piece
+    rp = PARAM_SETS["p128"]
+    body = memoryview(wire.pack_top(b, bits))  # the request's ciphertexts as sent (the low bits are zero: no rounding)
+    header = wire.Header(wire.HINTED_REQUEST, NAME, rp.name, TOKENS, n_in, bits, bytes(16))
+    feature_bytes = wire.packed_bytes(TOKENS, bits)
+    piece = max(1, FEED_BYTES // feature_bytes)  # whole features per 2 MiB piece, as the accumulator takes them
 
-    def f64_streamed():
-        limb_bits, n_limbs = limb_plan(64, n_in, 128)
-        sums = [torch.zeros(n_out, TOKENS, dtype=torch.float64) for _ in range(n_limbs)]
-        for j in range(0, n_in, piece):
-            for total, limb in zip(sums, split_signed(b[j : j + piece], limb_bits, n_limbs)):
-                total.addmm_(wf[:, j : j + piece], limb.to(torch.float64))
-        return combine_limbs([s.to(torch.int64) for s in sums], limb_bits)
+    def f64_streamed():  # the worker's own accumulator, fed the body a piece at a time
+        acc = ProductAccumulator(rp, header, w, "cpu")
+        for i in range(0, len(body), acc.feed_bytes):
+            acc.feed(body[i : i + acc.feed_bytes])
+        return combine_limbs([s.to(torch.int64) for s in acc.sums], acc.limb_bits)
 
-    def bytes_streamed():
+    def bytes_streamed():  # the same pieces, unpacked the same way, multiplied as byte limbs
         sums = [np.zeros((TOKENS, n_out), dtype=np.int32) for _ in shift]
         for j in range(0, n_in, piece):
-            for total, plane in zip(sums, byte_planes(b[j : j + piece].numpy(), skip)):
-                total += sess.run(None, {"A": plane, "B": w8[j : j + piece]})[0]
+            f = min(piece, n_in - j)
+            values = wire.unpack_top(body[j * feature_bytes : (j + f) * feature_bytes], f * TOKENS, bits).view(f, TOKENS)
+            for total, plane in zip(sums, byte_planes(values.numpy(), skip)):
+                total += sess.run(None, {"A": plane, "B": w8[j : j + f]})[0]
         out = np.zeros((TOKENS, n_out), dtype=np.int64)
         for s, total in zip(shift, sums):
             out += total.astype(np.int64) << s

@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import environment, write_json
+from common import environment, timed, write_json
 
 from hetune.crypto.registry import get_scheme
 from hetune.crypto.keys import fixed_mask_keys, generate_keys
@@ -40,12 +39,6 @@ from hetune.crypto.keys import fixed_mask_keys, generate_keys
 WIDTHS = (576, 2048, 8192)
 TOKENS = (1, 64, 512, 2048)
 GLWE_VALUES = 256  # output values measured per input width
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def rlwe_row(keys, t: int, n_in: int, n_out: int, gen: torch.Generator) -> dict:
