@@ -1,13 +1,14 @@
 """Fixed masks with a fresh secret per product (the hint): exact steps, secrets used once, a safe hint cache, exact sizes."""
 
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hetune.crypto import rlwe_wire as wire
+from hetune.crypto import rlwe_keys, rlwe_wire as wire
 from hetune.crypto.keys import fixed_mask_keys, generate_keys
 from hetune.crypto.rlwe import SCHEME
 from hetune.crypto.rlwe_keys import CallKey, SecretReuseError
@@ -87,6 +88,31 @@ def test_the_unmasking_term_computed_ahead_decrypts_exactly(tmp_path, op):
         assert np.array_equal(call.decrypt(result, rows, w.shape[0], x.shape[1]), exact(x[:rows], w))
         call._unmask = None  # the same answer, H s computed while decrypting
         assert np.array_equal(call.decrypt(result, rows, w.shape[0], x.shape[1]), exact(x[:rows], w))
+
+
+def test_chunks_encrypted_side_by_side_come_in_order_and_decrypt_exactly(tmp_path, monkeypatch):
+    """A request of several chunks is encrypted on the pool's single-core threads, two at a time: the body is
+    the chunks in order (any swap would decrypt to the wrong features), under both mask layouts and over two
+    blocks of tokens; the pool's threads run torch on one core and leave the count of later threads alone."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the pool path, whatever the machine
+    gen = torch.Generator().manual_seed(5)
+    w, x = torch.randint(-127, 128, (9, 300), generator=gen), torch.randint(0, 256, (2100, 300), generator=gen)
+    seen = []
+    real = rlwe_keys._encrypt_rows
+    monkeypatch.setattr(rlwe_keys, "_encrypt_rows", lambda *a: seen.append(threading.current_thread().name) or real(*a))
+    keys = fixed_mask_keys("p128", tmp_path)
+    keys.attach("f" * 64, LocalWorker({("op", "forward"): w}))
+    assert np.array_equal(product(keys, w, x), exact(x, w))
+    fresh = generate_keys("rlwe")
+    assert np.array_equal(fresh.decrypt(SCHEME.multiply(fresh.params, None, fresh.encrypt(x), w), 2100, 9), exact(x, w))
+    assert len(seen) == 6 and all(name.startswith("hetune-encrypt-chunk_") for name in seen)  # 3 chunks, twice
+    monkeypatch.undo()
+    counts = {}
+    rlwe_keys._ENCRYPT_POOLS[2].submit(lambda: counts.update(pool=torch.get_num_threads())).result()
+    later = threading.Thread(target=lambda: counts.update(later=torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert counts == {"pool": 1, "later": torch.get_num_threads()}
 
 
 def test_a_call_key_encrypts_once_and_is_never_saved(tmp_path, op):

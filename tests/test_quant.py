@@ -8,6 +8,7 @@ from integer_op import integer_op
 from hetune.errors import ConfigError
 from hetune.quant.budget import accumulator_bound, signed_bits
 from hetune.quant.config import QuantConfig
+from hetune.quant.integer import OpCodec
 from hetune.quant.rotation import HadamardRotation, sylvester
 from hetune.quant.tokens import quantize_activations, quantize_gradients
 from hetune.quant.weights import brevitas_quant_linear, quantize_weight
@@ -44,6 +45,42 @@ def test_token_quantization_ranges(rng):
     gq = quantize_gradients(x, 8)
     assert gq.q.abs().max() <= 127 and torch.equal(gq.zero_point, torch.zeros_like(gq.zero_point))
     assert ((gq.q * gq.scale - x).abs() <= gq.scale / 2 + 1e-12).all()
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_the_in_place_codec_equals_the_out_of_place_formulas_bit_for_bit_and_leaves_its_inputs(rotated, rng):
+    """The codec works in place on its own copies (no full-size temporaries); every bit (signed zeros included)
+    is the plain formulas', and the caller's activations, gradients and nothing else are left as they were."""
+    n_in, n_out = 48, 20
+    codec = OpCodec(scale=torch.rand(n_out, generator=rng) * 1e-2, rowsum=torch.randint(-999, 999, (n_out,), generator=rng).double(),
+                    bits_a=10, bits_g=9, rotation=HadamardRotation(n_in) if rotated else None)
+    for dtype in (torch.float32, torch.float64):
+        x, g = torch.randn(17, n_in, generator=rng, dtype=dtype), torch.randn(17, n_out, generator=rng, dtype=dtype)
+        x[2], g[3] = 0.0, 0.0  # all-zero rows: scale 0 (17 rows: torch's vector loops too, where a max of 0 and -0 is -0)
+        x0, g0 = x.clone(), g.clone()
+        xr = x.to(torch.float64) * codec.rotation.signs if rotated else x.to(torch.float64)
+        xr = codec.rotation._kron(xr, codec.rotation.dct) if rotated else xr
+        lo, hi = xr.amin(1, keepdim=True).clamp(max=0.0), xr.amax(1, keepdim=True).clamp(min=0.0)
+        scale = (hi - lo) / 1023
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zp = torch.round(-lo / safe)
+        want_q = torch.clamp(torch.round(xr / safe) + zp, 0, 1023)
+        tq = codec.encode_input(x)
+        raw = torch.randint(-2**30, 2**30, (17, n_out), generator=rng).double()
+        want_y = (raw - zp * codec.rowsum[None, :]) * scale * codec.scale.to(torch.float64)[None, :]
+        y = codec.decode_output(raw.clone(), tq)
+        gs = g.to(torch.float64) * codec.scale.to(torch.float64)
+        gscale = gs.abs().amax(1, keepdim=True) / 255
+        want_gq = torch.clamp(torch.round(gs / torch.where(gscale > 0, gscale, torch.ones_like(gscale))), -255, 255)
+        gq = codec.encode_grad(g)
+        raw_b = torch.randint(-2**30, 2**30, (17, n_in), generator=rng).double()
+        want_dx = raw_b * gscale
+        want_dx = codec.rotation._kron(want_dx, codec.rotation.dct.T) * codec.rotation.signs if rotated else want_dx
+        dx = codec.decode_grad(raw_b.clone(), gq)
+        for got, want in [(tq.q, want_q), (tq.scale, scale), (tq.zero_point, zp), (y, want_y), (gq.q, want_gq),
+                          (gq.scale, gscale), (dx, want_dx)]:
+            assert got.dtype == want.dtype and torch.equal(got.view(torch.int64), want.view(torch.int64))
+        assert torch.equal(x, x0) and torch.equal(g, g0)
 
 
 def _numpy_reference(x, qw, bits_a, bits_g, g):

@@ -96,21 +96,26 @@ def test_a_degree_beyond_the_exact_bound_is_refused():
 
 
 @pytest.mark.parametrize("n", [16, 2048, 4096])
-def test_one_fft_product_stays_within_its_bound(n):
-    """mul_small at its widest operand, worst-case signs (x = +-2^(k-1), s all ones in some rows)."""
-    k = small_product_bits(n)
+@pytest.mark.parametrize("narrower", [0, 2])  # the widest operand (rounded by torch), and the hint's 40 bits (the rounder)
+def test_one_fft_product_stays_within_its_bound(n, narrower):
+    """mul_top at its widest operand and 2 bits under, worst-case signs (v = 2^(k-1) - 1 and -2^(k-1), s all ones
+    in some rows)."""
+    k = small_product_bits(n) - narrower
+    z = 64 - k
     s = randomness.binary_secret(n)
     s[: n // 2] = 1  # a heavy secret: ||s||_1 >= N/2
-    x = random_words(4, n) >> (65 - k)  # |x| < 2^(k-2), random signs
-    x[0] = 1 << (k - 1)  # all at the largest magnitude, one sign
-    x[1] = -(1 << (k - 1))
-    got = BinaryPolyMultiplier(s).mul_small(x)
+    v = random_words(4, n) >> (65 - k)  # |v| < 2^(k-2), random signs
+    v[0] = (1 << (k - 1)) - 1  # all at the largest magnitude, one sign (2^(k-1) itself would wrap to -2^(k-1))
+    v[1] = -(1 << (k - 1))
+    got = BinaryPolyMultiplier(s).mul_top(v << z, k)
     bound = small_product_error(n, k)
     for row in range(4 if n <= 2048 else 2):
-        ref = negacyclic_mul_reference([int(v) for v in x[row]], s.tolist())
-        exact_row = [v - 2**64 if v >= 2**63 else v for v in ref]  # |x s| < 2^52: no wrap, signed
-        assert max(abs(int(g) - e) for g, e in zip(got[row], exact_row)) <= bound
-    assert bound * 2.0 ** (64 - k) < 2**30  # ~2^28 in the phase: far below Delta / 2
+        ref = negacyclic_mul_reference([int(x) for x in v[row]], s.tolist())
+        exact_row = [x - 2**64 if x >= 2**63 else x for x in ref]  # |v s| < 2^52: no wrap, signed
+        errors = [(int(g) - (e << z) + 2**63) % 2**64 - 2**63 for g, e in zip(got[row], exact_row)]  # mod 2^64, centred
+        assert max(abs(d) for d in errors) <= bound * 2.0**z
+        assert all(d % 2**z == 0 for d in errors)  # the low bits stay zero: the value is shifted back up
+    assert bound * 2.0**z < 2**30  # ~2^28 in the phase: far below Delta / 2
 
 
 def test_gemm_mod_2_64_equals_python_integers():

@@ -14,7 +14,7 @@ recombine with wrapping int64 arithmetic, which *is* arithmetic mod 2^64.
   exact. Every product is below N 2^32 <= 2^44 in magnitude, so adding 1.5 x 2^52 rounds it
   to the nearest integer and leaves that integer in the float's low mantissa bits
   (:func:`_rounded_to_int64`).
-- :meth:`BinaryPolyMultiplier.mul_small`: one FFT, no limbs, for a decryption that needs
+- :meth:`BinaryPolyMultiplier.mul_top`: one FFT, no limbs, for a decryption that needs
   only the top bits of a * s (the mask result trimmed to its top k bits): see there.
 - :func:`gemm_mod_2_64`: W (n_out, n_in) small signed integers times X (n_in, C) mod 2^64.
   Limb width L is chosen so that n_in * max|W| * 2^(L-1) < 2^53: every partial sum of
@@ -120,6 +120,7 @@ class BinaryPolyMultiplier:
         self.twist = torch.polar(torch.ones_like(j), math.pi * j / n)  # zeta^j, zeta = exp(i pi / N)
         self._untwist = self.twist.conj().resolve_conj()
         self.s_hat = self._forward(s.to(torch.float64))
+        self._s_hat_down: dict[int, torch.Tensor] = {}  # s_hat 2^-z, for mul_top's words with z zero low bits
 
     def _forward(self, a: torch.Tensor) -> torch.Tensor:  # (..., N) float -> (..., N/2) evaluations
         h = self.n // 2
@@ -134,7 +135,7 @@ class BinaryPolyMultiplier:
 
     def mul(self, a: torch.Tensor) -> torch.Tensor:
         """a: (..., N) int64 (values mod 2^64) -> a * s mod (X^N + 1, 2^64), int64, exactly (a view of a buffer
-        twice its size: the caller's concatenation copies it)."""
+        twice its size, which lives as long as the view)."""
         words = a.contiguous().numpy().view(np.uint32).reshape(*a.shape, 2)  # little-endian: (low, high)
         limbs = np.empty((2, *a.shape))  # both limbs in one FFT batch, converted in one pass each
         limbs[0] = words[..., 0]
@@ -146,29 +147,42 @@ class BinaryPolyMultiplier:
         high += low
         return high
 
-    def mul_small(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., N) int64 with |x| <= 2^(k-1), k <= :func:`small_product_bits` -> about x * s, int64.
+    def mul_top(self, x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., N) int64 words whose low 64 - k bits are zero, k <= :func:`small_product_bits`, read as the
+        signed top-k values v = x / 2^(64 - k) -> about v * s, shifted back up: round(v * s) 2^(64 - k) mod 2^64
+        (into ``out`` if given).
 
-        One FFT product, no limbs, for values whose low bits do not matter. The exact
-        product x * s is an integer below N 2^(k-1) <= 2^52 in magnitude, so float64 holds it,
-        and the rounded result is within :func:`small_product_error` of it (Percival's bound
-        plus the final rounding), over the integers (no wrap). Decryption shifts it up by
-        64 - k bits: the error becomes at most small_product_error(N, k) 2^(64 - k), about
-        2^28 at N = 2048 whatever k, far below Delta / 2; :mod:`hetune.crypto.rlwe_params`
-        subtracts it from the decoding margin.
+        One FFT product, no limbs, for values whose low bits do not matter. The exact product
+        v * s is an integer below N 2^(k-1) <= 2^52 in magnitude, so float64 holds it, and the
+        rounded result is within :func:`small_product_error` of it (Percival's bound plus the
+        final rounding), over the integers (no wrap). Decryption subtracts it from the phase:
+        the error becomes at most small_product_error(N, k) 2^(64 - k), about 2^28 at N = 2048
+        whatever k, far below Delta / 2; :mod:`hetune.crypto.rlwe_params` subtracts it from the
+        decoding margin. The words are transformed as they are (v 2^(64 - k) has k significant
+        bits: exact in float64) and s's transform carries the 2^-(64 - k): scaling by a power of
+        two is exact in every float operation, so each float is the one computed from v itself,
+        without a pass to shift v down.
         """
-        return torch.round(self._inverse(self._forward(x.to(torch.float64)) * self.s_hat)).to(torch.int64)
+        z = 64 - k
+        if z not in self._s_hat_down:
+            self._s_hat_down[z] = self.s_hat * 2.0**-z
+        p = self._inverse(self._forward(x.to(torch.float64)) * self._s_hat_down[z])
+        if self.n * 2.0 ** (k - 1) + small_product_error(self.n, k) < 2.0**51:  # within the rounder's range
+            r = _rounded_to_int64(p)
+        else:
+            r = torch.round(p).to(torch.int64)
+        return torch.bitwise_left_shift(r, z, out=out)
 
 
 def small_product_bits(n: int) -> int:
-    """Widest signed operand of :meth:`BinaryPolyMultiplier.mul_small` at ring degree n: N 2^(k-1) <= 2^52."""
+    """Widest signed operand of :meth:`BinaryPolyMultiplier.mul_top` at ring degree n: N 2^(k-1) <= 2^52."""
     return FLOAT64_EXACT_BITS - int(math.log2(n))
 
 
 def small_product_error(n: int, k: int) -> float:
-    """Bound on |mul_small(x) - x * s| for |x| <= 2^(k-1), binary s, in units of x (final rounding included).
+    """Bound on |mul_top - v * s| for top-k values |v| <= 2^(k-1), binary s, in units of v (final rounding included).
 
-    ||x||_2 <= 2^(k-1) sqrt(N), ||s||_2 <= sqrt(N); the result is an integer, so the bound on
+    ||v||_2 <= 2^(k-1) sqrt(N), ||s||_2 <= sqrt(N); the result is an integer, so the bound on
     the float error plus the 1/2 of rounding bounds the integer error.
     """
     return fft_product_error(n, 2.0 ** (k - 1) * math.sqrt(n), math.sqrt(n)) + 0.5

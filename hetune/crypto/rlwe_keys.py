@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +28,71 @@ from hetune.files import open_atomic, write_atomic
 _POLY_CHUNK = 1024  # polynomials per FFT batch (bounds memory)
 _STREAM_BATCH = 256  # outputs decrypted at once from a streamed result (the worker's chunk), unless fewer are left
 ENCRYPT_FEATURES = 128  # features per encrypted chunk of a request (a pipelined upload's unit)
-_UNMASK = ThreadPoolExecutor(1, thread_name_prefix="hetune-unmask")  # one call's H s at a time, off the critical path
+_UNMASK_CHUNK = 128  # outputs per batch of H s: its transients stay in the cores' caches (1.5x faster than 1024 here)
 _KEY_MAGIC = b"HTRLWEsk"
+_POOLS_LOCK = threading.Lock()
+
+
+def _one_core() -> None:
+    """Make the calling (new) pool thread run torch ops on one core, and leave the process's default as it was.
+
+    torch keeps one count per thread, read from a process-wide default on the thread's first
+    use; ``set_num_threads`` sets the caller's count *and* that default. So the thread first
+    takes its count (the default, which marks its own as set), then sets 1, and a short-lived
+    thread puts the default back for threads started later (tests/test_hint.py checks both)."""
+    with _POOLS_LOCK:
+        default = torch.get_num_threads()
+        torch.set_num_threads(1)
+        restore = threading.Thread(target=torch.set_num_threads, args=(default,))
+        restore.start()
+        restore.join()
+
+
+def _single_core_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=_one_core)
+
+
+_UNMASK = _single_core_pool(1, "hetune-unmask")  # one call's H s at a time, off the critical path, on one core
 
 
 def _chunked(fn, a: torch.Tensor) -> torch.Tensor:
     """fn over a (P, N) in batches of polynomials (bounds the FFT's memory)."""
+    if a.shape[0] <= _POLY_CHUNK:
+        return fn(a)  # one batch: no concatenation's copy
     return torch.cat([fn(a[i : i + _POLY_CHUNK]) for i in range(0, a.shape[0], _POLY_CHUNK)])
 
 
-def top_bits(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Values mod 2^64 rounded to their top k bits, as signed integers |x'| <= 2^(k-1): x ~ x' 2^(64-k)."""
-    return (x + (1 << (63 - k))) >> (64 - k) if k < 64 else x  # wrapping add, arithmetic shift: round mod 2^k
+def top_times_secret(mult: BinaryPolyMultiplier, v: torch.Tensor, bits: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A mask result's values v (their top ``bits`` bits) times the secret, to the top k <= ``fft_bits`` bits (one FFT).
+
+    Values wider than k are rounded to their top k bits first (wrapping add, arithmetic shift: round mod 2^k)."""
+    if bits > k:
+        v = (v + (1 << (63 - k))) >> (64 - k) << (64 - k)
+    return mult.mul_top(v, k, out)
+
+
+_ENCRYPT_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _in_order(jobs: Iterator[Callable[[], bytes]]) -> Iterator[bytes]:
+    """The jobs' results in order, run on as many single-core threads as torch has threads, that many ahead.
+
+    A chunk's ops are too small for torch's own threads to pay (each op waits for both
+    cores, and for a core held by H s or the worker); whole chunks side by side do."""
+    threads, jobs = torch.get_num_threads(), list(jobs)
+    if threads <= 1 or len(jobs) < threads:  # too few chunks to share out: torch's threads within each
+        yield from (job() for job in jobs)
+        return
+    with _POOLS_LOCK:  # owners in threads of one process (PrivTuner) share the pools
+        if threads not in _ENCRYPT_POOLS:
+            _ENCRYPT_POOLS[threads] = _single_core_pool(threads, "hetune-encrypt-chunk")
+    pool, pending = _ENCRYPT_POOLS[threads], deque()
+    for job in jobs:
+        pending.append(pool.submit(job))
+        if len(pending) >= threads:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _encrypt_rows(mult: BinaryPolyMultiplier, a: torch.Tensor, x: torch.Tensor, rp: RlweParamSet) -> bytes:
@@ -105,7 +161,8 @@ class ResultReader:
         if self.header is None or self.done != total or self.worker_s is None:
             raise PayloadError(f"result of {self.rows}x{self.cols} ended after {self.done} of {total} outputs"
                                f"{' and before its trailer' if self.done == total else ''} (truncated?)")
-        return np.ascontiguousarray(self.out.T)
+        return torch.from_numpy(self.out).T.contiguous().numpy()  # torch's blocked transpose: numpy's strided one
+        # took 44 ns a value on these power-of-two shapes (cache conflicts), torch's 6
 
     def whole(self, body: bytes) -> np.ndarray:
         self.begin()
@@ -135,10 +192,12 @@ class RlweKeys(ClientKeys):
         n, c = self.rp.n, blocks(rows, self.rp.n)
         seed, features = randomness.new_seed(), features or ENCRYPT_FEATURES
         yield wire.Header(wire.REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bits, seed).pack()
-        for j in range(0, cols, features):
-            f = min(features, cols - j)
+
+        def chunk(j: int, f: int) -> bytes:
             a = randomness.aes_ctr_words(seed, f * c * n, start=j * c * n).view(f * c, n)  # row (j, k): feature j, block k
-            yield _encrypt_rows(self._mult, a, x[:, j : j + f], self.rp)
+            return _encrypt_rows(self._mult, a, x[:, j : j + f], self.rp)
+
+        yield from _in_order(partial(chunk, j, min(features, cols - j)) for j in range(0, cols, features))
 
     def decrypt(self, result: bytes, rows: int, cols: int) -> np.ndarray:
         return self.decryptor(rows, cols).whole(result)
@@ -151,10 +210,12 @@ class RlweKeys(ClientKeys):
         def take(header: wire.Header, o: int, v: torch.Tensor) -> torch.Tensor | None:
             if o < cols:
                 k = min(header.value_bits, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
-                a_s[o : o + len(v)] = (self._mult.mul_small(top_bits(v.view(-1, n), k)) << (64 - k)).view(len(v), c * n)
+                top_times_secret(self._mult, v.view(-1, n), header.value_bits, k, a_s[o : o + len(v)].view(-1, n))
                 return None
-            phase = v - a_s[o - cols : o - cols + len(v)]  # Delta m + noise, mod 2^64
-            return (phase + (1 << (d - 1))) >> d  # round(phase / Delta), signed
+            v -= a_s[o - cols : o - cols + len(v)]  # the phase Delta m + noise, mod 2^64
+            v += 1 << (d - 1)
+            v >>= d  # round(phase / Delta), signed
+            return v
 
         return ResultReader(self.rp, wire.RESULT, rows, cols, 2, take)
 
@@ -354,21 +415,22 @@ class CallKey:
         seed = self.cache.op_seed(self.op, self.direction)
         yield wire.Header(wire.HINTED_REQUEST, NAME, self.rp.name, rows, cols, self.rp.input_bits, seed).pack()
         features = features or ENCRYPT_FEATURES
-        for j in range(0, cols, features):
-            f = min(features, cols - j)  # block k's masks of features j.. are at words k cols N + j N of the op's stream
-            a = torch.stack([randomness.aes_ctr_words(seed, f * n, start=(k * cols + j) * n).view(f, n) for k in range(c)], dim=1)
-            yield _encrypt_rows(self._mult, a.view(f * c, n), x[:, j : j + f], self.rp)
+
+        def chunk(j: int, f: int) -> bytes:  # block k's masks of features j.. are at words k cols N + j N of the op's stream
+            a = [randomness.aes_ctr_words(seed, f * n, start=(k * cols + j) * n).view(f, n) for k in range(c)]
+            a = a[0] if c == 1 else torch.stack(a, dim=1).view(f * c, n)
+            return _encrypt_rows(self._mult, a, x[:, j : j + f], self.rp)
+
+        yield from _in_order(partial(chunk, j, min(features, cols - j)) for j in range(0, cols, features))
 
     def decrypt(self, result: bytes, rows: int, cols: int, n_in: int) -> np.ndarray:
         return self.decryptor(rows, cols, n_in).whole(result)
 
-    def _hint_times_secret(self, o: int, k: int, block: int, n_in: int, cols: int) -> torch.Tensor:
+    def _hint_times_secret(self, o: int, k: int, block: int, n_in: int, cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs o..o+k's hint of ``block`` times this call's secret, to the top bits that matter (one FFT each)."""
-        n = self.rp.n
         hint, hb = self.cache.read(self.op, self.direction, block, n_in, cols, o, k)
-        bits = min(hb, self.rp.fft_bits)
-        h = wire.unpack_top(hint, k * n, hb).view(k, n)
-        return self._mult.mul_small(top_bits(h, bits)) << (64 - bits)
+        h = wire.unpack_top(hint, k * self.rp.n, hb).view(k, self.rp.n)
+        return top_times_secret(self._mult, h, hb, min(hb, self.rp.fft_bits), out)
 
     def prepare(self, rows: int, cols: int, n_in: int) -> None:
         """Start computing the whole unmasking term H s of this call in a thread.
@@ -383,10 +445,10 @@ class CallKey:
 
         def compute() -> torch.Tensor:
             out = torch.empty(cols, c, self.rp.n, dtype=torch.int64)
-            for o in range(0, cols, _POLY_CHUNK):
-                k = min(_POLY_CHUNK, cols - o)
+            for o in range(0, cols, _UNMASK_CHUNK):
+                k = min(_UNMASK_CHUNK, cols - o)
                 for b in range(c):
-                    out[o : o + k, b] = self._hint_times_secret(o, k, b, n_in, cols)
+                    self._hint_times_secret(o, k, b, n_in, cols, out[o : o + k, b])
             return out
 
         self._unmask = _UNMASK.submit(compute)
@@ -403,7 +465,9 @@ class CallKey:
             else:
                 for k in range(c):
                     phase[:, k] -= self._hint_times_secret(o, len(v), k, n_in, cols)
-            return (v + (1 << (d - 1))) >> d  # round(phase / Delta), signed
+            v += 1 << (d - 1)
+            v >>= d  # round(phase / Delta), signed
+            return v
 
         return ResultReader(self.rp, wire.HINTED_RESULT, rows, cols, 1, take)
 

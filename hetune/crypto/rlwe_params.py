@@ -17,7 +17,7 @@ TUniform(b) is a sum of independent signs (randomness.t_uniform), so its varianc
 
     v = ||W[o, :]||_2^2 ((2^(2b+1) + 1)/6 + u_in^2/4)  +  N u_a^2/4  +  u_b^2/4.
 
-Decryption computes the mask result times s with ONE float64 FFT (ring.BinaryPolyMultiplier.mul_small)
+Decryption computes the mask result times s with ONE float64 FFT (ring.BinaryPolyMultiplier.mul_top)
 on a trimmed to k_a <= ``fft_bits`` bits (53 - log2 N: the exact product stays below 2^52),
 which adds at most F = small_product_error(N, k_a) 2^(64 - k_a), about 2^28 (Percival's
 bound: deterministic, so it is subtracted from the margin). Decoding round(phase / Delta)

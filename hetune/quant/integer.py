@@ -44,29 +44,29 @@ class OpCodec:
         if self.static_input is not None:
             scale, zero_point = self.static_input.tolist()
             return quantize_static(x, scale, zero_point, 0, 2**self.bits_a - 1)
-        if self.rotation is not None:
-            x = self.rotation.apply(x.detach().reshape(-1, x.shape[-1]))  # (T, in): x R, outliers spread
+        if self.rotation is not None:  # (T, in): x R, outliers spread; a fresh tensor the quantizer overwrites
+            return quantize_activations(self.rotation.apply(x.detach().reshape(-1, x.shape[-1])), self.bits_a, self.clip_a, owned=True)
         return quantize_activations(x, self.bits_a, self.clip_a)  # uint per token, zero point on client
 
     def decode_output(self, raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
-        """raw (T, out) -> float (T, out): remove the input zero point, apply both scales."""
-        acc = raw - tq.zero_point * self.rowsum[None, :]  # w_zp = 0: one correction term
-        return acc * tq.scale * self.scale.to(torch.float64)[None, :]
+        """raw (T, out) float64, overwritten -> float (T, out): remove the input zero point, apply both scales."""
+        acc = raw.addcmul_(tq.zero_point, self.rowsum[None, :], value=-1)  # w_zp = 0: one correction term, exact integers
+        return acc.mul_(tq.scale).mul_(self.scale.to(torch.float64)[None, :])
 
     def encode_grad(self, g: torch.Tensor) -> TokenQuant:
         """Fold the weight scale into g, then quantize per token (signed).
 
         dL/dx = g diag(s) W_q, so the worker only ever needs the integer W_q.
         """
-        g = g.detach().to(torch.float64).reshape(-1, g.shape[-1]) * self.scale.to(torch.float64)
+        g = g.detach().reshape(-1, g.shape[-1]).to(torch.float64, copy=True).mul_(self.scale.to(torch.float64))
         if self.static_grad is not None:
             qmax = 2 ** (self.bits_g - 1) - 1
             return quantize_static(g, float(self.static_grad), 0.0, -qmax, qmax)
-        return quantize_gradients(g, self.bits_g)
+        return quantize_gradients(g, self.bits_g, owned=True)
 
     def decode_grad(self, raw: torch.Tensor, tq: TokenQuant) -> torch.Tensor:
-        """raw (T, in) -> dL/dx: the gradient scale, then R^T (dL/dx = g W = (g W R) R^T)."""
-        dx = raw * tq.scale
+        """raw (T, in) float64, overwritten -> dL/dx: the gradient scale, then R^T (dL/dx = g W = (g W R) R^T)."""
+        dx = raw.mul_(tq.scale)
         return dx if self.rotation is None else self.rotation.invert(dx)
 
 

@@ -75,11 +75,11 @@ class HadamardRotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x R for each row of x (rows, n)."""
-        return self._kron(x.to(torch.float64) * self.signs, self.dct)
+        return self._kron(x.to(torch.float64, copy=True).mul_(self.signs), self.dct)
 
     def invert(self, y: torch.Tensor) -> torch.Tensor:
         """y R^T: H_p is symmetric, C_m orthogonal."""
-        return self._kron(y.to(torch.float64), self.dct.T) * self.signs
+        return self._kron(y.to(torch.float64), self.dct.T).mul_(self.signs)
 
 
 def input_rotation(quant: QuantConfig, n: int) -> HadamardRotation | None:

@@ -23,29 +23,40 @@ class TokenQuant:
     zero_point: torch.Tensor  # (T, 1) float64, 0 for signed
 
 
-def quantize_activations(x: torch.Tensor, bits: int, clip: float = 1.0) -> TokenQuant:
+def _float64_rows(x: torch.Tensor, owned: bool) -> torch.Tensor:
+    """x as (rows, last dim) float64 that the quantizer may overwrite: a copy unless ``owned`` says x is the
+    caller's scratch already (a fresh float64 tensor). In place, a (2,048 x 16,384) product's codec makes no
+    temporaries of its size, each of which cost a pass and its page faults."""
+    y = x.detach().to(torch.float64, copy=not (owned and x.dtype == torch.float64))
+    return y.reshape(-1, y.shape[-1])
+
+
+def quantize_activations(x: torch.Tensor, bits: int, clip: float = 1.0, owned: bool = False) -> TokenQuant:
     """Unsigned asymmetric per-row quantization; the range always contains 0 so 0 is exact.
 
     ``clip`` < 1 shrinks each row's range [min, max] by that ratio: the few values beyond
-    saturate, the rest get a finer step.
+    saturate, the rest get a finer step. ``owned``: x is a float64 scratch tensor the
+    quantizer may overwrite.
     """
-    x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])  # (T, k)
+    x = _float64_rows(x, owned)  # (T, k)
     qmax = 2**bits - 1
-    rmin = x.amin(dim=1, keepdim=True).clamp(max=0.0) * clip
-    rmax = x.amax(dim=1, keepdim=True).clamp(min=0.0) * clip
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    rmin = lo.clamp(max=0.0) * clip
+    rmax = hi.clamp(min=0.0) * clip
     scale = (rmax - rmin) / qmax  # 0 only for an all-zero row
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.round(-rmin / safe)
-    q = torch.clamp(torch.round(x / safe) + zero_point, 0, qmax)
+    q = x.div_(safe).round_().add_(zero_point).clamp_(0, qmax)
     return TokenQuant(q, scale, zero_point)
 
 
-def quantize_gradients(g: torch.Tensor, bits: int) -> TokenQuant:
-    """Signed symmetric per-row quantization (narrow range, zero point 0)."""
-    g = g.detach().to(torch.float64).reshape(-1, g.shape[-1])  # (T, n)
+def quantize_gradients(g: torch.Tensor, bits: int, owned: bool = False) -> TokenQuant:
+    """Signed symmetric per-row quantization (narrow range, zero point 0); ``owned`` as in quantize_activations."""
+    g = _float64_rows(g, owned)  # (T, n)
     qmax = 2 ** (bits - 1) - 1
-    scale = g.abs().amax(dim=1, keepdim=True) / qmax  # 0 only for an all-zero row
-    q = torch.clamp(torch.round(g / torch.where(scale > 0, scale, torch.ones_like(scale))), -qmax, qmax)
+    lo, hi = torch.aminmax(g, dim=1, keepdim=True)
+    scale = torch.maximum(hi, -lo).abs_() / qmax  # max |g| (abs_: +0, not -0, for an all-zero row, the only 0)
+    q = g.div_(torch.where(scale > 0, scale, torch.ones_like(scale))).round_().clamp_(-qmax, qmax)
     return TokenQuant(q, scale, torch.zeros_like(scale))
 
 
