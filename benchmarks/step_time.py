@@ -201,9 +201,13 @@ def glwe_seconds_per_value(n_in: int = 2048, values: int = 256) -> float:
 
 def workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str], glwe_spv: float, save) -> dict:
     """Measure each backend in turn; ``save(partial)`` after each, so a long run keeps what it measured."""
+    with tempfile.TemporaryDirectory(prefix="hetune-hints-") as hints:  # one cache for the run, as a user keeps one:
+        return _workload(model_id, ids, bundle, backends, glwe_spv, save, hints)  # fetched by the first row, 6 GB at 1B
+
+
+def _workload(model_id: str, ids: torch.Tensor, bundle: Path, backends: list[str], glwe_spv: float, save, hints: str) -> dict:
     rows = []
     result = {"workload": model_id, "tokens": ids.numel(), "rows": rows}
-    hints = tempfile.mkdtemp(prefix="hetune-hints-")  # one cache for the run, as a user keeps one: fetched by the first row
     for backend in backends:
         ckpt = {"checkpoint": True} if backend.endswith("-ckpt") else {}
         backend = backend.removesuffix("-ckpt")
