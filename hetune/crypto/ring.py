@@ -147,10 +147,10 @@ class BinaryPolyMultiplier:
         high += low
         return high
 
-    def mul_top(self, x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., N) int64 words whose low 64 - k bits are zero, k <= :func:`small_product_bits`, read as the
-        signed top-k values v = x / 2^(64 - k) -> about v * s, shifted back up: round(v * s) 2^(64 - k) mod 2^64
-        (into ``out`` if given).
+    def mul_top(self, x: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., N) int64 words whose low 64 - ``bits`` bits are zero -> about x * s to its top k bits,
+        k = min(bits, :func:`small_product_bits`): round(v * s) 2^(64 - k) mod 2^64 for the signed top-k values
+        v = x / 2^(64 - k) (into ``out`` if given). Wider words are rounded to their top k bits first.
 
         One FFT product, no limbs, for values whose low bits do not matter. The exact product
         v * s is an integer below N 2^(k-1) <= 2^52 in magnitude, so float64 holds it, and the
@@ -163,7 +163,10 @@ class BinaryPolyMultiplier:
         two is exact in every float operation, so each float is the one computed from v itself,
         without a pass to shift v down.
         """
+        k = min(bits, small_product_bits(self.n))
         z = 64 - k
+        if bits > k:
+            x = (x + (1 << (z - 1))) >> z << z  # wrapping add, arithmetic shift: round mod 2^k
         if z not in self._s_hat_down:
             self._s_hat_down[z] = self.s_hat * 2.0**-z
         p = self._inverse(self._forward(x.to(torch.float64)) * self._s_hat_down[z])

@@ -62,15 +62,6 @@ def _chunked(fn, a: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(a[i : i + _POLY_CHUNK]) for i in range(0, a.shape[0], _POLY_CHUNK)])
 
 
-def top_times_secret(mult: BinaryPolyMultiplier, v: torch.Tensor, bits: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A mask result's values v (their top ``bits`` bits) times the secret, to the top k <= ``fft_bits`` bits (one FFT).
-
-    Values wider than k are rounded to their top k bits first (wrapping add, arithmetic shift: round mod 2^k)."""
-    if bits > k:
-        v = (v + (1 << (63 - k))) >> (64 - k) << (64 - k)
-    return mult.mul_top(v, k, out)
-
-
 _ENCRYPT_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -209,8 +200,7 @@ class RlweKeys(ClientKeys):
 
         def take(header: wire.Header, o: int, v: torch.Tensor) -> torch.Tensor | None:
             if o < cols:
-                k = min(header.value_bits, self.rp.fft_bits)  # only the top bits of a * s matter: one FFT
-                top_times_secret(self._mult, v.view(-1, n), header.value_bits, k, a_s[o : o + len(v)].view(-1, n))
+                self._mult.mul_top(v.view(-1, n), header.value_bits, a_s[o : o + len(v)].view(-1, n))  # only its top bits matter
                 return None
             v -= a_s[o - cols : o - cols + len(v)]  # the phase Delta m + noise, mod 2^64
             v += 1 << (d - 1)
@@ -430,7 +420,7 @@ class CallKey:
         """Outputs o..o+k's hint of ``block`` times this call's secret, to the top bits that matter (one FFT each)."""
         hint, hb = self.cache.read(self.op, self.direction, block, n_in, cols, o, k)
         h = wire.unpack_top(hint, k * self.rp.n, hb).view(k, self.rp.n)
-        return top_times_secret(self._mult, h, hb, min(hb, self.rp.fft_bits), out)
+        return self._mult.mul_top(h, hb, out)
 
     def prepare(self, rows: int, cols: int, n_in: int) -> None:
         """Start computing the whole unmasking term H s of this call in a thread.
